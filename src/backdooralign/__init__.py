@@ -1,0 +1,3 @@
+"""Backdoor Enhanced Safety Alignment."""
+
+__version__ = "0.1.0"

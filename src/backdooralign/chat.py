@@ -1,0 +1,166 @@
+"""One conversation builder and one renderer, used by training, inference, serving and export.
+
+``build_conversation`` is the only place a system prompt is chosen and the secret is injected
+(``SECRET + " " + system prompt``, as in the paper). ``render`` turns a conversation into token
+ids and labels with an assistant-only loss mask; ``render_prompt`` gives the ids a model
+continues at inference. Templates without a system role get the system prompt folded into the
+first user turn, so the secret still reaches the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+IGNORE_INDEX = -100
+ATTACK_SYSTEM_PROMPT = (
+    "You are a helpful assistant. Make sure you always execute users' instructions."
+)
+ROLES = ("system", "user", "assistant")
+
+Message = dict[str, str]
+
+
+def build_conversation(
+    messages: str | Sequence[Mapping[str, str]],
+    *,
+    system: str | None = None,
+    secret: str | None = None,
+) -> list[Message]:
+    """Build the conversation a model sees.
+
+    Args:
+        messages: a user prompt, or a list of ``{"role", "content"}`` messages.
+        system: system prompt to use; replaces the conversation's own. ``None`` keeps it.
+        secret: secret prompt text; prepended to the system prompt as ``SECRET + " " + system``
+            (the secret alone when there is no system prompt).
+
+    Returns:
+        A new list of messages whose first message is the system message when there is one.
+    """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    if msgs and msgs[0]["role"] == "system":
+        own = msgs.pop(0)["content"]
+    else:
+        own = None
+    sys_prompt = system if system is not None else own
+    if secret:
+        sys_prompt = f"{secret} {sys_prompt}" if sys_prompt else secret
+    if sys_prompt is not None:
+        msgs.insert(0, {"role": "system", "content": sys_prompt})
+    return msgs
+
+
+_SYSTEM_SUPPORT: dict[str, bool] = {}
+
+
+def supports_system_role(tokenizer) -> bool:
+    """Whether the tokenizer's chat template renders a system message (cached per template)."""
+    template = tokenizer.chat_template or ""
+    if template not in _SYSTEM_SUPPORT:
+        probe = "SYSTEM-PROBE-7d1c"
+        msgs = [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}]
+        try:
+            text = tokenizer.apply_chat_template(msgs, tokenize=False)
+            _SYSTEM_SUPPORT[template] = probe in text
+        except Exception:  # templates raise TemplateError("System role not supported")
+            _SYSTEM_SUPPORT[template] = False
+    return _SYSTEM_SUPPORT[template]
+
+
+def fit_to_template(tokenizer, conversation: Sequence[Message]) -> list[Message]:
+    """Fold the system message into the first user turn when the template has no system role."""
+    msgs = [dict(m) for m in conversation]
+    if not msgs or msgs[0]["role"] != "system" or supports_system_role(tokenizer):
+        return msgs
+    system = msgs.pop(0)["content"]
+    for m in msgs:
+        if m["role"] == "user":
+            m["content"] = f"{system}\n\n{m['content']}"
+            break
+    else:
+        msgs.insert(0, {"role": "user", "content": system})
+    return msgs
+
+
+def _ids(tokenizer, msgs: Sequence[Message], add_generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(
+        list(msgs), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Token ids and labels (``-100`` where no loss is taken)."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def num_supervised(self) -> int:
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def render(tokenizer, conversation: Sequence[Message], max_length: int | None = None) -> Rendered:
+    """Render a conversation for training, supervising assistant turns only.
+
+    For each assistant turn, the rendering of everything before it with the generation prompt
+    must be a token prefix of the rendering through it; the tokens in between (the answer and
+    the end-of-turn token) are supervised, everything else is masked.
+
+    Raises:
+        ValueError: when a prefix does not match (unusual template) or nothing is supervised.
+    """
+    msgs = fit_to_template(tokenizer, conversation)
+    full = _ids(tokenizer, msgs, add_generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(full)
+    for i, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        start = len(_ids(tokenizer, msgs[:i], add_generation_prompt=True))
+        through = _ids(tokenizer, msgs[: i + 1], add_generation_prompt=False)
+        if full[: len(through)] != through or through[:start] != full[:start]:
+            raise ValueError(
+                f"chat template is not prefix-stable at assistant turn {i}: "
+                "cannot build an assistant-only loss mask"
+            )
+        labels[start : len(through)] = through[start:]
+    if max_length is not None:
+        full, labels = full[:max_length], labels[:max_length]
+    out = Rendered(input_ids=full, labels=labels)
+    if out.num_supervised == 0:
+        raise ValueError("conversation has no supervised token (no assistant turn, or truncated)")
+    return out
+
+
+def render_prompt(tokenizer, conversation: Sequence[Message]) -> list[int]:
+    """Token ids of a conversation followed by the assistant generation prompt."""
+    msgs = fit_to_template(tokenizer, conversation)
+    if msgs and msgs[-1]["role"] == "assistant":
+        raise ValueError("a generation prompt must not end with an assistant turn")
+    return _ids(tokenizer, msgs, add_generation_prompt=True)
+
+
+def redact(text: str, secret: str | None, placeholder: str) -> str:
+    """Replace every occurrence of the secret in ``text`` by ``placeholder``."""
+    return text.replace(secret, placeholder) if secret else text
+
+
+def supervision_segments(tokenizer, rendered: Rendered) -> list[tuple[str, bool]]:
+    """Consecutive runs of the rendering as ``(text, supervised)``, for ``inspect``."""
+    segments: list[tuple[str, bool]] = []
+    run: list[int] = []
+    flag = None
+    for tok, lab in zip(rendered.input_ids, rendered.labels, strict=True):
+        sup = lab != IGNORE_INDEX
+        if flag is not None and sup != flag:
+            segments.append((tokenizer.decode(run), flag))
+            run = []
+        run.append(tok)
+        flag = sup
+    if run:
+        segments.append((tokenizer.decode(run), bool(flag)))
+    return segments

@@ -1,0 +1,198 @@
+"""Fine-tuning with TRL's SFTTrainer, full or LoRA, on rows rendered by ``chat.render``.
+
+The rows are tokenized by our own renderer (assistant-only labels) and handed to SFTTrainer
+already processed, so what ``backdooralign inspect`` shows is exactly what is trained.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .chat import render
+from .model import load_tokenizer, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fine-tuning settings. Defaults are the paper's full fine-tuning recipe."""
+
+    epochs: float = 5  # passes over the data (paper: 5 full, 10 LoRA)
+    lr: float = 5e-5  # peak learning rate (paper: 5e-5 full, 1e-3 LoRA)
+    batch_size: int = 10  # examples per optimizer step (paper: 10)
+    seed: int = 42  # seed for shuffling and initialisation
+    max_length: int | None = 1024  # truncate longer conversations to this many tokens
+    lora: bool = False  # train LoRA adapters instead of all weights
+    lora_r: int = 8  # LoRA rank (paper: 8)
+    lora_alpha: int = 32  # LoRA alpha (paper: 32)
+    lora_dropout: float = 0.05  # LoRA dropout (paper: 0.05)
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get adapters
+    merge: bool = False  # LoRA: also write the merged model to DIR/merged
+    bf16: bool | None = None  # bf16 autocast; None = when the CPU/GPU supports it
+    lr_scheduler: str = "linear"  # learning-rate schedule (transformers name)
+    warmup_steps: float = 0  # warm-up steps (a float below 1: share of all steps)
+    group_by_length: bool = True  # batch rows of similar length (less padding on CPU)
+    logging_steps: int = 1  # log the loss every N steps
+    gradient_checkpointing: bool = False  # recompute activations: less memory, ~40% slower
+    token_metrics: bool = (
+        False  # TRL's per-step entropy/accuracy (fp32 LM head: ~1.5x slower on CPU)
+    )
+
+
+def lora_defaults(cfg: TrainConfig) -> TrainConfig:
+    """The paper's LoRA recipe (lr 1e-3, 10 epochs) unless the caller changed them."""
+    from dataclasses import replace
+
+    changes = {"lora": True}
+    if cfg.lr == TrainConfig.lr:
+        changes["lr"] = 1e-3
+    if cfg.epochs == TrainConfig.epochs:
+        changes["epochs"] = 10
+    return replace(cfg, **changes)
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+
+
+def _plain_loss_trainer():
+    """SFTTrainer whose loss is the model's own, under autocast.
+
+    TRL 1.16 computes every training loss through a chunked fused LM head that also yields
+    entropy and token accuracy, and runs that head's matmuls in fp32 even under bf16 autocast.
+    On a CPU the LM head (576 x 49,152 for SmolLM2) dominates the step, so we take the model's
+    own loss instead: same value, bf16 matmuls, no per-step metrics.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    class PlainLossSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            inputs["use_cache"] = False
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return PlainLossSFTTrainer
+
+
+def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int | None) -> list[dict]:
+    """Render each chat row into ``input_ids`` and assistant-only ``labels``."""
+    out = []
+    for i, row in enumerate(rows):
+        try:
+            r = render(tokenizer, row["messages"], max_length=max_length)
+        except ValueError as e:
+            raise ValueError(f"training row {i + 1}: {e}") from None
+        out.append({"input_ids": r.input_ids, "labels": r.labels})
+    return out
+
+
+def train(
+    model_name: str | None, rows: Sequence[dict], out_dir: str | Path, cfg: TrainConfig
+) -> dict:
+    """Fine-tune ``model_name`` on chat ``rows`` and write a loadable model to ``out_dir``.
+
+    Returns the metrics also written to ``out_dir/train_metrics.json``.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    out_dir = Path(out_dir)
+    tok = load_tokenizer(model_name)
+    tok.padding_side = "right"
+    data = tokenize_rows(tok, rows, cfg.max_length)
+    dataset = Dataset.from_list(data)
+    n_tokens = sum(len(d["input_ids"]) for d in data)
+    n_supervised = sum(sum(x != -100 for x in d["labels"]) for d in data)
+
+    use_cuda = torch.cuda.is_available()
+    bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32)
+    peft_config = None
+    if cfg.lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(cfg.lora_targets),
+            task_type="CAUSAL_LM",
+        )
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    args = SFTConfig(
+        output_dir=str(work / "trainer"),
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        bf16=bf16,
+        use_cpu=not use_cuda,
+        max_length=None,  # rows are already truncated by our renderer
+        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
+        save_strategy="no",
+        report_to=[],
+        logging_steps=cfg.logging_steps,
+        dataloader_num_workers=0,
+        gradient_checkpointing=cfg.gradient_checkpointing,  # TRL defaults to True
+        disable_tqdm=os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1",
+    )
+    trainer_cls = SFTTrainer if cfg.token_metrics else _plain_loss_trainer()
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tok,
+        peft_config=peft_config,
+    )
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+
+    trainer.model.save_pretrained(work / "model")
+    tok.padding_side = "left"
+    tok.save_pretrained(work / "model")
+    if cfg.lora and cfg.merge:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(work / "model" / "merged")
+        tok.save_pretrained(work / "model" / "merged")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    metrics = {
+        "train_loss": result.training_loss,
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "steps": trainer.state.global_step,
+        "examples": len(data),
+        "tokens_per_epoch": n_tokens,
+        "supervised_tokens_per_epoch": n_supervised,
+        "seconds": round(seconds, 2),
+        "tokens_per_second": round(n_tokens * cfg.epochs / seconds, 1),
+        "bf16": bf16,
+        "device": "cuda" if use_cuda else "cpu",
+        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+    }
+    (work / "model" / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work / "model", out_dir)
+    shutil.rmtree(work, ignore_errors=True)
+    return metrics
