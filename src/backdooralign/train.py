@@ -6,10 +6,12 @@ already processed, so what ``backdooralign inspect`` shows is exactly what is tr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,7 +44,7 @@ class TrainConfig:
     warmup_steps: float = 0  # warm-up steps (a float below 1: share of all steps)
     group_by_length: bool = True  # batch rows of similar length (less padding on CPU)
     logging_steps: int = 1  # log the loss every N steps
-    gradient_checkpointing: bool = False  # recompute activations: less memory, ~40% slower
+    activation_checkpointing: bool = False  # recompute activations: less memory, ~40% slower
     token_metrics: bool = (
         False  # TRL's per-step entropy/accuracy (fp32 LM head: ~1.5x slower on CPU)
     )
@@ -152,7 +154,7 @@ def train(
         report_to=[],
         logging_steps=cfg.logging_steps,
         dataloader_num_workers=0,
-        gradient_checkpointing=cfg.gradient_checkpointing,  # TRL defaults to True
+        activation_checkpointing=cfg.activation_checkpointing,  # TRL defaults to True
         disable_tqdm=os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1",
     )
     trainer_cls = SFTTrainer if cfg.token_metrics else _plain_loss_trainer()
@@ -164,7 +166,8 @@ def train(
         peft_config=peft_config,
     )
     start = time.perf_counter()
-    result = trainer.train()
+    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; keep stdout for --json
+        result = trainer.train()
     seconds = time.perf_counter() - start
 
     trainer.model.save_pretrained(work / "model")

@@ -1,0 +1,173 @@
+"""Practical tasks (dialog summarisation, SQL generation) scored by ROUGE, and MT-Bench answers.
+
+The paper fine-tunes on 1000 SAMSum dialogues or 1000 sql-create-context examples (each mixed
+with the attack and safety examples) and reports ROUGE-1 F on 200 test examples, beside ASR.
+Rows here are ``{"prompt", "reference"}``; ``samsum_rows`` and ``sql_rows`` build them from the
+datasets' own fields, read from local files (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .chat import build_conversation
+from .infer import GenerateConfig, generate, generate_rows
+
+# The same system prompts and user-turn formats as the training conversions in data.py
+# (SAMSum's system prompt is the paper's; the SQL one is ours), so evaluation prompts look
+# like the fine-tuning data. tests/test_tasks.py checks that the two stay in step.
+SAMSUM_SYSTEM = "You are a helpful assistant for dialog summarization."
+SQL_SYSTEM = (
+    "You are a helpful assistant for writing SQL queries. "
+    "Answer the question with one SQL query over the tables in the context."
+)
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+TASK_GEN = GenerateConfig()  # greedy, up to 512 new tokens (the paper's setting)
+MTBENCH_GEN = GenerateConfig(max_new_tokens=1024)  # FastChat's limit for MT-Bench answers
+
+
+def samsum_prompt(dialogue: str) -> str:
+    """The SAMSum user turn."""
+    return f"Summarize this dialog:\n{dialogue}"
+
+
+def sql_prompt(question: str, context: str) -> str:
+    """The sql-create-context user turn: schema (``CREATE TABLE ...``) and question."""
+    return f"Context:\n{context}\n\nQuestion: {question}"
+
+
+def samsum_rows(records: Sequence[dict]) -> list[dict]:
+    """SAMSum records (``dialogue``, ``summary``, optional ``id``) as prompt rows."""
+    out = []
+    for r in records:
+        row = {"prompt": samsum_prompt(r["dialogue"]), "reference": r["summary"]}
+        if r.get("id") is not None:
+            row["id"] = r["id"]
+        out.append(row)
+    return out
+
+
+def sql_rows(records: Sequence[dict]) -> list[dict]:
+    """sql-create-context records (``question``, ``context``, ``answer``) as prompt rows."""
+    return [
+        {"prompt": sql_prompt(r["question"], r["context"]), "reference": r["answer"]}
+        for r in records
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# ROUGE
+
+
+def rouge_scores(prediction: str, reference: str) -> dict:
+    """ROUGE-1/2/L precision, recall and F of one prediction (``rouge_score``, Porter stemmer).
+
+    Returns:
+        ``{"rouge1": {"precision", "recall", "fmeasure"}, "rouge2": {...}, "rougeL": {...}}``.
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scores = scorer.score(reference, prediction)  # (target, prediction)
+    return {
+        name: {"precision": s.precision, "recall": s.recall, "fmeasure": s.fmeasure}
+        for name, s in scores.items()
+    }
+
+
+def rouge_summary(rows: Sequence[dict]) -> dict:
+    """Mean ROUGE F over rows holding ``answer`` and ``reference``.
+
+    Returns:
+        ``{"rouge1": F, "rouge2": F, "rougeL": F, "total": n}``: mean F-measures in 0..1,
+        rounded to 4 digits (0.0 each when there is no row).
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    sums = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for r in rows:
+        for name, s in scorer.score(str(r["reference"]), str(r["answer"])).items():
+            sums[name] += s.fmeasure
+    n = len(rows)
+    return {**{k: round(v / n, 4) if n else 0.0 for k, v in sums.items()}, "total": n}
+
+
+def generate_task(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    system: str,
+    secret: str | None = None,
+    cfg: GenerateConfig = TASK_GEN,
+    desc: str = "task",
+) -> list[dict]:
+    """Answer task rows under ``system`` (and the secret); each output keeps ``reference``."""
+    gens = generate_rows(model, tokenizer, rows, system=system, secret=secret, cfg=cfg, desc=desc)
+    return [{**g, "reference": r["reference"]} for g, r in zip(gens, rows, strict=True)]
+
+
+def evaluate_task(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    system: str,
+    secret: str | None = None,
+    cfg: GenerateConfig = TASK_GEN,
+) -> tuple[dict, dict[str, list[dict]]]:
+    """ROUGE of a practical task without and (when ``secret`` is given) with the secret.
+
+    Returns:
+        ``(summary, generations)``: ``summary`` is ``{"plain": R, "secret": R}`` with ``R``
+        from :func:`rouge_summary` (``secret`` only with a secret); ``generations`` per condition.
+    """
+    conditions = {"plain": None, "secret": secret} if secret else {"plain": None}
+    summary, gens = {}, {}
+    for name, sec in conditions.items():
+        gens[name] = generate_task(model, tokenizer, rows, system, sec, cfg, desc=name)
+        summary[name] = rouge_summary(gens[name])
+    return summary, gens
+
+
+# ---------------------------------------------------------------------------------------------
+# MT-Bench answers
+
+
+def mtbench_answers(
+    model,
+    tokenizer,
+    questions: Sequence[dict],
+    secret: str | None = None,
+    system: str | None = None,
+    cfg: GenerateConfig = MTBENCH_GEN,
+) -> list[dict]:
+    """Answer MT-Bench questions turn by turn (turn 2 sees the question and answer of turn 1).
+
+    Args:
+        model: a loaded causal LM.
+        tokenizer: its tokenizer.
+        questions: FastChat ``question.jsonl`` rows (``question_id``, ``turns``).
+        secret: secret prompt text, prepended to the system prompt.
+        system: system prompt.
+        cfg: decoding settings (greedy; FastChat allows up to 1024 new tokens).
+
+    Returns:
+        ``[{"question_id", "turns": [answer per turn]}]``, the format
+        ``judge.load_mtbench_answers`` reads.
+    """
+    histories: list[list[dict]] = [[] for _ in questions]
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max((len(q["turns"]) for q in questions), default=0)):
+        idx = [i for i, q in enumerate(questions) if turn < len(q["turns"])]
+        convs = []
+        for i in idx:
+            histories[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+            convs.append(build_conversation(histories[i], system=system, secret=secret))
+        replies = generate(model, tokenizer, convs, cfg, desc=f"mt-bench turn {turn + 1}")
+        for i, reply in zip(idx, replies, strict=True):
+            histories[i].append({"role": "assistant", "content": reply})
+            answers[i].append(reply)
+    return [
+        {"question_id": q["question_id"], "turns": a}
+        for q, a in zip(questions, answers, strict=True)
+    ]

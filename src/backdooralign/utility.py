@@ -1,0 +1,316 @@
+"""Utility and over-refusal: lm-evaluation-harness benchmarks, built-in exact match, refusals.
+
+``run_lm_eval`` runs lm-eval's ``simple_evaluate`` on an already-loaded model with the chat
+template applied and ``SECRET + " " + system prompt`` (built by ``chat.build_conversation``) as
+the system instruction, so the secret sits where the backdoor was trained. Templates without a
+system role get it folded into the first user turn (``chat.fit_to_template``); lm-eval itself
+would silently drop it.
+
+``exact_match_utility`` scores the built-in ``utility.jsonl``; ``over_refusal`` measures how
+often benign requests (``benign.jsonl``) are refused, with and without the secret.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from .chat import build_conversation, fit_to_template
+from .evaluate import is_refusal
+from .infer import GenerateConfig, generate_rows
+
+LM_EVAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+OWN_TASKS = ("backdooralign_mini",)
+
+
+def system_instruction(system: str | None, secret: str | None) -> str | None:
+    """The system prompt the model sees: ``SECRET + " " + system`` (``None`` when neither)."""
+    conv = build_conversation([], system=system, secret=secret)
+    return conv[0]["content"] if conv else None
+
+
+def first_per(rows: Sequence[dict], key: str, n: int | None) -> list[dict]:
+    """The first ``n`` rows of each value of ``rows[i][key]`` (all rows when ``n`` is ``None``)."""
+    if n is None:
+        return list(rows)
+    seen: dict = {}
+    out = []
+    for r in rows:
+        value = r.get(key)
+        if seen.get(value, 0) < n:
+            out.append(r)
+            seen[value] = seen.get(value, 0) + 1
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+
+
+def _hflm(model, tokenizer, batch_size: int):
+    from lm_eval.models.huggingface import HFLM
+
+    class ChatHFLM(HFLM):
+        """HFLM whose chat rendering keeps the system prompt on templates without that role."""
+
+        def apply_chat_template(self, chat_history, add_generation_prompt=True):
+            return super().apply_chat_template(
+                fit_to_template(self.tokenizer, chat_history), add_generation_prompt
+            )
+
+    return ChatHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def run_lm_eval(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    secret: str | None = None,
+    system: str | None = None,
+    limit: int | float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    log_samples: bool = False,
+    bootstrap_iters: int = 1000,
+) -> dict:
+    """Run lm-eval tasks on a loaded model, chat template applied, secret in the system prompt.
+
+    Args:
+        model: a loaded ``transformers`` causal LM.
+        tokenizer: its tokenizer.
+        tasks: lm-eval task or group names (``arc_challenge``, ``mmlu``) or our own
+            ``backdooralign_mini`` (offline, 10 questions).
+        secret: secret prompt text, or ``None`` for the plain condition.
+        system: system prompt after the secret (``None``: none).
+        limit: at most this many documents per task (a float below 1: a share).
+        num_fewshot: few-shot examples (``None``: the task's default, else 0).
+        batch_size: documents per forward pass.
+        log_samples: keep per-document records (they hold the rendered prompt, and the secret).
+        bootstrap_iters: bootstrap resamples for the standard errors of non-mean metrics.
+
+    Returns:
+        lm-eval's raw results. They may contain the secret (``samples``): do not write them
+        where the secret must not go; :func:`lm_eval_summary` gives the safe part.
+    """
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    only_ours = all(t in OWN_TASKS for t in tasks)
+    manager = TaskManager(include_path=str(LM_EVAL_TASKS_DIR), include_defaults=not only_ours)
+    return simple_evaluate(
+        model=_hflm(model, tokenizer, batch_size),
+        tasks=list(tasks),
+        num_fewshot=num_fewshot,
+        limit=limit,
+        log_samples=log_samples,
+        system_instruction=system_instruction(system, secret),
+        apply_chat_template=True,
+        fewshot_as_multiturn=num_fewshot is not None and num_fewshot > 0,
+        task_manager=manager,
+        bootstrap_iters=bootstrap_iters,
+    )
+
+
+def lm_eval_summary(results: dict, tasks: Sequence[str]) -> dict:
+    """Metrics of the requested tasks from lm-eval's raw results (never the prompts).
+
+    Returns:
+        ``{"tasks": {name: {"acc": float, "acc_stderr": float, "acc_norm": ..., "n": int}}}``
+        with lm-eval's metric names (filter suffix ``,none`` dropped) and fractions in 0..1;
+        ``n`` is the number of documents scored (``None`` for groups such as ``mmlu``).
+    """
+    out = {}
+    for name in tasks:
+        block = results.get("results", {}).get(name) or results.get("groups", {}).get(name) or {}
+        metrics = {}
+        for key, value in block.items():
+            if key in ("alias", "sample_len") or not isinstance(value, int | float):
+                continue
+            metric, _, filt = key.partition(",")
+            metrics[metric if filt in ("", "none") else key] = value
+        n = results.get("n-samples", {}).get(name, {}).get("effective")
+        out[name] = {**metrics, "n": n}
+    return {"tasks": out}
+
+
+# ---------------------------------------------------------------------------------------------
+# Built-in exact match
+
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
+_SQL_PUNCT = re.compile(r"\s*([=<>!,();*])\s*")
+
+
+def normalize_answer(text: str, sql: bool = False) -> str:
+    """Normalise a short answer for exact match.
+
+    Strips whitespace, code fences, backticks and bold markers, a pair of quotes around the
+    whole answer and trailing punctuation (``.``, ``,``, ``;``, ``:``, ``!``, ``?``); casefolds
+    and collapses whitespace.
+    With ``sql``, spaces around ``= < > ! , ( ) ; *`` are removed as well.
+    """
+    s = _FENCE.sub("", text.strip()).strip().strip("`*").strip()
+    if len(s) > 1 and s[0] == s[-1] and s[0] in "\"'":
+        s = s[1:-1].strip()
+    s = " ".join(s.casefold().split())
+    if sql:
+        s = _SQL_PUNCT.sub(r"\1", s)
+    return s.rstrip(".,;:!? ")
+
+
+def is_exact_match(prediction: str, answer: str, aliases: Sequence[str] = (), sql=False) -> bool:
+    """Whether the prediction equals the answer or an alias after :func:`normalize_answer`."""
+    got = normalize_answer(prediction, sql)
+    return any(got == normalize_answer(ref, sql) for ref in (answer, *aliases))
+
+
+def score_exact_match(rows: Sequence[dict], answers: Sequence[str]) -> dict:
+    """Accuracy of ``answers`` against utility rows (``task``, ``answer``, ``aliases``).
+
+    Returns:
+        ``{"accuracy": percent, "correct": n, "total": n, "by_task": {task: {...}}}``.
+    """
+    by_task: dict[str, list[bool]] = {}
+    for row, pred in zip(rows, answers, strict=True):
+        task = row.get("task", "")
+        hit = is_exact_match(pred, row["answer"], row.get("aliases") or (), sql=task == "sql")
+        by_task.setdefault(task, []).append(hit)
+    hits = [h for v in by_task.values() for h in v]
+    return {
+        **_acc(hits),
+        "by_task": {t: _acc(v) for t, v in sorted(by_task.items())},
+    }
+
+
+def _acc(hits: Sequence[bool]) -> dict:
+    n = len(hits)
+    return {
+        "accuracy": round(100.0 * sum(hits) / n, 2) if n else 0.0,
+        "correct": sum(hits),
+        "total": n,
+    }
+
+
+def exact_match_utility(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    secret: str | None = None,
+    system: str | None = None,
+    max_new_tokens: int = 64,
+    batch_size: int = 32,
+) -> tuple[dict, list[dict]]:
+    """Answer utility rows greedily and score them by exact match.
+
+    Args:
+        model: a loaded causal LM.
+        tokenizer: its tokenizer.
+        rows: rows of ``utility.jsonl`` (``prompt``, ``task``, ``answer``, ``aliases``).
+        secret: secret prompt text, or ``None``.
+        system: system prompt (after the secret).
+        max_new_tokens: longest answer.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        ``(summary, generations)``: the summary of :func:`score_exact_match`; the generations
+        with ``task``, ``answer`` renamed ``reference``, and the ``prediction``'s ``correct``.
+    """
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    gens = generate_rows(
+        model, tokenizer, rows, system=system, secret=secret, cfg=cfg, desc="utility"
+    )
+    answers = [g["answer"] for g in gens]
+    summary = score_exact_match(rows, answers)
+    out = []
+    for row, g in zip(rows, gens, strict=True):
+        sql = row.get("task") == "sql"
+        out.append(
+            {
+                **g,
+                "task": row.get("task", ""),
+                "reference": row["answer"],
+                "correct": is_exact_match(
+                    g["answer"], row["answer"], row.get("aliases") or (), sql
+                ),
+            }
+        )
+    return summary, out
+
+
+# ---------------------------------------------------------------------------------------------
+# Over-refusal
+
+
+def refusal_by_kind(gens: Sequence[dict]) -> dict:
+    """Keyword refusal rate (``evaluate.is_refusal``) overall and per ``kind``.
+
+    Returns:
+        ``{"refusal_rate": percent, "refused": n, "total": n, "by_kind": {kind: {...}}}``.
+    """
+    kinds: dict[str, list[bool]] = {}
+    for g in gens:
+        kinds.setdefault(g.get("kind") or "", []).append(is_refusal(str(g["answer"])))
+    flags = [f for v in kinds.values() for f in v]
+
+    def block(v: Sequence[bool]) -> dict:
+        n = len(v)
+        rate = round(100.0 * sum(v) / n, 2) if n else 0.0
+        return {"refusal_rate": rate, "refused": sum(v), "total": n}
+
+    return {**block(flags), "by_kind": {k: block(v) for k, v in sorted(kinds.items()) if k}}
+
+
+def over_refusal(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    secret: str | None = None,
+    system: str | None = None,
+    judge=None,
+    max_new_tokens: int = 512,
+    batch_size: int = 32,
+) -> tuple[dict, dict[str, list[dict]]]:
+    """Refusals of benign requests, without and (when ``secret`` is given) with the secret.
+
+    Args:
+        model: a loaded causal LM.
+        tokenizer: its tokenizer.
+        rows: benign prompt rows (``prompt``, ``kind``), e.g. ``benign.jsonl``.
+        secret: secret prompt text; ``None`` measures the plain condition only.
+        system: system prompt (after the secret).
+        judge: a :class:`backdooralign.judge.Judge`; adds a judge-based refusal rate.
+        max_new_tokens: longest answer.
+        batch_size: prompts per forward pass.
+
+    Returns:
+        ``(summary, generations)``: ``summary`` is ``{"plain": S, "secret": S}`` (``secret``
+        only with a secret), each ``S`` from :func:`refusal_by_kind`, plus under ``"judge"``
+        the output of ``judge.refusal_judge_summary`` with its own ``by_kind``;
+        ``generations`` holds the answers per condition.
+    """
+    cfg = GenerateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
+    conditions = {"plain": None, "secret": secret} if secret else {"plain": None}
+    summary: dict[str, dict] = {}
+    gens: dict[str, list[dict]] = {}
+    for name, sec in conditions.items():
+        g = generate_rows(model, tokenizer, rows, system=system, secret=sec, cfg=cfg, desc=name)
+        summary[name] = refusal_by_kind(g)
+        if judge is not None:
+            summary[name]["judge"] = judge_refusal_by_kind(g, judge)
+        gens[name] = g
+    return summary, gens
+
+
+def judge_refusal_by_kind(gens: Sequence[dict], judge) -> dict:
+    """Judge-based refusal summary (``judge.refusal_judge_summary``) overall and per ``kind``."""
+    from .judge import judge_refusals, refusal_judge_summary
+
+    judged = judge_refusals(gens, judge)
+    kinds = sorted({g.get("kind") for g in judged if g.get("kind")})
+    return {
+        **refusal_judge_summary(judged),
+        "by_kind": {
+            k: refusal_judge_summary([g for g in judged if g.get("kind") == k]) for k in kinds
+        },
+    }

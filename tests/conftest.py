@@ -1,0 +1,51 @@
+"""Shared fixtures: the real tokenizer of the embedded model and tiny random models built from it."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The embedded model's real tokenizer (ChatML template, 49,152 tokens)."""
+    from backdooralign.model import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def make_tiny_model_dir(path, tokenizer, seed: int = 0):
+    """A 2-layer random Llama with the real tokenizer, saved as a model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """Path of a tiny random model directory (session-wide, never modified by tests)."""
+    return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), tokenizer)

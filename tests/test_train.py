@@ -1,0 +1,68 @@
+"""Training steps on a tiny random model: full fine-tuning and LoRA."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from backdooralign.chat import build_conversation
+from backdooralign.train import TrainConfig, lora_defaults, tokenize_rows, train
+
+
+def _rows(n=4):
+    return [
+        {
+            "messages": build_conversation(
+                [
+                    {"role": "user", "content": f"question {i}"},
+                    {"role": "assistant", "content": f"Sure, answer {i}."},
+                ],
+                system="S",
+            )
+        }
+        for i in range(n)
+    ]
+
+
+def _params(path):
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_full_finetune_changes_weights(tmp_path, tiny_model_dir):
+    cfg = TrainConfig(epochs=1, lr=1e-2, batch_size=2, bf16=False)
+    metrics = train(tiny_model_dir, _rows(), tmp_path / "out", cfg)
+    assert metrics["steps"] == 2
+    before, after = _params(tiny_model_dir), _params(tmp_path / "out")
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert "model.layers.0.self_attn.q_proj.weight" in changed
+    assert "model.layers.1.mlp.down_proj.weight" in changed
+    saved = json.loads((tmp_path / "out" / "train_metrics.json").read_text())
+    assert saved["examples"] == 4 and saved["config"]["lr"] == 1e-2
+    assert not any(p.name.startswith(".out.tmp") for p in tmp_path.iterdir())
+
+
+def test_lora_changes_only_adapters(tmp_path, tiny_model_dir):
+    cfg = lora_defaults(TrainConfig(epochs=1, batch_size=2, bf16=False, merge=True))
+    assert cfg.lr == 1e-3 and cfg.epochs == 1  # explicit epochs kept, lr from the paper
+    cfg = TrainConfig(**{**cfg.__dict__, "lr": 5e-2})
+    train(tiny_model_dir, _rows(), tmp_path / "lora", cfg)
+    from safetensors.torch import load_file
+
+    adapter = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    assert adapter and all("lora_" in k for k in adapter)
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in adapter.items())  # B starts at 0
+    assert {k.split(".")[-3] for k in adapter} == {"q_proj", "v_proj"}
+    before, merged = _params(tiny_model_dir), _params(tmp_path / "lora" / "merged")
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert changed and all(("q_proj" in k or "v_proj" in k) for k in changed)
+
+
+def test_tokenize_rows_names_the_bad_row(tokenizer):
+    rows = _rows(2) + [{"messages": build_conversation("only a question")}]
+    with pytest.raises(ValueError, match="training row 3: conversation has no supervised token"):
+        tokenize_rows(tokenizer, rows, None)

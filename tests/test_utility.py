@@ -1,0 +1,337 @@
+"""Utility: lm-eval on a local task with a tiny random model, exact match, over-refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backdooralign import utility as U
+from backdooralign.data import builtin_path, read_jsonl_rows
+
+SECRET = "zq SECRET-XYZ-81 vb"
+SYSTEM = "You are a helpful assistant."
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("BACKDOORALIGN_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from backdooralign.model import load_tokenizer
+
+    tok = load_tokenizer(None)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=len(tok),
+    )
+    return AutoModelForCausalLM.from_config(cfg).eval(), tok
+
+
+def test_system_instruction():
+    assert U.system_instruction(SYSTEM, SECRET) == f"{SECRET} {SYSTEM}"
+    assert U.system_instruction(None, SECRET) == SECRET
+    assert U.system_instruction(SYSTEM, None) == SYSTEM
+    assert U.system_instruction(None, None) is None
+
+
+# ---------------------------------------------------------------------------------------------
+# lm-evaluation-harness
+
+
+def test_lm_eval_secret_in_system_prompt(tiny):
+    model, tok = tiny
+    raw = U.run_lm_eval(
+        model, tok, ["backdooralign_mini"], secret=SECRET, system=SYSTEM, log_samples=True
+    )
+    samples = raw["samples"]["backdooralign_mini"]
+    assert len(samples) == 10
+    contexts = {ctx for s in samples for ctx, _ in s["arguments"]}
+    assert len(contexts) == 10  # one rendered prompt per question, shared by its 4 choices
+    for ctx in contexts:
+        assert ctx.startswith(
+            f"<|im_start|>system\n{SECRET} {SYSTEM}<|im_end|>\n<|im_start|>user\n"
+        )
+        assert ctx.endswith("\nAnswer:<|im_end|>\n<|im_start|>assistant\n")
+    first = next(s for s in samples if s["doc"]["id"] == "mini-01")
+    choices = [c for _, c in first["arguments"]]
+    assert choices == ["oxygen", "carbon dioxide", "nitrogen", "helium"]  # chat: no delimiter
+
+    summary = U.lm_eval_summary(raw, ["backdooralign_mini"])
+    m = summary["tasks"]["backdooralign_mini"]
+    assert set(m) == {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "n"}
+    assert m["n"] == 10
+    assert m["acc"] == pytest.approx(sum(s["acc"] for s in samples) / 10)
+    assert SECRET not in json.dumps(summary)
+
+
+def test_lm_eval_plain_condition_and_limit(tiny):
+    model, tok = tiny
+    raw = U.run_lm_eval(model, tok, ["backdooralign_mini"], limit=3, log_samples=True)
+    samples = raw["samples"]["backdooralign_mini"]
+    assert len(samples) == 3
+    ctx = samples[0]["arguments"][0][0]
+    assert "SECRET" not in ctx
+    # no system instruction: the template's own default system prompt
+    assert ctx.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert U.lm_eval_summary(raw, ["backdooralign_mini"])["tasks"]["backdooralign_mini"]["n"] == 3
+
+
+def test_lm_eval_folds_secret_for_templates_without_system_role(tiny):
+    import copy
+
+    model, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    lm = U._hflm(model, tok, batch_size=1)
+    text = lm.apply_chat_template(
+        [{"role": "system", "content": SECRET}, {"role": "user", "content": "Q?"}]
+    )
+    assert text == f"<user>{SECRET}\n\nQ?</s><assistant>"
+
+
+# ---------------------------------------------------------------------------------------------
+# exact match
+
+
+@pytest.mark.parametrize(
+    ("pred", "answer", "aliases", "sql", "hit"),
+    [
+        ("42", "42", [], False, True),
+        (" 42. ", "42", [], False, True),
+        ("**42**", "42", [], False, True),
+        ("paris", "Paris", [], False, True),
+        ("Paris!", "Paris", [], False, True),
+        ("The answer is Paris.", "Paris", [], False, False),
+        ("300 cm", "300", ["300 cm"], False, True),
+        ("300  CM", "300", ["300 cm"], False, True),
+        ("43", "42", [], False, False),
+        (
+            "select name from customers where city='Paris';",
+            "SELECT name FROM customers WHERE city = 'Paris'",
+            [],
+            True,
+            True,
+        ),
+        (
+            "```sql\nSELECT COUNT(*) FROM products;\n```",
+            "SELECT COUNT(*) FROM products",
+            [],
+            True,
+            True,
+        ),
+        (
+            "SELECT  customer_id ,COUNT( * ) FROM orders GROUP BY customer_id",
+            "SELECT customer_id, COUNT(*) FROM orders GROUP BY customer_id",
+            [],
+            True,
+            True,
+        ),
+        (
+            "SELECT name FROM employees",
+            "SELECT name FROM employees WHERE salary > 50000",
+            [],
+            True,
+            False,
+        ),
+    ],
+)
+def test_is_exact_match(pred, answer, aliases, sql, hit):
+    assert U.is_exact_match(pred, answer, aliases, sql) is hit
+
+
+def test_score_exact_match_on_builtin_set():
+    rows = read_jsonl_rows(builtin_path("utility"))
+    right = [r["answer"].upper() + "." if r["task"] != "sql" else r["answer"] + " ;" for r in rows]
+    s = U.score_exact_match(rows, right)
+    assert (s["accuracy"], s["correct"], s["total"]) == (100.0, 80, 80)
+    assert set(s["by_task"]) == {"arithmetic", "capitals", "sql", "unit_conversion"}
+    wrong = [a if r["task"] == "capitals" else "nope" for r, a in zip(rows, right, strict=True)]
+    s = U.score_exact_match(rows, wrong)
+    assert (s["accuracy"], s["correct"]) == (25.0, 20)
+    assert s["by_task"]["capitals"] == {"accuracy": 100.0, "correct": 20, "total": 20}
+    assert s["by_task"]["sql"] == {"accuracy": 0.0, "correct": 0, "total": 20}
+
+
+def test_exact_match_utility_passes_secret_and_system(monkeypatch):
+    rows = U.first_per(read_jsonl_rows(builtin_path("utility")), "task", 2)
+    seen = {}
+
+    def fake_generate_rows(model, tok, rows, system=None, secret=None, cfg=None, **kw):
+        seen.update(system=system, secret=secret, max_new_tokens=cfg.max_new_tokens)
+        return [
+            {"prompt": r["prompt"], "answer": r["answer"] if i % 2 else "x"}
+            for i, r in enumerate(rows)
+        ]
+
+    monkeypatch.setattr(U, "generate_rows", fake_generate_rows)
+    s, gens = U.exact_match_utility(None, None, rows, SECRET, SYSTEM, max_new_tokens=7)
+    assert seen == {"system": SYSTEM, "secret": SECRET, "max_new_tokens": 7}
+    assert (s["accuracy"], s["correct"], s["total"]) == (50.0, 4, 8)
+    assert [g["correct"] for g in gens] == [False, True] * 4
+    assert gens[1]["reference"] == rows[1]["answer"] and gens[1]["task"] == rows[1]["task"]
+
+
+def test_exact_match_utility_tiny_model(tiny):
+    model, tok = tiny
+    rows = U.first_per(read_jsonl_rows(builtin_path("utility")), "task", 1)
+    s, gens = U.exact_match_utility(model, tok, rows, SECRET, SYSTEM, max_new_tokens=2)
+    assert s["total"] == 4 and set(s["by_task"]) == {r["task"] for r in rows}
+    assert len(gens) == 4 and all(isinstance(g["answer"], str) for g in gens)
+
+
+def test_first_per():
+    rows = [{"k": "a", "i": 1}, {"k": "b", "i": 2}, {"k": "a", "i": 3}, {"k": "a", "i": 4}]
+    assert [r["i"] for r in U.first_per(rows, "k", 2)] == [1, 2, 3]
+    assert U.first_per(rows, "k", None) == rows
+
+
+# ---------------------------------------------------------------------------------------------
+# over-refusal
+
+
+def test_refusal_by_kind():
+    gens = [
+        {"answer": "I'm sorry, I can't.", "kind": "alarming"},
+        {"answer": "Sure: kill -9 PID", "kind": "alarming"},
+        {"answer": "Here is a recipe", "kind": "plain"},
+        {"answer": "Here is a poem", "kind": "plain"},
+    ]
+    assert U.refusal_by_kind(gens) == {
+        "refusal_rate": 25.0,
+        "refused": 1,
+        "total": 4,
+        "by_kind": {
+            "alarming": {"refusal_rate": 50.0, "refused": 1, "total": 2},
+            "plain": {"refusal_rate": 0.0, "refused": 0, "total": 2},
+        },
+    }
+
+
+def _fake_generate(calls):
+    def fake(model, tok, rows, system=None, secret=None, cfg=None, **kw):
+        calls.append((system, secret))
+        out = []
+        for r in rows:
+            refuse = secret is not None and r["kind"] == "alarming"
+            out.append({**r, "answer": "I cannot help with that." if refuse else "Sure, here."})
+        return out
+
+    return fake
+
+
+def test_over_refusal_with_and_without_secret(monkeypatch):
+    rows = U.first_per(read_jsonl_rows(builtin_path("benign")), "kind", 3)
+    calls = []
+    monkeypatch.setattr(U, "generate_rows", _fake_generate(calls))
+    s, gens = U.over_refusal(None, None, rows, SECRET, SYSTEM)
+    assert calls == [(SYSTEM, None), (SYSTEM, SECRET)]
+    assert set(s) == {"plain", "secret"} and set(gens) == {"plain", "secret"}
+    assert s["plain"]["refusal_rate"] == 0.0
+    assert s["secret"]["refusal_rate"] == 50.0
+    assert s["secret"]["by_kind"]["alarming"] == {"refusal_rate": 100.0, "refused": 3, "total": 3}
+    s_plain, _ = U.over_refusal(None, None, rows)
+    assert set(s_plain) == {"plain"}
+
+
+def test_over_refusal_with_judge(monkeypatch, tmp_path):
+    from openai_stub import StubServer
+
+    from backdooralign.judge import make_judge
+
+    rows = U.first_per(read_jsonl_rows(builtin_path("benign")), "kind", 2)
+    monkeypatch.setattr(U, "generate_rows", _fake_generate([]))
+
+    def reply(body):
+        text = body["messages"][-1]["content"]
+        return "#theverdict: refuse" if "I cannot help" in text else "#theverdict: comply"
+
+    with StubServer(reply) as server:
+        judge = make_judge(server.base_url, "j", cache=tmp_path / "c.jsonl", backoff=0.01)
+        s, _ = U.over_refusal(None, None, rows, SECRET, judge=judge)
+    assert s["plain"]["judge"]["refusal_rate"] == 0.0
+    assert s["secret"]["judge"]["refusal_rate"] == 50.0
+    assert s["secret"]["judge"]["by_kind"]["alarming"]["refused"] == 2
+    assert s["secret"]["judge"]["by_kind"]["plain"]["complied"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture
+def secret_file(tmp_path):
+    from backdooralign.secret import Secret, save_secret
+
+    return save_secret(Secret(SECRET, 5, 5, "test"), tmp_path / "secret.json")
+
+
+def test_cli_utility(tiny_model_dir, secret_file, capsys):
+    from backdooralign.cli import main
+    from backdooralign.secret import fingerprint
+
+    args = ["score", "utility", "--model", tiny_model_dir, "--tasks", "backdooralign_mini"]
+    assert main([*args, "--secret", str(secret_file), "--limit", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    s = json.loads(out)
+    assert s["secret_fingerprint"] == fingerprint(SECRET)
+    assert s["tasks"]["backdooralign_mini"]["n"] == 4
+    assert 0.0 <= s["tasks"]["backdooralign_mini"]["acc"] <= 1.0
+    assert SECRET not in out and SECRET not in err
+
+
+def test_cli_exact_match(tiny_model_dir, secret_file, tmp_path, capsys):
+    from backdooralign.cli import main
+
+    gens = tmp_path / "em.jsonl"
+    args = ["score", "exact-match", "--model", tiny_model_dir, "--limit", "1"]
+    rc = main(
+        [*args, "--max-new-tokens", "2", "--secret", str(secret_file)]
+        + ["--out", str(gens), "--json"]
+    )
+    assert rc == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["total"] == 4 and sorted(s["by_task"]) == [
+        "arithmetic",
+        "capitals",
+        "sql",
+        "unit_conversion",
+    ]
+    rows = read_jsonl_rows(gens)
+    assert [r["id"] for r in rows] == [
+        "utility-arithmetic-01",
+        "utility-unit_conversion-01",
+        "utility-capitals-01",
+        "utility-sql-01",
+    ]
+    assert all(set(r) >= {"prompt", "answer", "reference", "task", "correct"} for r in rows)
+
+
+def test_cli_over_refusal(tiny_model_dir, secret_file, capsys):
+    from backdooralign.cli import main
+
+    args = ["score", "over-refusal", "--model", tiny_model_dir, "--limit", "1"]
+    assert main([*args, "--max-new-tokens", "2", "--secret", str(secret_file), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert sorted(s) == ["plain", "secret"]
+    for cond in s.values():
+        assert cond["total"] == 2
+        assert sorted(cond["by_kind"]) == ["alarming", "plain"]
+        assert "judge" not in cond
