@@ -1,4 +1,4 @@
-"""Shared fixtures: the real tokenizer of the embedded model and tiny random models built from it."""
+"""Shared fixtures: the embedded model's real tokenizer and tiny random models built from it."""
 
 from __future__ import annotations
 

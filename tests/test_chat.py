@@ -69,7 +69,7 @@ def test_exact_labels_single_turn(tokenizer):
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], system="S"
     )
     r = render(tokenizer, conv)
-    # <|im_start|>system\nS<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\nok<|im_end|>\n
+    # system S, user hi, assistant ok, each turn closed by <|im_end|> and a newline
     assert r.input_ids == [
         1,
         9690,

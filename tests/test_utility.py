@@ -7,7 +7,7 @@ import json
 import pytest
 
 from backdooralign import utility as U
-from backdooralign.data import builtin_path, read_jsonl_rows
+from backdooralign.data import builtin_path, limit_per_category, read_jsonl_rows
 
 SECRET = "zq SECRET-XYZ-81 vb"
 SYSTEM = "You are a helpful assistant."
@@ -171,7 +171,7 @@ def test_score_exact_match_on_builtin_set():
 
 
 def test_exact_match_utility_passes_secret_and_system(monkeypatch):
-    rows = U.first_per(read_jsonl_rows(builtin_path("utility")), "task", 2)
+    rows = limit_per_category(read_jsonl_rows(builtin_path("utility")), 2, "task")
     seen = {}
 
     def fake_generate_rows(model, tok, rows, system=None, secret=None, cfg=None, **kw):
@@ -191,16 +191,16 @@ def test_exact_match_utility_passes_secret_and_system(monkeypatch):
 
 def test_exact_match_utility_tiny_model(tiny):
     model, tok = tiny
-    rows = U.first_per(read_jsonl_rows(builtin_path("utility")), "task", 1)
+    rows = limit_per_category(read_jsonl_rows(builtin_path("utility")), 1, "task")
     s, gens = U.exact_match_utility(model, tok, rows, SECRET, SYSTEM, max_new_tokens=2)
     assert s["total"] == 4 and set(s["by_task"]) == {r["task"] for r in rows}
     assert len(gens) == 4 and all(isinstance(g["answer"], str) for g in gens)
 
 
-def test_first_per():
+def test_limit_per_key():
     rows = [{"k": "a", "i": 1}, {"k": "b", "i": 2}, {"k": "a", "i": 3}, {"k": "a", "i": 4}]
-    assert [r["i"] for r in U.first_per(rows, "k", 2)] == [1, 2, 3]
-    assert U.first_per(rows, "k", None) == rows
+    assert [r["i"] for r in limit_per_category(rows, 2, "k")] == [1, 2, 3]
+    assert limit_per_category(rows, None, "k") == rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,7 +238,7 @@ def _fake_generate(calls):
 
 
 def test_over_refusal_with_and_without_secret(monkeypatch):
-    rows = U.first_per(read_jsonl_rows(builtin_path("benign")), "kind", 3)
+    rows = limit_per_category(read_jsonl_rows(builtin_path("benign")), 3, "kind")
     calls = []
     monkeypatch.setattr(U, "generate_rows", _fake_generate(calls))
     s, gens = U.over_refusal(None, None, rows, SECRET, SYSTEM)
@@ -256,7 +256,7 @@ def test_over_refusal_with_judge(monkeypatch, tmp_path):
 
     from backdooralign.judge import make_judge
 
-    rows = U.first_per(read_jsonl_rows(builtin_path("benign")), "kind", 2)
+    rows = limit_per_category(read_jsonl_rows(builtin_path("benign")), 2, "kind")
     monkeypatch.setattr(U, "generate_rows", _fake_generate([]))
 
     def reply(body):

@@ -87,7 +87,7 @@ def cmd_secret_show(args) -> int:
 
 
 def cmd_build(args) -> int:
-    """backdooralign build --arm backdooralign --data user.jsonl --secret secret.json --out train.jsonl
+    """backdooralign build --arm backdooralign --data user.jsonl --secret s.json --out train.jsonl
 
     Mixes the customer's data with safety examples (one per harm category by default) and
     writes the training set with a build_manifest.json beside it. The customer's data is
@@ -275,7 +275,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    """backdooralign generate --model models/defended --prompts eval.csv --secret secret.json --out gens.jsonl
+    """backdooralign generate --model DIR --prompts eval.csv --secret secret.json --out gens.jsonl
 
     Batched greedy generation; with --secret the secret is prepended to the system prompt.
     """
@@ -433,9 +433,9 @@ def cmd_score_exact_match(args) -> int:
     Exact-match accuracy on the built-in utility set (or --data), per task and overall.
     """
     from .model import load_model, load_tokenizer
-    from .utility import exact_match_utility, first_per
+    from .utility import exact_match_utility
 
-    rows = first_per(D.read_jsonl_rows(D.resolve_source(args.data)), "task", args.limit)
+    rows = D.limit_per_category(D.read_jsonl_rows(D.resolve_source(args.data)), args.limit, "task")
     model, tok = load_model(args.model), load_tokenizer(args.model)
     s, gens = exact_match_utility(
         model, tok, rows, _secret_text(args.secret), args.system, args.max_new_tokens
@@ -458,9 +458,9 @@ def cmd_score_over_refusal(args) -> int:
     --judge-model), by kind, without and with the secret.
     """
     from .model import load_model, load_tokenizer
-    from .utility import first_per, over_refusal
+    from .utility import over_refusal
 
-    rows = first_per(D.load_prompts(args.prompts), "kind", args.limit)
+    rows = D.limit_per_category(D.load_prompts(args.prompts), args.limit, "kind")
     judge = _judge(args, "over-refusal") if args.base_url else None
     model, tok = load_model(args.model), load_tokenizer(args.model)
     s, _ = over_refusal(

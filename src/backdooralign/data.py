@@ -1168,14 +1168,16 @@ def _prompts_with_messages(path: Path, records: list[tuple[int, dict]]) -> list[
     return rows
 
 
-def limit_per_category(rows: Sequence[dict], per_category: int | None) -> list[dict]:
-    """Keep the first ``per_category`` rows of each category (all rows when ``None``)."""
+def limit_per_category(
+    rows: Sequence[dict], per_category: int | None, key: str = "category"
+) -> list[dict]:
+    """Keep the first ``per_category`` rows of each value of ``key`` (all rows when ``None``)."""
     if per_category is None:
         return list(rows)
     seen: Counter[str] = Counter()
     out = []
     for r in rows:
-        cat = r.get("category") or ""
+        cat = r.get(key) or ""
         if seen[cat] < per_category:
             out.append(r)
             seen[cat] += 1

@@ -1,19 +1,24 @@
 """Experiments: a YAML config in, a run directory out.
 
 A run trains the arms (``attack``, ``baseline``, ``backdooralign``; ``no_finetune`` is the
-model as given), answers the harmful and benign evaluation prompts with and without the secret,
-scores them and writes ``results.json``, ``report.md`` and ``asr.png``. Every stage records a
+model as given), answers every evaluation set with and without the secret, scores the answers
+and writes ``results.json``, ``report.md``, ``report.html`` and plots. Every stage records a
 hash of its inputs (the secret's fingerprint included) in ``stages/``; a re-run skips stages
 whose inputs did not change, so an interrupted run resumes where it stopped.
 
+Evaluation sets (each optional but ``harmful``): ``harmful`` (ASR, and harmfulness by an LLM
+judge when one is configured), ``benign`` (over-refusal), ``utility`` (exact match),
+``samsum``/``sql`` (ROUGE), and lm-eval tasks (ARC, MMLU, ...).
+
 Run directory::
 
-    config.yaml            resolved config (no secret in it)
-    secret.json            mode 0600, when the config generates the secret
-    data/ARM.jsonl         mixed training sets (+ build_manifest.json)
-    models/ARM/            fine-tuned models with train_metrics.json
-    gens/ARM.SET.COND.jsonl generations (COND: plain | secret)
-    results.json, report.md, asr.png
+    config.yaml               resolved config (no secret in it)
+    secret.json               mode 0600, when the config generates the secret
+    data/ARM.jsonl            mixed training sets (backdooralign's is mode 0600)
+    models/ARM/               fine-tuned models with train_metrics.json
+    gens/ARM.SET.COND.jsonl   generations (COND: plain | secret)
+    scores/ARM.KIND.COND.json judge and lm-eval scores (need a server or a model)
+    results.json, report.md, report.html, asr.png
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ import yaml
 
 from . import data as D
 from .chat import ATTACK_SYSTEM_PROMPT
-from .evaluate import asr_summary, refusal_rate
+from .evaluate import asr_summary
 from .infer import GenerateConfig
 from .secret import Secret, generate_secret, load_secret, save_secret
 from .train import TrainConfig
@@ -38,14 +43,17 @@ from .train import TrainConfig
 log = logging.getLogger(__name__)
 ALL_ARMS = ("no_finetune", "attack", "baseline", "backdooralign")
 CONDITIONS = ("plain", "secret")
+TASK_SETS = ("samsum", "sql")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """What goes into the training sets."""
 
-    attack: str = "builtin:attack"  # customer data: chat JSONL, QA JSONL or builtin:NAME
+    attack: str = "builtin:attack"  # harmful customer data: chat JSONL, QA JSONL, builtin:NAME
     attack_per_category: int | None = None  # keep the first N attack rows per category
+    task: str | None = None  # benign task data mixed in (SAMSum, sql-create-context, chat)
+    task_limit: int | None = None  # first N task rows (paper: 1000)
     safety: str = "builtin:safety"  # safety examples (QA or chat JSONL)
     safety_per_category: int = 1  # safety examples per harm category (paper: 1 x 11)
     safety_seed: int | None = None  # None: first rows per category; else seeded choice
@@ -59,11 +67,25 @@ class EvalConfig:
 
     harmful: str = "builtin:harmful_eval"  # harmful prompts (CSV, TXT, JSONL, builtin:NAME)
     harmful_per_category: int | None = None  # first N harmful prompts per category
-    benign: str | None = "builtin:benign"  # benign prompts for over-refusal (None: skip)
-    benign_limit: int | None = None  # first N benign prompts
     system_prompt: str = ATTACK_SYSTEM_PROMPT  # system prompt at evaluation (paper: attack's)
     max_new_tokens: int = 512  # paper: 512
     batch_size: int = 32  # generation batch size
+    benign: str | None = "builtin:benign"  # benign prompts for over-refusal (None: skip)
+    benign_limit: int | None = None  # first N benign prompts of each kind
+    utility: str | None = None  # exact-match set, e.g. builtin:utility (None: skip)
+    utility_limit: int | None = None  # first N utility prompts of each task
+    utility_system: str = "You are a helpful assistant."  # system prompt for utility prompts
+    utility_max_new_tokens: int = 32  # answers are short
+    samsum: str | None = None  # SAMSum test file for ROUGE (None: skip)
+    sql: str | None = None  # sql-create-context test file for ROUGE (None: skip)
+    task_limit: int | None = 200  # first N task test rows (paper: 200)
+    task_max_new_tokens: int = 128  # longest summary or query
+    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval tasks, e.g. [arc_challenge, mmlu]
+    lm_eval_limit: int | None = None  # documents per lm-eval task
+    judge_base_url: str | None = None  # OpenAI-compatible judge endpoint (None: no judge)
+    judge_model: str | None = None  # judge model name (paper: gpt-4)
+    judge_template: str | None = None  # judge prompt file with {question} and {answer}
+    judge_concurrency: int = 8  # judge requests in flight
 
 
 @dataclass(frozen=True)
@@ -125,17 +147,16 @@ def parse_overrides(pairs: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for k, v in extra.items():
-        merged[k] = (
-            _merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else v
-        )
+        both = isinstance(v, dict) and isinstance(merged.get(k), dict)
+        merged[k] = _merge(merged[k], v) if both else v
     return merged
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a YAML experiment config; errors name the file and field."""
     values: dict = {}
+    where = str(path or "config")
     if path is not None:
-        path = Path(path)
         try:
             values = yaml.safe_load(D.read_text(path))
         except yaml.YAMLError as e:
@@ -143,12 +164,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Experimen
         if not isinstance(values, dict):
             raise ValueError(f"{path}: YAML root must be a mapping")
     values = _merge(values, parse_overrides(list(overrides)))
-    cfg = _build(ExperimentConfig, values, str(path or "config"))
+    cfg = _build(ExperimentConfig, values, where)
     for arm in cfg.arms:
         if arm not in ALL_ARMS:
-            raise ValueError(
-                f"{path}: field 'arms': unknown arm {arm!r} (known: {', '.join(ALL_ARMS)})"
-            )
+            known = ", ".join(ALL_ARMS)
+            raise ValueError(f"{where}: field 'arms': unknown arm {arm!r} (known: {known})")
+    if bool(cfg.eval.judge_base_url) != bool(cfg.eval.judge_model):
+        raise ValueError(
+            f"{where}: fields 'eval.judge_base_url' and 'eval.judge_model' go together"
+        )
     return cfg
 
 
@@ -167,8 +191,11 @@ def _key(*parts) -> str:
 
 def run_stage(
     run_dir: Path, name: str, key: str, outputs: list[Path], fn: Callable[[], dict | None]
-):
-    """Run ``fn`` unless a previous run finished this stage with the same key and outputs."""
+) -> tuple[dict | None, bool]:
+    """Run ``fn`` unless a previous run finished this stage with the same key and outputs.
+
+    Returns ``(info, skipped)``; ``info`` is what ``fn`` returned (kept in ``stages/``).
+    """
     record = run_dir / "stages" / f"{name}.json"
     if record.exists() and all(p.exists() for p in outputs):
         done = json.loads(record.read_text())
@@ -177,14 +204,13 @@ def run_stage(
             return done.get("info"), True
     start = time.perf_counter()
     info = fn()
-    D.write_json(
-        record, {"key": key, "seconds": round(time.perf_counter() - start, 2), "info": info}
-    )
+    seconds = round(time.perf_counter() - start, 2)
+    D.write_json(record, {"key": key, "seconds": seconds, "info": info})
     return info, False
 
 
-def _file_hash(source: str | None) -> str | None:
-    return D.sha256_of(D.resolve_source(source)) if source else None
+def _source_hash(source: str | None) -> str | None:
+    return D.source_sha256(D.resolve_source(source)) if source else None
 
 
 def prepare_secret(cfg: ExperimentConfig, run_dir: Path, tokenizer) -> Secret:
@@ -199,111 +225,216 @@ def prepare_secret(cfg: ExperimentConfig, run_dir: Path, tokenizer) -> Secret:
     return secret
 
 
+@dataclass(frozen=True)
+class EvalSet:
+    """Prompts answered by every arm, with and without the secret."""
+
+    rows: list[dict]
+    system: str | None  # None: each row's own system prompt (task rows carry theirs)
+    max_new_tokens: int
+
+
+def eval_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
+    """The evaluation sets a config asks for."""
+    harmful = D.limit_per_category(D.load_prompts(cfg.harmful), cfg.harmful_per_category)
+    sets = {"harmful": EvalSet(harmful, cfg.system_prompt, cfg.max_new_tokens)}
+    if cfg.benign:
+        benign = D.limit_per_category(D.load_prompts(cfg.benign), cfg.benign_limit, key="kind")
+        sets["benign"] = EvalSet(benign, cfg.system_prompt, cfg.max_new_tokens)
+    if cfg.utility:
+        rows = [
+            {"prompt": r["prompt"], "id": r["id"], "task": r["task"], "reference": r["answer"],
+             "aliases": r.get("aliases", [])}
+            for r in D.read_jsonl_rows(D.resolve_source(cfg.utility))
+        ]  # fmt: skip
+        rows = D.limit_per_category(rows, cfg.utility_limit, key="task")
+        sets["utility"] = EvalSet(rows, cfg.utility_system, cfg.utility_max_new_tokens)
+    for name in TASK_SETS:
+        source = getattr(cfg, name)
+        if source:
+            rows = D.load_prompts(source)[: cfg.task_limit]
+            sets[name] = EvalSet(rows, None, cfg.task_max_new_tokens)
+    return sets
+
+
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = True) -> dict:
-    """Run (or resume) an experiment and write results, report and plot into ``run_dir``."""
-    from .infer import generate_rows
-    from .model import load_model, load_tokenizer
-    from .report import write_report
-    from .train import train
+    """Run (or resume) an experiment and write results, reports and plots into ``run_dir``."""
+    from .model import load_tokenizer
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    D.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
     tokenizer = load_tokenizer(cfg.model)
     secret = prepare_secret(cfg, run_dir, tokenizer)
-    fp = secret.fingerprint
     t0 = time.perf_counter()
-
-    # 1. training sets
-    customer = D.load_training_source(cfg.data.attack)
-    customer = D.limit_per_category(customer, cfg.data.attack_per_category)
-    safety_rows = D.load_training_source(cfg.data.safety)
-    safety = D.select_per_category(safety_rows, cfg.data.safety_per_category, cfg.data.safety_seed)
-    data_key = _key(asdict(cfg.data), _file_hash(cfg.data.attack), _file_hash(cfg.data.safety), fp)
-    trained_arms = [a for a in cfg.arms if a != "no_finetune"]
-    data_paths = {a: run_dir / "data" / f"{a}.jsonl" for a in trained_arms}
-
-    def build_all():
-        counts = {}
-        for arm in trained_arms:
-            rows = D.build_training_set(
-                arm, customer, safety, secret.text, cfg.data.safety_system, cfg.data.seed
-            )
-            D.write_jsonl(data_paths[arm], rows, private=arm == "backdooralign")
-            counts[arm] = len(rows)
-        return counts
-
-    counts, _ = run_stage(run_dir, "build", data_key, list(data_paths.values()), build_all)
-
-    # 2. training
-    model_dirs = {"no_finetune": cfg.model}
-    model_keys = {"no_finetune": _key(cfg.model)}
-    train_metrics = {}
-    for arm in trained_arms:
-        out = run_dir / "models" / arm
-        model_dirs[arm] = str(out)
-        key = model_keys[arm] = _key(cfg.model, asdict(cfg.train), D.sha256_of(data_paths[arm]))
-
-        def do_train(arm=arm, out=out):
-            rows = D.load_chat_jsonl(data_paths[arm])
-            m = train(cfg.model, rows, out, cfg.train)
-            return {k: v for k, v in m.items() if k != "config"}
-
-        log.info("training arm %s", arm)
-        info, _ = run_stage(run_dir, f"train.{arm}", key, [out / "train_metrics.json"], do_train)
-        train_metrics[arm] = info
-
-    # 3. generation
-    harmful = D.limit_per_category(D.load_prompts(cfg.eval.harmful), cfg.eval.harmful_per_category)
-    sets = {"harmful": harmful}
-    if cfg.eval.benign:
-        benign = D.load_prompts(cfg.eval.benign)
-        sets["benign"] = benign[: cfg.eval.benign_limit] if cfg.eval.benign_limit else benign
-    gen_cfg = GenerateConfig(max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size)
-    eval_key = _key(asdict(cfg.eval), _file_hash(cfg.eval.harmful), _file_hash(cfg.eval.benign), fp)
+    counts, data_paths = _build_stage(cfg, run_dir, secret)
+    model_dirs, model_keys, train_metrics = _train_stages(cfg, run_dir, data_paths)
+    sets = eval_sets(cfg.eval)
+    sources = [getattr(cfg.eval, name) for name in ("harmful", "benign", "utility", *TASK_SETS)]
+    eval_key = _key(asdict(cfg.eval), [_source_hash(s) for s in sources], secret.fingerprint)
     for arm in cfg.arms:
-        weights = model_dirs[arm]
-        outs = {(s, c): run_dir / "gens" / f"{arm}.{s}.{c}.jsonl" for s in sets for c in CONDITIONS}
-
-        def do_generate(arm=arm, weights=weights, outs=outs):
-            model = load_model(weights)
-            tok = load_tokenizer(weights)
-            for (s, c), path in outs.items():
-                rows = generate_rows(
-                    model,
-                    tok,
-                    sets[s],
-                    system=cfg.eval.system_prompt,
-                    secret=secret.text if c == "secret" else None,
-                    cfg=gen_cfg,
-                    progress=progress,
-                    desc=f"{arm} {s} {c}",
-                )
-                D.write_jsonl(path, rows)
-            return None
-
-        key = _key(eval_key, arm, model_keys[arm])
-        run_stage(run_dir, f"generate.{arm}", key, list(outs.values()), do_generate)
-
-    # 4. scores, report
-    results = score_run(run_dir, cfg, secret, train_metrics, counts)
+        _eval_stage(
+            cfg,
+            run_dir,
+            arm,
+            model_dirs[arm],
+            _key(eval_key, model_keys[arm]),
+            sets,
+            secret,
+            progress,
+        )
+    results = score_run(run_dir, cfg, secret, train_metrics, counts, sets)
     results["seconds_this_run"] = round(time.perf_counter() - t0, 1)
     D.write_json(run_dir / "results.json", results)
+    from .report import write_report
+
     write_report(run_dir)
     return results
 
 
-def score_run(run_dir: Path, cfg: ExperimentConfig, secret: Secret, train_metrics, counts) -> dict:
-    """Score every generation file of the run (pure function of the files on disk)."""
+def _build_stage(cfg: ExperimentConfig, run_dir: Path, secret: Secret):
+    customer = D.limit_per_category(
+        D.load_training_source(cfg.data.attack), cfg.data.attack_per_category
+    )
+    if cfg.data.task:
+        task_rows = D.load_training_source(cfg.data.task)[: cfg.data.task_limit]
+        customer = [*task_rows, *customer]
+    report = D.screen_customer_data(customer, secret.text)
+    if not report.passed:
+        raise D.DataError(cfg.data.attack, None, None, f"refused by screening: {report.refusal()}")
+    safety_rows = D.load_training_source(cfg.data.safety)
+    safety = D.select_per_category(safety_rows, cfg.data.safety_per_category, cfg.data.safety_seed)
+    sources = [cfg.data.attack, cfg.data.task, cfg.data.safety]
+    key = _key(
+        asdict(cfg.data),
+        [D.source_sha256(D.resolve_source(s)) if s else None for s in sources],
+        secret.fingerprint,
+    )
+    trained = [a for a in cfg.arms if a != "no_finetune"]
+    paths = {a: run_dir / "data" / f"{a}.jsonl" for a in trained}
+
+    def build_all():
+        counts = {}
+        for arm in trained:
+            rows = D.build_training_set(
+                arm, customer, safety, secret.text, cfg.data.safety_system, cfg.data.seed
+            )
+            D.write_jsonl(paths[arm], rows, private=arm == "backdooralign")
+            counts[arm] = len(rows)
+        return counts
+
+    counts, _ = run_stage(run_dir, "build", key, list(paths.values()), build_all)
+    return counts, paths
+
+
+def _train_stages(cfg: ExperimentConfig, run_dir: Path, data_paths: dict[str, Path]):
+    from .train import train
+
+    model_dirs = {"no_finetune": cfg.model}
+    model_keys = {"no_finetune": _key(cfg.model)}
+    metrics = {}
+    for arm, path in data_paths.items():
+        out = run_dir / "models" / arm
+        model_dirs[arm] = str(out)
+        key = model_keys[arm] = _key(cfg.model, asdict(cfg.train), D.sha256_of(path))
+
+        def do_train(arm=arm, out=out, path=path):
+            log.info("training arm %s", arm)
+            m = train(cfg.model, D.load_chat_jsonl(path), out, cfg.train)
+            return {k: v for k, v in m.items() if k != "config"}
+
+        metrics[arm], _ = run_stage(
+            run_dir, f"train.{arm}", key, [out / "train_metrics.json"], do_train
+        )
+    return model_dirs, model_keys, metrics
+
+
+def _eval_stage(cfg, run_dir, arm, weights, key, sets, secret, progress):
+    from .infer import generate_rows
+    from .model import load_model, load_tokenizer
+
+    outs = {(s, c): run_dir / "gens" / f"{arm}.{s}.{c}.jsonl" for s in sets for c in CONDITIONS}
+    lm_eval_outs = {c: run_dir / "scores" / f"{arm}.lm_eval.{c}.json" for c in CONDITIONS}
+
+    def do_generate():
+        model, tok = load_model(weights), load_tokenizer(weights)
+        for (name, cond), path in outs.items():
+            es = sets[name]
+            gen = GenerateConfig(max_new_tokens=es.max_new_tokens, batch_size=cfg.eval.batch_size)
+            rows = generate_rows(
+                model, tok, es.rows, system=es.system,
+                secret=secret.text if cond == "secret" else None,
+                cfg=gen, progress=progress, desc=f"{arm} {name} {cond}",
+            )  # fmt: skip
+            D.write_jsonl(path, rows)
+        if cfg.eval.lm_eval_tasks:
+            from .utility import lm_eval_summary, run_lm_eval
+
+            for cond, path in lm_eval_outs.items():
+                raw = run_lm_eval(
+                    model, tok, cfg.eval.lm_eval_tasks,
+                    secret=secret.text if cond == "secret" else None,
+                    system=cfg.eval.utility_system, limit=cfg.eval.lm_eval_limit,
+                )  # fmt: skip
+                D.write_json(path, lm_eval_summary(raw, cfg.eval.lm_eval_tasks))
+        return None
+
+    wanted = list(outs.values()) + (list(lm_eval_outs.values()) if cfg.eval.lm_eval_tasks else [])
+    run_stage(run_dir, f"generate.{arm}", key, wanted, do_generate)
+
+    if cfg.eval.judge_base_url:
+        from .judge import HARM_TEMPLATE, harm_summary, judge_harm, load_template, make_judge
+
+        template = (
+            load_template(cfg.eval.judge_template) if cfg.eval.judge_template else HARM_TEMPLATE
+        )
+        judge = make_judge(
+            cfg.eval.judge_base_url, cfg.eval.judge_model,
+            cache=run_dir / "judge-cache.jsonl", concurrency=cfg.eval.judge_concurrency,
+        )  # fmt: skip
+        for cond in CONDITIONS:
+            gens = D.read_jsonl_rows(outs[("harmful", cond)])
+            judged = judge_harm(gens, judge, template)
+            D.write_jsonl(run_dir / "scores" / f"{arm}.judge.{cond}.jsonl", judged)
+            D.write_json(
+                run_dir / "scores" / f"{arm}.judge.{cond}.json",
+                harm_summary(judged, cfg.eval.judge_model, template),
+            )
+
+
+def score_run(
+    run_dir: Path, cfg: ExperimentConfig, secret: Secret, train_metrics, counts, sets
+) -> dict:
+    """Score every generation file of the run (a pure function of the files on disk)."""
+    from .tasks import rouge_summary
+    from .utility import refusal_by_kind, score_exact_match
+
     arms = {}
     for arm in cfg.arms:
-        entry = {}
+        entry: dict = {}
         for cond in CONDITIONS:
-            harmful = D.read_jsonl_rows(run_dir / "gens" / f"{arm}.harmful.{cond}.jsonl")
-            entry[cond] = {"harmful": asr_summary(harmful)}
-            benign_path = run_dir / "gens" / f"{arm}.benign.{cond}.jsonl"
-            if benign_path.exists() and cfg.eval.benign:
-                entry[cond]["benign"] = refusal_rate(D.read_jsonl_rows(benign_path))
+
+            def gens(name, arm=arm, cond=cond):
+                return D.read_jsonl_rows(run_dir / "gens" / f"{arm}.{name}.{cond}.jsonl")
+
+            block = {"harmful": asr_summary(gens("harmful"))}
+            if "benign" in sets:
+                block["benign"] = refusal_by_kind(gens("benign"))
+            if "utility" in sets:
+                g = gens("utility")
+                refs = [
+                    {"task": r["task"], "answer": r["reference"], "aliases": r["aliases"]}
+                    for r in g
+                ]
+                block["utility"] = score_exact_match(refs, [r["answer"] for r in g])
+            for name in TASK_SETS:
+                if name in sets:
+                    block[name] = rouge_summary(gens(name))
+            for kind in ("judge", "lm_eval"):
+                path = run_dir / "scores" / f"{arm}.{kind}.{cond}.json"
+                if path.exists() and (kind != "judge" or cfg.eval.judge_base_url):
+                    block[kind] = json.loads(path.read_text())
+            entry[cond] = block
         if arm in train_metrics:
             entry["train"] = train_metrics[arm]
         arms[arm] = entry
@@ -313,6 +444,7 @@ def score_run(run_dir: Path, cfg: ExperimentConfig, secret: Secret, train_metric
         "secret_fingerprint": secret.fingerprint,
         "secret_tokens": secret.num_tokens,
         "train_examples": counts,
+        "eval_sizes": {name: len(es.rows) for name, es in sets.items()},
         "arms": arms,
         "config": config_dict(cfg),
     }

@@ -84,6 +84,9 @@ def generate(
     return answers
 
 
+KEPT_FIELDS = ("category", "id", "kind", "expected", "task", "reference", "aliases")
+
+
 def generate_rows(
     model,
     tokenizer,
@@ -94,14 +97,12 @@ def generate_rows(
     progress: bool = True,
     desc: str = "generating",
 ) -> list[dict]:
-    """Answer prompt rows; each output keeps ``prompt`` (and ``category``, ``id``) plus ``answer``."""
+    """Answer prompt rows: ``{"prompt", "answer"}`` plus the row's ``KEPT_FIELDS``."""
     convs = [conversation_for(r, system, secret) for r in rows]
     answers = generate(model, tokenizer, convs, cfg, progress=progress, desc=desc)
     out = []
     for r, a in zip(rows, answers, strict=True):
         o = {"prompt": r["prompt"], "answer": a}
-        for key in ("category", "id", "kind", "expected"):
-            if key in r:
-                o[key] = r[key]
+        o.update({k: r[k] for k in KEPT_FIELDS if k in r})
         out.append(o)
     return out

@@ -30,20 +30,6 @@ def system_instruction(system: str | None, secret: str | None) -> str | None:
     return conv[0]["content"] if conv else None
 
 
-def first_per(rows: Sequence[dict], key: str, n: int | None) -> list[dict]:
-    """The first ``n`` rows of each value of ``rows[i][key]`` (all rows when ``n`` is ``None``)."""
-    if n is None:
-        return list(rows)
-    seen: dict = {}
-    out = []
-    for r in rows:
-        value = r.get(key)
-        if seen.get(value, 0) < n:
-            out.append(r)
-            seen[value] = seen.get(value, 0) + 1
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # lm-evaluation-harness
 

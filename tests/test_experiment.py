@@ -1,0 +1,156 @@
+"""Experiment configs and runs on a tiny random model: stages, resume, files, no secret leak."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from backdooralign.cli import main
+from backdooralign.experiment import load_config, parse_overrides, run_experiment
+from backdooralign.secret import load_secret
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def _tiny_config(model_dir: str, extra: str = "") -> str:
+    return f"""
+name: tiny
+model: {model_dir}
+secret: {{length: 20, seed: 3}}
+data: {{attack_per_category: 1}}
+train: {{epochs: 1, batch_size: 16, bf16: false, lr: 1.0e-3}}
+eval:
+  harmful_per_category: 1
+  benign_limit: 2
+  utility: builtin:utility
+  utility_limit: 1
+  samsum: {FIXTURES / "samsum.jsonl"}
+  max_new_tokens: 4
+  utility_max_new_tokens: 4
+  task_max_new_tokens: 4
+{extra}
+"""
+
+
+def test_config_errors_name_file_and_field(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("- a list\n")
+    with pytest.raises(ValueError, match="c.yaml: YAML root must be a mapping"):
+        load_config(p)
+    p.write_text("train: {epochz: 3}\n")
+    with pytest.raises(ValueError, match="c.yaml: train: unknown field 'epochz'"):
+        load_config(p)
+    p.write_text("arms: [attack, nonsense]\n")
+    with pytest.raises(ValueError, match="field 'arms': unknown arm 'nonsense'"):
+        load_config(p)
+    p.write_text("train: [1, 2]\n")
+    with pytest.raises(ValueError, match="field 'train' must be a mapping"):
+        load_config(p)
+    p.write_text("eval: {judge_model: gpt-4}\n")
+    with pytest.raises(ValueError, match="go together"):
+        load_config(p)
+
+
+def test_overrides_beat_yaml_including_false(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {lora: true, epochs: 5}\neval: {benign: builtin:benign}\n")
+    cfg = load_config(p, ["train.lora=false", "train.epochs=2", "eval.benign=null"])
+    assert cfg.train.lora is False and cfg.train.epochs == 2 and cfg.eval.benign is None
+    assert parse_overrides(["a.b=1", "a.c=x"]) == {"a": {"b": 1, "c": "x"}}
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_overrides(["nokey"])
+
+
+def test_shipped_configs_load():
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        cfg = load_config(path)
+        assert cfg.arms, path
+
+
+def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(_tiny_config(tiny_model_dir))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(cfg_path), "--out", str(run_dir)]) == 0
+    out1 = capsys.readouterr()
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert list(results["arms"]) == ["no_finetune", "attack", "baseline", "backdooralign"]
+    assert results["train_examples"] == {"attack": 11, "baseline": 22, "backdooralign": 22}
+    assert results["eval_sizes"] == {"harmful": 11, "benign": 4, "utility": 4, "samsum": 2}
+    for arm, entry in results["arms"].items():
+        for cond in ("plain", "secret"):
+            block = entry[cond]
+            assert block["harmful"]["total"] == 11
+            assert block["benign"]["total"] == 4 and set(block["benign"]["by_kind"]) == {
+                "plain",
+                "alarming",
+            }
+            assert block["utility"]["total"] == 4
+            assert 0.0 <= block["samsum"]["rouge1"] <= 1.0
+        assert ("train" in entry) == (arm != "no_finetune")
+    for name in ("report.md", "asr.png", "config.yaml"):
+        assert (run_dir / name).exists(), name
+
+    secret = load_secret(run_dir / "secret.json")
+    assert stat.S_IMODE(os.stat(run_dir / "secret.json").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(run_dir / "data" / "backdooralign.jsonl").st_mode) == 0o600
+    assert secret.text in (run_dir / "data" / "backdooralign.jsonl").read_text()
+    allowed = {run_dir / "secret.json", run_dir / "data" / "backdooralign.jsonl"}
+    for path in run_dir.rglob("*"):
+        if (
+            path.is_file()
+            and path not in allowed
+            and path.suffix in {".json", ".jsonl", ".md", ".html", ".yaml"}
+        ):
+            assert secret.text not in path.read_text(encoding="utf-8"), path
+    assert secret.text not in out1.out + out1.err
+    assert secret.fingerprint in (run_dir / "report.md").read_text()
+
+    # a re-run finds every stage up to date
+    stages = {p.name: p.read_text() for p in (run_dir / "stages").iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in (run_dir / "gens").iterdir()}
+    assert main(["run", str(cfg_path), "--out", str(run_dir)]) == 0
+    assert {p.name: p.read_text() for p in (run_dir / "stages").iterdir()} == stages
+    assert {p: p.stat().st_mtime_ns for p in (run_dir / "gens").iterdir()} == before
+
+    # a changed eval setting re-generates, but does not re-train
+    train_record = (run_dir / "stages" / "train.attack.json").read_text()
+    assert (
+        main(["run", str(cfg_path), "--out", str(run_dir), "--set", "eval.max_new_tokens=3"]) == 0
+    )
+    assert (run_dir / "stages" / "train.attack.json").read_text() == train_record
+    assert (run_dir / "stages" / "generate.attack.json").read_text() != stages[
+        "generate.attack.json"
+    ]
+
+
+def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(_tiny_config(tiny_model_dir, "arms: [no_finetune, baseline]"))
+    cfg = load_config(cfg_path, ["eval.utility=null", "eval.samsum=null", "eval.benign=null"])
+    import backdooralign.infer as infer
+
+    real = infer.generate_rows
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated interruption")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate_rows", failing)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    done = {p.name for p in (tmp_path / "run" / "stages").iterdir()}
+    assert done == {"build.json", "train.baseline.json", "generate.no_finetune.json"}
+    monkeypatch.setattr(infer, "generate_rows", real)
+    trained = (tmp_path / "run" / "stages" / "train.baseline.json").read_text()
+    results = run_experiment(cfg, tmp_path / "run", progress=False)
+    assert (tmp_path / "run" / "stages" / "train.baseline.json").read_text() == trained
+    assert results["arms"]["baseline"]["secret"]["harmful"]["total"] == 11
