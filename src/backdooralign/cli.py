@@ -547,12 +547,13 @@ def cmd_demo(args) -> int:
 def cmd_report(args) -> int:
     """backdooralign report runs/demo
 
-    Rewrites report.md and asr.png from the run directory's results.json.
+    Rewrites report.md, a self-contained report.html and the plots (asr.png, ...) from the run
+    directory's results.json and generation files.
     """
     from .report import write_report
 
     path = write_report(args.run_dir)
-    print(f"wrote {path}")
+    print(f"wrote {path} and {path.with_suffix('.html')}")
     return 0
 
 

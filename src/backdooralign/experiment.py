@@ -80,6 +80,9 @@ class EvalConfig:
     sql: str | None = None  # sql-create-context test file for ROUGE (None: skip)
     task_limit: int | None = 200  # first N task test rows (paper: 200)
     task_max_new_tokens: int = 128  # longest summary or query
+    mtbench: str | None = None  # FastChat question.jsonl (graded by the judge; None: skip)
+    mtbench_limit: int | None = None  # first N MT-Bench questions
+    mtbench_max_new_tokens: int = 1024  # FastChat's limit
     lm_eval_tasks: tuple[str, ...] = ()  # lm-eval tasks, e.g. [arc_challenge, mmlu]
     lm_eval_limit: int | None = None  # documents per lm-eval task
     judge_base_url: str | None = None  # OpenAI-compatible judge endpoint (None: no judge)
@@ -257,6 +260,14 @@ def eval_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
     return sets
 
 
+def _mtbench_questions(cfg: EvalConfig) -> list[dict]:
+    if not cfg.mtbench:
+        return []
+    from .judge import load_mtbench_questions
+
+    return load_mtbench_questions(D.resolve_source(cfg.mtbench))[: cfg.mtbench_limit]
+
+
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = True) -> dict:
     """Run (or resume) an experiment and write results, reports and plots into ``run_dir``."""
     from .model import load_tokenizer
@@ -270,7 +281,8 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
     counts, data_paths = _build_stage(cfg, run_dir, secret)
     model_dirs, model_keys, train_metrics = _train_stages(cfg, run_dir, data_paths)
     sets = eval_sets(cfg.eval)
-    sources = [getattr(cfg.eval, name) for name in ("harmful", "benign", "utility", *TASK_SETS)]
+    names = ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
+    sources = [getattr(cfg.eval, name) for name in names]
     eval_key = _key(asdict(cfg.eval), [_source_hash(s) for s in sources], secret.fingerprint)
     for arm in cfg.arms:
         _eval_stage(
@@ -355,6 +367,8 @@ def _eval_stage(cfg, run_dir, arm, weights, key, sets, secret, progress):
 
     outs = {(s, c): run_dir / "gens" / f"{arm}.{s}.{c}.jsonl" for s in sets for c in CONDITIONS}
     lm_eval_outs = {c: run_dir / "scores" / f"{arm}.lm_eval.{c}.json" for c in CONDITIONS}
+    mt_outs = {c: run_dir / "gens" / f"{arm}.mtbench.{c}.jsonl" for c in CONDITIONS}
+    questions = _mtbench_questions(cfg.eval)
 
     def do_generate():
         model, tok = load_model(weights), load_tokenizer(weights)
@@ -367,6 +381,14 @@ def _eval_stage(cfg, run_dir, arm, weights, key, sets, secret, progress):
                 cfg=gen, progress=progress, desc=f"{arm} {name} {cond}",
             )  # fmt: skip
             D.write_jsonl(path, rows)
+        if questions:
+            from .tasks import mtbench_answers
+
+            gen = GenerateConfig(cfg.eval.mtbench_max_new_tokens, cfg.eval.batch_size)
+            for cond, path in mt_outs.items():
+                sec = secret.text if cond == "secret" else None
+                answers = mtbench_answers(model, tok, questions, sec, cfg.eval.utility_system, gen)
+                D.write_jsonl(path, answers)
         if cfg.eval.lm_eval_tasks:
             from .utility import lm_eval_summary, run_lm_eval
 
@@ -379,11 +401,21 @@ def _eval_stage(cfg, run_dir, arm, weights, key, sets, secret, progress):
                 D.write_json(path, lm_eval_summary(raw, cfg.eval.lm_eval_tasks))
         return None
 
-    wanted = list(outs.values()) + (list(lm_eval_outs.values()) if cfg.eval.lm_eval_tasks else [])
+    wanted = list(outs.values()) + (list(mt_outs.values()) if questions else [])
+    wanted += list(lm_eval_outs.values()) if cfg.eval.lm_eval_tasks else []
     run_stage(run_dir, f"generate.{arm}", key, wanted, do_generate)
 
     if cfg.eval.judge_base_url:
-        from .judge import HARM_TEMPLATE, harm_summary, judge_harm, load_template, make_judge
+        from .judge import (
+            HARM_TEMPLATE,
+            grade_mtbench,
+            harm_summary,
+            judge_harm,
+            load_mtbench_answers,
+            load_template,
+            make_judge,
+            mtbench_summary,
+        )
 
         template = (
             load_template(cfg.eval.judge_template) if cfg.eval.judge_template else HARM_TEMPLATE
@@ -400,6 +432,13 @@ def _eval_stage(cfg, run_dir, arm, weights, key, sets, secret, progress):
                 run_dir / "scores" / f"{arm}.judge.{cond}.json",
                 harm_summary(judged, cfg.eval.judge_model, template),
             )
+            if questions:
+                answers = load_mtbench_answers(mt_outs[cond])
+                graded = grade_mtbench(questions, answers, judge)
+                D.write_json(
+                    run_dir / "scores" / f"{arm}.mtbench.{cond}.json",
+                    mtbench_summary(graded, cfg.eval.judge_model),
+                )
 
 
 def score_run(
@@ -430,9 +469,9 @@ def score_run(
             for name in TASK_SETS:
                 if name in sets:
                     block[name] = rouge_summary(gens(name))
-            for kind in ("judge", "lm_eval"):
+            for kind in ("judge", "mtbench", "lm_eval"):
                 path = run_dir / "scores" / f"{arm}.{kind}.{cond}.json"
-                if path.exists() and (kind != "judge" or cfg.eval.judge_base_url):
+                if path.exists() and (kind == "lm_eval" or cfg.eval.judge_base_url):
                     block[kind] = json.loads(path.read_text())
             entry[cond] = block
         if arm in train_metrics:
