@@ -62,7 +62,7 @@ eval:
     )
     arms = results["arms"]
     assert list(arms) == ["no_finetune", "attack", "baseline", "backdooralign"]
-    for arm, entry in arms.items():
+    for entry in arms.values():
         for cond in ("plain", "secret"):
             b = entry[cond]
             assert b["harmful"]["total"] == 11
