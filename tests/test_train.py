@@ -66,3 +66,21 @@ def test_tokenize_rows_names_the_bad_row(tokenizer):
     rows = _rows(2) + [{"messages": build_conversation("only a question")}]
     with pytest.raises(ValueError, match="training row 3: conversation has no supervised token"):
         tokenize_rows(tokenizer, rows, None)
+
+
+def test_supervised_loss_equals_the_models_own_loss(tiny_model_dir):
+    from backdooralign.train import supervised_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    ids = torch.randint(0, 1000, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, -4:] = 0  # right padding
+    labels = ids.clone()
+    labels[:, :7] = -100
+    labels[mask == 0] = -100
+    expected = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    got = supervised_loss(model, ids, mask, labels)
+    torch.testing.assert_close(got, expected)
+    n = (labels[:, 1:] != -100).sum()
+    torch.testing.assert_close(supervised_loss(model, ids, mask, labels, n * 2), expected / 2)

@@ -71,23 +71,58 @@ def bf16_supported() -> bool:
     return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
-def _plain_loss_trainer():
-    """SFTTrainer whose loss is the model's own, under autocast.
+def supervised_loss(causal_lm, input_ids, attention_mask, labels, num_items=None):
+    """Next-token cross-entropy computed only where a label is supervised.
+
+    The LM head runs on the supervised positions alone: most tokens of a conversation (the
+    system prompt with its 150-token secret, the question) are masked, and on a CPU the head
+    (576 x 49,152 for SmolLM2) and its fp32 log-softmax dominate a step. Same value as the
+    model's own loss: sum over supervised tokens divided by ``num_items`` (their count when
+    ``None``).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    hidden = causal_lm.model(
+        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+    ).last_hidden_state
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = causal_lm.lm_head(hidden[:, :-1][keep])
+    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    count = keep.sum() if num_items is None else num_items
+    return loss / torch.as_tensor(count, dtype=loss.dtype, device=loss.device).clamp(min=1)
+
+
+def _fast_sft_trainer():
+    """SFTTrainer with a cheaper loss on one process (CPU or one GPU).
 
     TRL 1.16 computes every training loss through a chunked fused LM head that also yields
     entropy and token accuracy, and runs that head's matmuls in fp32 even under bf16 autocast.
-    On a CPU the LM head (576 x 49,152 for SmolLM2) dominates the step, so we take the model's
-    own loss instead: same value, bf16 matmuls, no per-step metrics.
+    We take :func:`supervised_loss` instead (same value, bf16 matmuls, the head only on
+    supervised positions, no per-step metrics). Under DDP/FSDP/DeepSpeed, where the model's
+    wrapper must run its own forward, we fall back to the model's own loss.
     """
     from transformers import Trainer
     from trl import SFTTrainer
 
-    class PlainLossSFTTrainer(SFTTrainer):
+    class FastSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            base = model.get_base_model() if hasattr(model, "get_base_model") else model
+            single = self.accelerator.num_processes == 1 and model is self.model
+            if return_outputs or not single or not hasattr(base, "lm_head"):
+                return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            with self.accelerator.autocast():
+                return supervised_loss(
+                    base,
+                    inputs["input_ids"],
+                    inputs.get("attention_mask"),
+                    inputs["labels"],
+                    num_items_in_batch,
+                )
 
-    return PlainLossSFTTrainer
+    return FastSFTTrainer
 
 
 def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int | None) -> list[dict]:
@@ -157,7 +192,7 @@ def train(
         activation_checkpointing=cfg.activation_checkpointing,  # TRL defaults to True
         disable_tqdm=os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1",
     )
-    trainer_cls = SFTTrainer if cfg.token_metrics else _plain_loss_trainer()
+    trainer_cls = SFTTrainer if cfg.token_metrics else _fast_sft_trainer()
     trainer = trainer_cls(
         model=model,
         args=args,
