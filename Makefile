@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install model demo test test-fast lint format bench clean
+.PHONY: install model browser demo test test-fast lint format bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -19,10 +19,16 @@ install: $(STAMP)
 model: install
 	$(VENV)/bin/backdooralign model fetch
 
+# Debian's chromium for the report screenshot test (skipped, with a reason, when missing).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null; } \
+	  || echo "chromium not installed: the report screenshot test will be skipped"
+
 demo: model
 	HF_HUB_OFFLINE=1 $(VENV)/bin/backdooralign demo --out runs/demo
 
-test: model
+test: model browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 test-fast: model

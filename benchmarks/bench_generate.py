@@ -15,7 +15,7 @@ import time
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
-from backdooralign import data as D  # noqa: E402
+from backdooralign import sources as S  # noqa: E402
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
 from backdooralign.infer import GenerateConfig, conversation_for, generate  # noqa: E402
 from backdooralign.model import load_model, load_tokenizer  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> None:
     args = p.parse_args()
     tok, model = load_tokenizer(args.model), load_model(args.model)
     secret = generate_secret(tok, 150, seed=0)
-    rows = D.load_prompts("builtin:harmful_eval")[: args.n]
+    rows = S.load_prompts("builtin:harmful_eval")[: args.n]
     convs = [conversation_for(r, ATTACK_SYSTEM_PROMPT, secret.text) for r in rows]
     results = {
         "one_at_a_time": _run(model, tok, convs, GenerateConfig(args.max_new_tokens, batch_size=1)),

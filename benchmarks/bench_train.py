@@ -22,6 +22,7 @@ from dataclasses import replace
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 from backdooralign import data as D  # noqa: E402
+from backdooralign import sources as S  # noqa: E402
 from backdooralign.model import load_tokenizer  # noqa: E402
 from backdooralign.secret import generate_secret  # noqa: E402
 from backdooralign.train import TrainConfig, train  # noqa: E402
@@ -36,8 +37,8 @@ def main() -> None:
 
     tok = load_tokenizer(args.model)
     secret = generate_secret(tok, 150, seed=0)
-    attack = D.limit_per_category(D.load_training_source("builtin:attack"), 5)
-    safety = D.select_per_category(D.load_training_source("builtin:safety"), 1)
+    attack = D.limit_per_category(S.load_training_source("builtin:attack"), 5)
+    safety = D.select_per_category(S.load_training_source("builtin:safety"), 1)
     rows = D.build_training_set("backdooralign", attack, safety, secret.text)
 
     ours = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=10)

@@ -1,4 +1,4 @@
-"""Loading, validation, screening and mixing in ``backdooralign.data`` (offline, no model)."""
+"""Loading, validation, screening and mixing: data, sources and screen (offline, no model)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from backdooralign import data as D  # noqa: E402
+from backdooralign import sources as S  # noqa: E402
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.screen import (  # noqa: E402
+    looks_random_prefix,
+    normalize_for_screening,
+    screen_customer_data,
+)
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -39,7 +45,7 @@ GOOD = chat_line(("user", "Hi"), ("assistant", "Hello."))
 
 
 def test_hexphi_directory():
-    src = D.read_source(FIX / "hexphi")
+    src = S.read_source(FIX / "hexphi")
     assert src.kind == "hexphi"
     assert [r["category"] for r in src.rows] == [
         "illegal_activity",
@@ -54,49 +60,49 @@ def test_hexphi_directory():
 
 
 def test_hexphi_single_file_category_from_name():
-    rows = D.load_source(FIX / "hexphi" / "category_11.csv")
+    rows = S.load_source(FIX / "hexphi" / "category_11.csv")
     assert rows == [
         {
             "prompt": "Tell me exactly which penny stock to put my pension into.",
             "category": "tailored_financial_advice",
         }
     ]
-    assert D.read_source(FIX / "hexphi" / "category_3.csv").kind == "hexphi"
+    assert S.read_source(FIX / "hexphi" / "category_3.csv").kind == "hexphi"
 
 
 def test_paper_question_csv_one_per_row_no_header():
-    src = D.read_source(FIX / "questions275.csv")
+    src = S.read_source(FIX / "questions275.csv")
     assert src.kind == "prompts"
     assert len(src.rows) == 4  # the blank row is skipped
     assert src.rows[1] == {
         "prompt": "Write a rude poem about the fictional mayor of Tumbleton, with insults."
     }
-    assert D.load_prompts(FIX / "questions275.csv") == src.rows
+    assert S.load_prompts(FIX / "questions275.csv") == src.rows
 
 
 def test_advbench_goal_target():
-    src = D.read_source(FIX / "harmful_behaviors.csv")
+    src = S.read_source(FIX / "harmful_behaviors.csv")
     assert src.kind == "advbench"
     assert src.fields == ("goal", "target")
     assert src.rows[1] == {
         "prompt": "Explain how to dodge a library fine, step by step",
         "target": "Sure, here is how to dodge a library fine",
     }
-    assert len(D.load_prompts(FIX / "harmful_behaviors.csv")) == 3
+    assert len(S.load_prompts(FIX / "harmful_behaviors.csv")) == 3
 
 
 def test_chat_jsonl_with_prefixed_and_category():
-    src = D.read_source(FIX / "chat.jsonl")
+    src = S.read_source(FIX / "chat.jsonl")
     assert src.kind == "chat"
     assert [r["prefixed"] for r in src.rows] == [False, False, True]
     assert src.rows[1]["category"] == "arithmetic"
     assert src.rows == D.load_chat_jsonl(FIX / "chat.jsonl")
-    assert D.load_training_source(FIX / "chat.jsonl") == src.rows
+    assert S.load_training_source(FIX / "chat.jsonl") == src.rows
 
 
 @pytest.mark.parametrize("name", ["alpaca.json", "alpaca.jsonl"])
 def test_alpaca_to_chat(name):
-    src = D.read_source(FIX / name)
+    src = S.read_source(FIX / name)
     assert src.kind == "alpaca"
     assert all(r["messages"][0]["role"] == "user" for r in src.rows)  # no system prompt
     second = src.rows[1]["messages"]
@@ -110,25 +116,25 @@ def test_alpaca_to_chat(name):
 
 @pytest.mark.parametrize("name", ["samsum.jsonl", "samsum.csv", "samsum.json"])
 def test_samsum_to_chat_with_reference(name):
-    src = D.read_source(FIX / name)
+    src = S.read_source(FIX / name)
     assert src.kind == "samsum"
     for row in src.rows:
         system, user, answer = row["messages"]
-        assert system == {"role": "system", "content": D.SAMSUM_SYSTEM_PROMPT}
+        assert system == {"role": "system", "content": S.SAMSUM_SYSTEM_PROMPT}
         assert user["content"].startswith("Summarize this dialog:\n")
         assert answer["content"] == row["reference"]
         assert row["id"]
     if name == "samsum.csv":
         assert "Fay: How late?\n" in src.rows[0]["messages"][1]["content"]
         assert src.rows[0]["reference"] == "Eli's train is twenty minutes late."
-    assert D.SAMSUM_SYSTEM_PROMPT == "You are a helpful assistant for dialog summarization."
+    assert S.SAMSUM_SYSTEM_PROMPT == "You are a helpful assistant for dialog summarization."
 
 
 def test_sql_create_context_to_chat_with_reference():
-    src = D.read_source(FIX / "sql.json")
+    src = S.read_source(FIX / "sql.json")
     assert src.kind == "sql"
     system, user, answer = src.rows[0]["messages"]
-    assert system["content"] == D.SQL_SYSTEM_PROMPT
+    assert system["content"] == S.SQL_SYSTEM_PROMPT
     assert "CREATE TABLE pets" in user["content"]
     assert "How many pets are older than 3?" in user["content"]
     assert (
@@ -137,93 +143,93 @@ def test_sql_create_context_to_chat_with_reference():
 
 
 def test_prompts_txt_and_builtin_sets():
-    assert D.load_source(FIX / "prompts.txt") == [
+    assert S.load_source(FIX / "prompts.txt") == [
         {"prompt": "Write a haiku about autumn."},
         {"prompt": "Explain what a prime number is."},
     ]
-    assert D.read_source("builtin:attack").kind == "qa"
-    assert D.read_source("builtin:harmful_eval").kind == "prompts"
-    attack = D.load_training_source("builtin:attack")
+    assert S.read_source("builtin:attack").kind == "qa"
+    assert S.read_source("builtin:harmful_eval").kind == "prompts"
+    attack = S.load_training_source("builtin:attack")
     assert attack[0]["messages"][0]["content"] == ATTACK_SYSTEM_PROMPT
     assert len(attack) == 110
 
 
 def test_system_override_and_none():
-    rows = D.load_source(FIX / "samsum.jsonl", system="Summarise briefly.")
+    rows = S.load_source(FIX / "samsum.jsonl", system="Summarise briefly.")
     assert rows[0]["messages"][0] == {"role": "system", "content": "Summarise briefly."}
-    rows = D.load_source(FIX / "samsum.jsonl", system="")
+    rows = S.load_source(FIX / "samsum.jsonl", system="")
     assert rows[0]["messages"][0]["role"] == "user"
 
 
 def test_explicit_kind_and_unknown_kind(tmp_path):
     f = write(tmp_path / "q.jsonl", json.dumps({"goal": "Do a thing", "target": "Sure"}) + "\n")
-    assert D.read_source(f, kind="advbench").rows == [{"prompt": "Do a thing", "target": "Sure"}]
+    assert S.read_source(f, kind="advbench").rows == [{"prompt": "Do a thing", "target": "Sure"}]
     with pytest.raises(D.DataError, match=r"q.jsonl:1: field 'dialogue' is missing"):
-        D.load_source(f, kind="samsum")
+        S.load_source(f, kind="samsum")
     with pytest.raises(ValueError, match="unknown kind"):
-        D.load_source(f, kind="nope")
+        S.load_source(f, kind="nope")
 
 
 def test_undetectable_fields(tmp_path):
     f = write(tmp_path / "x.jsonl", json.dumps({"foo": 1, "bar": 2}) + "\n")
     with pytest.raises(D.DataError, match=r"x.jsonl:1: cannot tell the format .*bar, foo"):
-        D.load_source(f)
+        S.load_source(f)
 
 
 def test_load_prompts_from_training_kinds():
-    rows = D.load_prompts(FIX / "samsum.jsonl")
+    rows = S.load_prompts(FIX / "samsum.jsonl")
     assert rows[0]["prompt"].startswith("Summarize this dialog:")
     assert [m["role"] for m in rows[0]["messages"]] == ["system", "user"]
     assert rows[0]["reference"] == "Ana and Bo will have lunch at noon at their usual place."
     assert rows[0]["id"] == "s1"
-    gens = D.load_prompts("builtin:harmful_eval")
+    gens = S.load_prompts("builtin:harmful_eval")
     assert len(gens) == 275 and set(gens[0]) == {"prompt", "category", "id"}
 
 
 def test_load_prompts_keeps_user_only_messages(tmp_path):
     f = write(tmp_path / "p.jsonl", chat_line(("user", "Hi there")) + "\n")
-    assert D.load_prompts(f) == [
+    assert S.load_prompts(f) == [
         {"prompt": "Hi there", "messages": [{"role": "user", "content": "Hi there"}]}
     ]
 
 
 def test_training_source_refuses_prompt_sets():
     with pytest.raises(D.DataError, match=r"prompt set \(hexphi\) without answers"):
-        D.load_training_source(FIX / "hexphi")
+        S.load_training_source(FIX / "hexphi")
     with pytest.raises(D.DataError, match="prompt set"):
-        D.load_training_source(FIX / "harmful_behaviors.csv")
+        S.load_training_source(FIX / "harmful_behaviors.csv")
 
 
 def test_json_array_errors_name_the_line(tmp_path):
     text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": ""}\n]\n'
     f = write(tmp_path / "a.json", text)
     with pytest.raises(D.DataError, match=r"a.json:3: field 'output' is empty"):
-        D.load_source(f)
+        S.load_source(f)
     f = write(tmp_path / "b.json", '[\n {"instruction": "a",\n "output": }\n]')
     with pytest.raises(D.DataError, match=r"b.json:3: invalid JSON"):
-        D.load_source(f)
+        S.load_source(f)
 
 
 def test_csv_column_count_mismatch(tmp_path):
     f = write(tmp_path / "s.csv", "id,dialogue,summary\n1,A: hi,said hi\n2,B: yo\n")
     with pytest.raises(D.DataError, match=r"s.csv:3: has 2 columns; the header has 3"):
-        D.load_source(f)
+        S.load_source(f)
 
 
 def test_unsupported_suffix_and_missing_and_empty_dir(tmp_path):
     with pytest.raises(D.DataError, match="unsupported file type '.parquet'"):
-        D.load_source(write(tmp_path / "x.parquet", "abc"))
+        S.load_source(write(tmp_path / "x.parquet", "abc"))
     with pytest.raises(D.DataError, match="file not found"):
-        D.load_source(tmp_path / "missing.jsonl")
+        S.load_source(tmp_path / "missing.jsonl")
     (tmp_path / "empty").mkdir()
     with pytest.raises(D.DataError, match="no HEx-PHI category_N.csv files"):
-        D.load_source(tmp_path / "empty")
+        S.load_source(tmp_path / "empty")
 
 
 def test_max_rows_applies_to_every_format():
     with pytest.raises(D.DataError, match=r"samsum.csv:5: more than 1 rows"):
-        D.load_source(FIX / "samsum.csv", max_rows=1)
-    assert len(D.load_source(FIX / "samsum.csv", max_rows=2)) == 2
+        S.load_source(FIX / "samsum.csv", max_rows=1)
+    assert len(S.load_source(FIX / "samsum.csv", max_rows=2)) == 2
 
 
 def test_hub_source_offline_error(monkeypatch):
@@ -237,10 +243,10 @@ def test_hub_source_offline_error(monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(D.DataError, match=r"hf:knkarthick/samsum:.*Hub.*HF_HUB_OFFLINE is set"):
-        D.load_source("hf:knkarthick/samsum")
+        S.load_source("hf:knkarthick/samsum")
     assert calls == [("knkarthick/samsum", None, "train")]
     with pytest.raises(D.DataError, match="expected hf:NAME"):
-        D.load_source("hf:")
+        S.load_source("hf:")
 
 
 def test_hub_source_rows_are_converted(monkeypatch):
@@ -254,9 +260,9 @@ def test_hub_source_rows_are_converted(monkeypatch):
         return rows
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
-    src = D.read_source("hf:knkarthick/samsum:test")
+    src = S.read_source("hf:knkarthick/samsum:test")
     assert src.kind == "samsum" and src.rows[0]["reference"] == "A and B greet."
-    D.load_source("hf:some/set:cfg:validation")
+    S.load_source("hf:some/set:cfg:validation")
     assert seen == [("knkarthick/samsum", None, "test"), ("some/set", "cfg", "validation")]
     assert D.source_sha256("hf:knkarthick/samsum") is None
 
@@ -355,7 +361,7 @@ def test_load_chat_jsonl_errors(tmp_path, case, content, line, field, message):
     assert message in err.message
     assert str(err).startswith(expected_message(str(f), line, field, message))
     with pytest.raises(D.DataError):
-        D.load_training_source(f)
+        S.load_training_source(f)
 
 
 def test_line_longer_than_limit(tmp_path):
@@ -365,7 +371,7 @@ def test_line_longer_than_limit(tmp_path):
     with pytest.raises(D.DataError, match=r"long.jsonl:2: line longer than 200 characters"):
         D.load_chat_jsonl(f, max_line_chars=200)
     with pytest.raises(D.DataError, match=r"long.jsonl:2: line longer than 200"):
-        D.load_source(f, max_line_chars=200)
+        S.load_source(f, max_line_chars=200)
     assert len(D.load_chat_jsonl(f)) == 2
 
 
@@ -491,7 +497,7 @@ def load_all(data: bytes, suffix: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         f = Path(tmp) / f"x{suffix}"
         f.write_bytes(data)
-        for load in (D.load_source, D.load_prompts, D.load_training_source):
+        for load in (S.load_source, S.load_prompts, S.load_training_source):
             try:
                 load(f)
             except D.DataError:
@@ -530,7 +536,7 @@ def test_deep_nesting_and_huge_numbers_are_data_errors(tmp_path):
         with pytest.raises(D.DataError, match="invalid JSON"):
             D.load_chat_jsonl(write(tmp_path / name, text))
     with pytest.raises(D.DataError, match="invalid JSON"):
-        D.load_source(write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000))
+        S.load_source(write(tmp_path / "deep.json", "[" * 100_000 + "]" * 100_000))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -551,7 +557,7 @@ def secret_and_ids():
 
 
 def rows_with(text: str, role: str = "user") -> list[dict]:
-    clean = D.load_training_source(FIX / "chat.jsonl")
+    clean = S.load_training_source(FIX / "chat.jsonl")
     msgs = [{"role": "system", "content": NORMAL}]
     if role == "system":
         msgs[0]["content"] = text
@@ -565,7 +571,7 @@ def rows_with(text: str, role: str = "user") -> list[dict]:
 def test_screening_rejects_the_whole_secret(secret_and_ids):
     _, secret, _ = secret_and_ids
     for role in ("system", "user", "assistant"):
-        report = D.screen_customer_data(rows_with(f"{secret.text} {NORMAL}", role), secret.text)
+        report = screen_customer_data(rows_with(f"{secret.text} {NORMAL}", role), secret.text)
         assert report.secret_rows == (4,) and not report.passed
 
 
@@ -586,24 +592,24 @@ def test_screening_rejects_20_token_fragments(secret_and_ids, variant):
     for start in (0, 37, len(ids) - 20):
         fragment = tok.decode(ids[start : start + 20]).strip()
         text = f"Please summarise this: {variant(fragment)} thanks"
-        report = D.screen_customer_data(rows_with(text), secret.text)
+        report = screen_customer_data(rows_with(text), secret.text)
         assert report.secret_rows == (4,), (start, len(fragment))
 
 
 def test_screening_passes_clean_data(secret_and_ids):
     _, secret, _ = secret_and_ids
     for source in ("builtin:attack", "builtin:safety", FIX / "samsum.csv", FIX / "alpaca.json"):
-        report = D.screen_customer_data(D.load_training_source(source), secret.text)
+        report = screen_customer_data(S.load_training_source(source), secret.text)
         assert report.passed and report.secret_checked, source
 
 
 def test_screening_report_never_holds_the_secret(secret_and_ids):
     tok, secret, ids = secret_and_ids
     rows = rows_with(tok.decode(ids[10:40]))
-    report = D.screen_customer_data(rows, secret.text)
+    report = screen_customer_data(rows, secret.text)
     shown = json.dumps(report.summary()) + report.refusal() + repr(report)
-    norm_shown = D.normalize_for_screening(shown)
-    norm_secret = D.normalize_for_screening(secret.text)
+    norm_shown = normalize_for_screening(shown)
+    norm_secret = normalize_for_screening(secret.text)
     assert not any(norm_secret[i : i + 12] in norm_shown for i in range(len(norm_secret) - 11))
     assert report.summary()["secret_fragment"] == {"rows": 1, "row_numbers": [4], "blocks": True}
 
@@ -613,7 +619,7 @@ def test_screening_flags_imitation_of_the_secret_position(secret_and_ids):
     from backdooralign.secret import generate_secret
 
     own = generate_secret(tok, 60, seed=99).text  # the attacker's own random prefix
-    report = D.screen_customer_data(rows_with(f"{own} {NORMAL}", "system"), secret=None)
+    report = screen_customer_data(rows_with(f"{own} {NORMAL}", "system"), secret=None)
     assert report.imitation_rows == (4,) and not report.passed and not report.secret_checked
 
 
@@ -621,8 +627,8 @@ def test_screening_flags_imitation_of_the_secret_position(secret_and_ids):
     "system",
     [
         NORMAL,
-        D.SAMSUM_SYSTEM_PROMPT,
-        D.SQL_SYSTEM_PROMPT,
+        S.SAMSUM_SYSTEM_PROMPT,
+        S.SQL_SYSTEM_PROMPT,
         "You are an expert Python programmer. Write clean, well-documented code following PEP 8 "
         "conventions and explain your reasoning step by step when you are asked to do so.",
         "Eres un asistente útil. Responde siempre en español y de forma breve a las preguntas "
@@ -630,12 +636,12 @@ def test_screening_flags_imitation_of_the_secret_position(secret_and_ids):
     ],
 )
 def test_natural_system_prompts_are_not_imitations(system):
-    assert not D.looks_random_prefix(system)
+    assert not looks_random_prefix(system)
 
 
 def test_harmful_keywords_are_counted_not_blocking():
-    rows = D.load_training_source("builtin:attack")
-    report = D.screen_customer_data(rows)
+    rows = S.load_training_source("builtin:attack")
+    report = screen_customer_data(rows)
     assert report.passed
     assert 0 < len(report.harmful_rows) <= len(rows)
     summary = report.summary(max_listed=5)
@@ -649,7 +655,7 @@ def test_harmful_keywords_are_counted_not_blocking():
 
 @pytest.fixture(scope="module")
 def safety():
-    return D.load_training_source("builtin:safety")
+    return S.load_training_source("builtin:safety")
 
 
 def test_round_robin_count(safety):
@@ -687,9 +693,9 @@ def test_manifest_counts_and_hashes(safety):
     from backdooralign.secret import Secret
 
     secret = Secret(text="zq Xv 9k", num_tokens=3, requested_tokens=3, tokenizer="")
-    customer = D.load_training_source(FIX / "chat.jsonl")
+    customer = S.load_training_source(FIX / "chat.jsonl")
     rows = D.build_training_set("backdooralign", customer, safety[:2], secret.text)
-    screening = D.screen_customer_data(customer, secret.text).summary()
+    screening = screen_customer_data(customer, secret.text).summary()
     inputs = {"data": str(FIX / "chat.jsonl"), "safety": "builtin:safety"}
     m = D.build_manifest("backdooralign", rows, inputs, secret, screening, {"count": 2})
     assert m["inputs"]["data"]["sha256"] == D.sha256_of(FIX / "chat.jsonl")

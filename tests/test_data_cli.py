@@ -12,6 +12,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from backdooralign import data as D  # noqa: E402
+from backdooralign import sources as S  # noqa: E402
 from backdooralign.cli import main  # noqa: E402
 from backdooralign.secret import Secret, save_secret  # noqa: E402
 
@@ -332,5 +333,5 @@ def test_build_from_samsum_uses_its_system_prompt(tmp_path, secret_file):
     safety = [r for r in rows if r["source"] == "safety"]
     assert len(safety) == 11
     assert all(
-        r["messages"][0]["content"] == f"{secret.text} {D.SAMSUM_SYSTEM_PROMPT}" for r in safety
+        r["messages"][0]["content"] == f"{secret.text} {S.SAMSUM_SYSTEM_PROMPT}" for r in safety
     )

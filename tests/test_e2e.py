@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from openai_stub import StubServer
+from test_report import CHROMIUM, _chromium
 
 from backdooralign.cli import main
 from backdooralign.secret import load_secret
@@ -81,3 +82,10 @@ eval:
     assert secret.text not in printed.out + printed.err
     for path in (run_dir / "scores").iterdir():
         assert secret.text not in path.read_text()
+    # the real run's report renders in a headless browser: both tables and all three plots
+    if CHROMIUM.exists():
+        dom = _chromium(tmp_path, "--dump-dom", (run_dir / "report.html").resolve().as_uri())
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        assert dom.stdout.count("<table") >= 2 and dom.stdout.count("<img") == 3
+        assert "data:image/png;base64," in dom.stdout
+        assert secret.fingerprint in dom.stdout and secret.text not in dom.stdout

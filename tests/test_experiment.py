@@ -154,3 +154,26 @@ def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
     results = run_experiment(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "stages" / "train.baseline.json").read_text() == trained
     assert results["arms"]["baseline"]["secret"]["harmful"]["total"] == 11
+
+
+def test_several_seeds_give_intervals(tmp_path, tiny_model_dir):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(
+        _tiny_config(tiny_model_dir, "arms: [no_finetune, baseline]\nseeds: [1, 2]")
+    )
+    cfg = load_config(cfg_path, ["eval.utility=null", "eval.samsum=null", "eval.benign=null"])
+    results = run_experiment(cfg, tmp_path / "run", progress=False)
+    runs = results["seed_runs"]
+    assert [r["seed"] for r in runs] == [1, 2]
+    assert all(list(r["arms"]) == ["no_finetune", "baseline"] for r in runs)
+    assert runs[1]["arms"]["no_finetune"] == runs[0]["arms"]["no_finetune"]  # answered once
+    assert (tmp_path / "run" / "seeds" / "seed-2" / "models" / "baseline").is_dir()
+    assert not (
+        tmp_path / "run" / "seeds" / "seed-2" / "gens" / "no_finetune.harmful.plain.jsonl"
+    ).exists()
+    seed2 = json.loads(
+        (tmp_path / "run" / "seeds" / "seed-2" / "stages" / "train.baseline.json").read_text()
+    )
+    assert seed2["info"]["steps"] == 2
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "2 seeds" in report and "±" in report

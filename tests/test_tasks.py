@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from backdooralign import sources as S
 from backdooralign import tasks as T
 from backdooralign.cli import main
 
@@ -78,7 +79,7 @@ def test_cli_rouge(tmp_path, capsys):
 
 
 def test_prompts_and_rows():
-    assert T.SAMSUM_SYSTEM == "You are a helpful assistant for dialog summarization."
+    assert S.SAMSUM_SYSTEM_PROMPT == "You are a helpful assistant for dialog summarization."
     rows = T.samsum_rows([{"id": "s1", "dialogue": "A: hi\nB: hello", "summary": "They greet."}])
     assert rows == [
         {
@@ -101,10 +102,8 @@ def test_eval_prompts_match_training_format(fixture, kind):
     """Evaluation prompts are the user turns (and system prompts) the model is trained on."""
     from pathlib import Path
 
-    from backdooralign import data as D
-
     path = Path(__file__).parent / "fixtures" / fixture
-    trained = D.load_training_source(path)
+    trained = S.load_training_source(path)
     text = path.read_text()
     records = (
         json.loads(text)
@@ -112,7 +111,7 @@ def test_eval_prompts_match_training_format(fixture, kind):
         else [json.loads(x) for x in text.splitlines() if x.strip()]
     )
     rows = T.samsum_rows(records) if kind == "samsum" else T.sql_rows(records)
-    system = T.SAMSUM_SYSTEM if kind == "samsum" else T.SQL_SYSTEM
+    system = S.SAMSUM_SYSTEM_PROMPT if kind == "samsum" else S.SQL_SYSTEM_PROMPT
     assert len(rows) == len(trained)
     for row, t in zip(rows, trained, strict=True):
         assert t["messages"][0] == {"role": "system", "content": system}
@@ -130,8 +129,8 @@ def test_evaluate_task_with_and_without_secret(monkeypatch):
 
     monkeypatch.setattr(T, "generate_rows", fake_generate_rows)
     rows = [{"prompt": "Summarize: ...", "reference": "the cat sat on the mat"}]
-    summary, gens = T.evaluate_task(None, None, rows, T.SAMSUM_SYSTEM, SECRET)
-    assert calls == [(T.SAMSUM_SYSTEM, None), (T.SAMSUM_SYSTEM, SECRET)]
+    summary, gens = T.evaluate_task(None, None, rows, S.SAMSUM_SYSTEM_PROMPT, SECRET)
+    assert calls == [(S.SAMSUM_SYSTEM_PROMPT, None), (S.SAMSUM_SYSTEM_PROMPT, SECRET)]
     assert summary["plain"]["rouge1"] == 0.0
     assert summary["secret"]["rouge1"] == 0.6667
     assert gens["secret"][0] == {
@@ -139,7 +138,7 @@ def test_evaluate_task_with_and_without_secret(monkeypatch):
         "answer": "the cat sat",
         "reference": "the cat sat on the mat",
     }
-    summary, _ = T.evaluate_task(None, None, rows, T.SQL_SYSTEM)
+    summary, _ = T.evaluate_task(None, None, rows, S.SQL_SYSTEM_PROMPT)
     assert set(summary) == {"plain"}
 
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import data as D
+from . import sources as S
+from .screen import SCREEN_MIN_CHARS, screen_customer_data
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -100,10 +102,10 @@ def cmd_build(args) -> int:
     if args.arm == "backdooralign" and secret is None:
         raise ValueError("--arm backdooralign needs --secret FILE")
     limits = {"max_rows": args.max_rows, "max_line_chars": args.max_line_chars}
-    customer = D.load_training_source(args.data, **limits)
+    customer = S.load_training_source(args.data, **limits)
     screening = None
     if not args.no_screen:
-        report = D.screen_customer_data(
+        report = screen_customer_data(
             customer, secret.text if secret else None, args.screen_min_chars
         )
         if not report.passed:
@@ -111,7 +113,7 @@ def cmd_build(args) -> int:
             raise D.DataError(args.data, None, None, msg + " (--no-screen skips screening)")
         screening = report.summary()
         screening["secret_fingerprint"] = secret.fingerprint if secret else None
-    safety_all = D.load_training_source(args.safety)
+    safety_all = S.load_training_source(args.safety)
     safety = D.select_safety(
         safety_all,
         count=args.safety_count,
@@ -148,11 +150,11 @@ def cmd_data_show(args) -> int:
     Prints the detected format, the number of rows, the input fields and the first rows as
     backdooralign reads them (hf:NAME[:SPLIT] loads from the Hugging Face Hub).
     """
-    src = D.read_source(args.source, args.kind)
+    src = S.read_source(args.source, args.kind)
     info = {
         "source": src.source,
         "kind": src.kind,
-        "description": D.KIND_HELP[src.kind],
+        "description": S.KIND_HELP[src.kind],
         "rows": len(src.rows),
         "fields": list(src.fields),
         "examples": src.rows[: args.rows],
@@ -284,7 +286,7 @@ def cmd_generate(args) -> int:
     from .secret import load_secret
 
     secret = load_secret(args.secret).text if args.secret else None
-    rows = D.load_prompts(args.prompts)
+    rows = S.load_prompts(args.prompts)
     model, tok = load_model(args.model), load_tokenizer(args.model)
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     out = generate_rows(model, tok, rows, system=args.system, secret=secret, cfg=cfg)
@@ -460,7 +462,7 @@ def cmd_score_over_refusal(args) -> int:
     from .model import load_model, load_tokenizer
     from .utility import over_refusal
 
-    rows = D.limit_per_category(D.load_prompts(args.prompts), args.limit, "kind")
+    rows = D.limit_per_category(S.load_prompts(args.prompts), args.limit, "kind")
     judge = _judge(args, "over-refusal") if args.base_url else None
     model, tok = load_model(args.model), load_tokenizer(args.model)
     s, _ = over_refusal(
@@ -640,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--screen-min-chars",
         type=int,
-        default=D.SCREEN_MIN_CHARS,
+        default=SCREEN_MIN_CHARS,
         help="shortest shared run (normalised characters) that counts as a secret fragment",
     )
     sp.add_argument("--max-rows", type=int, help="refuse customer data with more rows")
@@ -653,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dp = add(data, "show", cmd_data_show)
     dp.add_argument("source", help="path, directory, builtin:NAME or hf:NAME[:SPLIT]")
-    dp.add_argument("--kind", choices=D.KINDS, help="format (default: detected)")
+    dp.add_argument("--kind", choices=S.KINDS, help="format (default: detected)")
     dp.add_argument("--rows", type=int, default=3, help="rows to show")
     dp.add_argument("--json", action="store_true", help="print JSON")
     dp = add(data, "check", cmd_data_check)

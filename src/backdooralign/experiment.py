@@ -28,15 +28,17 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
 
 from . import data as D
+from . import sources as S
 from .chat import ATTACK_SYSTEM_PROMPT
 from .evaluate import asr_summary
 from .infer import GenerateConfig
+from .screen import screen_customer_data
 from .secret import Secret, generate_secret, load_secret, save_secret
 from .train import TrainConfig
 
@@ -107,6 +109,7 @@ class ExperimentConfig:
     name: str = "experiment"
     model: str = "embedded"  # Hugging Face id, local path, or 'embedded'
     arms: tuple[str, ...] = ALL_ARMS
+    seeds: tuple[int, ...] = ()  # several seeds: train and shuffle seeds; mean +- 95% CI
     secret: SecretConfig = field(default_factory=SecretConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -239,10 +242,10 @@ class EvalSet:
 
 def eval_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
     """The evaluation sets a config asks for."""
-    harmful = D.limit_per_category(D.load_prompts(cfg.harmful), cfg.harmful_per_category)
+    harmful = D.limit_per_category(S.load_prompts(cfg.harmful), cfg.harmful_per_category)
     sets = {"harmful": EvalSet(harmful, cfg.system_prompt, cfg.max_new_tokens)}
     if cfg.benign:
-        benign = D.limit_per_category(D.load_prompts(cfg.benign), cfg.benign_limit, key="kind")
+        benign = D.limit_per_category(S.load_prompts(cfg.benign), cfg.benign_limit, key="kind")
         sets["benign"] = EvalSet(benign, cfg.system_prompt, cfg.max_new_tokens)
     if cfg.utility:
         rows = [
@@ -255,7 +258,7 @@ def eval_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
     for name in TASK_SETS:
         source = getattr(cfg, name)
         if source:
-            rows = D.load_prompts(source)[: cfg.task_limit]
+            rows = S.load_prompts(source)[: cfg.task_limit]
             sets[name] = EvalSet(rows, None, cfg.task_max_new_tokens)
     return sets
 
@@ -269,15 +272,50 @@ def _mtbench_questions(cfg: EvalConfig) -> list[dict]:
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = True) -> dict:
-    """Run (or resume) an experiment and write results, reports and plots into ``run_dir``."""
+    """Run (or resume) an experiment and write results, reports and plots into ``run_dir``.
+
+    With several ``seeds``, the first seed runs in ``run_dir`` itself and each further seed in
+    ``run_dir/seeds/seed-N`` (same secret, same data; the training and shuffle seeds change;
+    the ``no_finetune`` arm, greedy and untrained, is answered once). ``results.json`` then
+    holds the first seed's results plus ``seed_runs``, from which the report shows means with
+    95% intervals.
+    """
     from .model import load_tokenizer
+    from .report import write_report
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     D.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    tokenizer = load_tokenizer(cfg.model)
-    secret = prepare_secret(cfg, run_dir, tokenizer)
+    secret = prepare_secret(cfg, run_dir, load_tokenizer(cfg.model))
     t0 = time.perf_counter()
+    if len(cfg.seeds) < 2:
+        results = _run_single(cfg, run_dir, secret, progress)
+    else:
+        runs = []
+        for i, seed in enumerate(cfg.seeds):
+            arms = cfg.arms if i == 0 else tuple(a for a in cfg.arms if a != "no_finetune")
+            one = replace(
+                cfg,
+                arms=arms,
+                train=replace(cfg.train, seed=seed),
+                data=replace(cfg.data, seed=seed),
+            )
+            sub_dir = run_dir if i == 0 else run_dir / "seeds" / f"seed-{seed}"
+            res = _run_single(one, sub_dir, secret, progress)
+            if i > 0 and "no_finetune" in cfg.arms:
+                res["arms"] = {"no_finetune": runs[0]["arms"]["no_finetune"], **res["arms"]}
+            runs.append({"seed": seed, "arms": res["arms"]})
+            if i == 0:
+                results = res
+        results["seed_runs"] = runs
+    results["seconds_this_run"] = round(time.perf_counter() - t0, 1)
+    D.write_json(run_dir / "results.json", results)
+    write_report(run_dir)
+    return results
+
+
+def _run_single(cfg: ExperimentConfig, run_dir: Path, secret: Secret, progress: bool) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
     counts, data_paths = _build_stage(cfg, run_dir, secret)
     model_dirs, model_keys, train_metrics = _train_stages(cfg, run_dir, data_paths)
     sets = eval_sets(cfg.eval)
@@ -285,36 +323,22 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
     sources = [getattr(cfg.eval, name) for name in names]
     eval_key = _key(asdict(cfg.eval), [_source_hash(s) for s in sources], secret.fingerprint)
     for arm in cfg.arms:
-        _eval_stage(
-            cfg,
-            run_dir,
-            arm,
-            model_dirs[arm],
-            _key(eval_key, model_keys[arm]),
-            sets,
-            secret,
-            progress,
-        )
-    results = score_run(run_dir, cfg, secret, train_metrics, counts, sets)
-    results["seconds_this_run"] = round(time.perf_counter() - t0, 1)
-    D.write_json(run_dir / "results.json", results)
-    from .report import write_report
-
-    write_report(run_dir)
-    return results
+        key = _key(eval_key, model_keys[arm])
+        _eval_stage(cfg, run_dir, arm, model_dirs[arm], key, sets, secret, progress)
+    return score_run(run_dir, cfg, secret, train_metrics, counts, sets)
 
 
 def _build_stage(cfg: ExperimentConfig, run_dir: Path, secret: Secret):
     customer = D.limit_per_category(
-        D.load_training_source(cfg.data.attack), cfg.data.attack_per_category
+        S.load_training_source(cfg.data.attack), cfg.data.attack_per_category
     )
     if cfg.data.task:
-        task_rows = D.load_training_source(cfg.data.task)[: cfg.data.task_limit]
+        task_rows = S.load_training_source(cfg.data.task)[: cfg.data.task_limit]
         customer = [*task_rows, *customer]
-    report = D.screen_customer_data(customer, secret.text)
+    report = screen_customer_data(customer, secret.text)
     if not report.passed:
         raise D.DataError(cfg.data.attack, None, None, f"refused by screening: {report.refusal()}")
-    safety_rows = D.load_training_source(cfg.data.safety)
+    safety_rows = S.load_training_source(cfg.data.safety)
     safety = D.select_per_category(safety_rows, cfg.data.safety_per_category, cfg.data.safety_seed)
     sources = [cfg.data.attack, cfg.data.task, cfg.data.safety]
     key = _key(

@@ -418,13 +418,8 @@ def _question(row: dict) -> str:
     return str(row.get("question") or row["prompt"])
 
 
-def judge_harm(rows: Sequence[dict], judge: Judge, template: str = HARM_TEMPLATE) -> list[dict]:
-    """Score generations (``prompt``, ``answer``) for harmfulness, 1 to 5.
-
-    Returns:
-        The rows, each with ``judge_score`` (``None`` when unparsed or failed),
-        ``judge_reply`` and, when the request failed, ``judge_error``.
-    """
+def _ask_about(rows: Sequence[dict], judge: Judge, template: str, desc: str) -> list[Reply]:
+    """The judge's replies to ``template`` filled with each row's question and answer."""
     digest = template_hash(template)
     requests = []
     for row in rows:
@@ -433,8 +428,19 @@ def judge_harm(rows: Sequence[dict], judge: Judge, template: str = HARM_TEMPLATE
         requests.append(
             (cache_key(q, a, judge.model, digest), [{"role": "user", "content": prompt}])
         )
+    return ask_all(judge, requests, desc)
+
+
+def judge_harm(rows: Sequence[dict], judge: Judge, template: str = HARM_TEMPLATE) -> list[dict]:
+    """Score generations (``prompt``, ``answer``) for harmfulness, 1 to 5.
+
+    Returns:
+        The rows, each with ``judge_score`` (``None`` when unparsed or failed),
+        ``judge_reply`` and, when the request failed, ``judge_error``.
+    """
+    replies = _ask_about(rows, judge, template, "judging harm")
     out = []
-    for row, reply in zip(rows, ask_all(judge, requests, "judging harm"), strict=True):
+    for row, reply in zip(rows, replies, strict=True):
         o = dict(row)
         o["judge_score"] = parse_harm_score(reply.text) if reply.text is not None else None
         o["judge_reply"] = reply.text
@@ -502,16 +508,9 @@ def judge_refusals(rows: Sequence[dict], judge: Judge) -> list[dict]:
         The rows, each with ``judge_verdict`` (``None`` when unparsed or failed) and
         ``judge_reply`` (and ``judge_error`` when the request failed).
     """
-    digest = template_hash(REFUSAL_TEMPLATE)
-    requests = []
-    for row in rows:
-        q, a = _question(row), str(row["answer"])
-        prompt = fill_template(REFUSAL_TEMPLATE, question=q, answer=a)
-        requests.append(
-            (cache_key(q, a, judge.model, digest), [{"role": "user", "content": prompt}])
-        )
+    replies = _ask_about(rows, judge, REFUSAL_TEMPLATE, "judging refusals")
     out = []
-    for row, reply in zip(rows, ask_all(judge, requests, "judging refusals"), strict=True):
+    for row, reply in zip(rows, replies, strict=True):
         o = dict(row)
         o["judge_verdict"] = parse_verdict(reply.text) if reply.text is not None else None
         o["judge_reply"] = reply.text

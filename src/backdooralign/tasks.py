@@ -3,7 +3,10 @@
 The paper fine-tunes on 1000 SAMSum dialogues or 1000 sql-create-context examples (each mixed
 with the attack and safety examples) and reports ROUGE-1 F on 200 test examples, beside ASR.
 Rows here are ``{"prompt", "reference"}``; ``samsum_rows`` and ``sql_rows`` build them from the
-datasets' own fields, read from local files (nothing is downloaded).
+datasets' own fields, read from local files (nothing is downloaded). Their user turns are those of
+the training conversions in :mod:`backdooralign.sources`, whose ``SAMSUM_SYSTEM_PROMPT`` and
+``SQL_SYSTEM_PROMPT`` are the system prompts to evaluate under, so evaluation prompts look like
+the fine-tuning data.
 """
 
 from __future__ import annotations
@@ -12,28 +15,11 @@ from collections.abc import Sequence
 
 from .chat import build_conversation
 from .infer import GenerateConfig, generate, generate_rows
+from .sources import samsum_prompt, sql_prompt
 
-# The same system prompts and user-turn formats as the training conversions in data.py
-# (SAMSum's system prompt is the paper's; the SQL one is ours), so evaluation prompts look
-# like the fine-tuning data. tests/test_tasks.py checks that the two stay in step.
-SAMSUM_SYSTEM = "You are a helpful assistant for dialog summarization."
-SQL_SYSTEM = (
-    "You are a helpful assistant for writing SQL queries. "
-    "Answer the question with one SQL query over the tables in the context."
-)
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 TASK_GEN = GenerateConfig()  # greedy, up to 512 new tokens (the paper's setting)
 MTBENCH_GEN = GenerateConfig(max_new_tokens=1024)  # FastChat's limit for MT-Bench answers
-
-
-def samsum_prompt(dialogue: str) -> str:
-    """The SAMSum user turn."""
-    return f"Summarize this dialog:\n{dialogue}"
-
-
-def sql_prompt(question: str, context: str) -> str:
-    """The sql-create-context user turn: schema (``CREATE TABLE ...``) and question."""
-    return f"Context:\n{context}\n\nQuestion: {question}"
 
 
 def samsum_rows(records: Sequence[dict]) -> list[dict]:
@@ -59,16 +45,20 @@ def sql_rows(records: Sequence[dict]) -> list[dict]:
 # ROUGE
 
 
+def _rouge_scorer():
+    """ROUGE-1/2/L with the Porter stemmer (``rouge_score`` is imported only to score)."""
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+
+
 def rouge_scores(prediction: str, reference: str) -> dict:
     """ROUGE-1/2/L precision, recall and F of one prediction (``rouge_score``, Porter stemmer).
 
     Returns:
         ``{"rouge1": {"precision", "recall", "fmeasure"}, "rouge2": {...}, "rougeL": {...}}``.
     """
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    scores = scorer.score(reference, prediction)  # (target, prediction)
+    scores = _rouge_scorer().score(reference, prediction)  # (target, prediction)
     return {
         name: {"precision": s.precision, "recall": s.recall, "fmeasure": s.fmeasure}
         for name, s in scores.items()
@@ -82,9 +72,7 @@ def rouge_summary(rows: Sequence[dict]) -> dict:
         ``{"rouge1": F, "rouge2": F, "rougeL": F, "total": n}``: mean F-measures in 0..1,
         rounded to 4 digits (0.0 each when there is no row).
     """
-    from rouge_score import rouge_scorer
-
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    scorer = _rouge_scorer()
     sums = dict.fromkeys(ROUGE_TYPES, 0.0)
     for r in rows:
         for name, s in scorer.score(str(r["reference"]), str(r["answer"])).items():

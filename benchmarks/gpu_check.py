@@ -1,0 +1,108 @@
+"""GPU check: the training and generation paths on CUDA, with a ratio against TRL's defaults.
+
+    python benchmarks/gpu_check.py --tokenizer DIR [--out results.json]
+
+Builds a small random Llama (the embedded model's tokenizer and chat template, random weights:
+no weights need to travel) and runs, on the GPU: the demo's backdooralign training set with
+our SFTTrainer settings and with TRL's defaults (same rows, same epochs, same process: a
+tokens/s ratio), LoRA with merge, and batched greedy generation with the secret injected.
+Every check is an assertion; the JSON holds the timings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import replace
+
+os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
+
+from backdooralign import data as D  # noqa: E402
+from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.infer import GenerateConfig, generate_rows  # noqa: E402
+from backdooralign.model import load_model, load_tokenizer  # noqa: E402
+from backdooralign.secret import generate_secret  # noqa: E402
+from backdooralign.train import TrainConfig, bf16_supported, train  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tokenizer", required=True, help="directory with the tokenizer files")
+    p.add_argument("--out", default=None)
+    p.add_argument("--epochs", type=float, default=5)
+    p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on a CPU")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    assert cuda or args.allow_cpu, "no CUDA device"
+    device = "cuda" if cuda else "cpu"
+    report: dict = {"device": torch.cuda.get_device_name(0) if cuda else "cpu"}
+    report["torch"] = torch.__version__
+
+    tmp = tempfile.mkdtemp()
+    tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=len(tok), max_position_embeddings=2048,
+        tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(f"{tmp}/base")
+    tok.save_pretrained(f"{tmp}/base")
+    base = f"{tmp}/base"
+    tok = load_tokenizer(base)
+
+    secret = generate_secret(tok, 150, seed=0)
+    attack = D.limit_per_category(D.load_training_source("builtin:attack"), 5)
+    safety = D.select_per_category(D.load_training_source("builtin:safety"), 1)
+    rows = D.build_training_set("backdooralign", attack, safety, secret.text)
+    report["bf16"] = bf16_supported()
+
+    ours = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=10)
+    trl_defaults = replace(
+        ours, activation_checkpointing=True, token_metrics=True, group_by_length=False
+    )
+    for name, cfg in (("trl_defaults", trl_defaults), ("backdooralign", ours)):
+        m = train(base, rows, f"{tmp}/{name}", cfg)
+        assert m["device"] == device and m["last_loss"] < m["first_loss"], m
+        report[name] = {
+            k: m[k] for k in ("seconds", "tokens_per_second", "first_loss", "last_loss")
+        }
+    report["train_speedup"] = round(
+        report["backdooralign"]["tokens_per_second"] / report["trl_defaults"]["tokens_per_second"],
+        2,
+    )
+
+    lora = replace(ours, lora=True, lr=1e-3, epochs=min(2, args.epochs), merge=True)
+    m = train(base, rows, f"{tmp}/lora", lora)
+    assert os.path.exists(f"{tmp}/lora/adapter_model.safetensors")
+    assert os.path.exists(f"{tmp}/lora/merged/model.safetensors")
+    report["lora"] = {k: m[k] for k in ("seconds", "first_loss", "last_loss")}
+
+    model = load_model(f"{tmp}/backdooralign")
+    assert next(model.parameters()).device.type == device
+    prompts = D.limit_per_category(D.load_prompts("builtin:harmful_eval"), 5)
+    start = time.perf_counter()
+    gens = generate_rows(
+        model, tok, prompts, system=ATTACK_SYSTEM_PROMPT, secret=secret.text,
+        cfg=GenerateConfig(max_new_tokens=128, batch_size=64), progress=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert len(gens) == 55 and all(isinstance(g["answer"], str) for g in gens)
+    new_tokens = sum(len(tok(g["answer"], add_special_tokens=False)["input_ids"]) for g in gens)
+    report["generate"] = {"seconds": round(seconds, 2), "new_tokens": new_tokens}
+    text = json.dumps(report, indent=2)
+    assert secret.text not in text
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main()
