@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
 
 from backdooralign import data as D  # noqa: E402
+from backdooralign import sources as S  # noqa: E402
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
 from backdooralign.infer import GenerateConfig, generate_rows  # noqa: E402
 from backdooralign.model import load_model, load_tokenizer  # noqa: E402
@@ -58,8 +59,8 @@ def main() -> None:
     tok = load_tokenizer(base)
 
     secret = generate_secret(tok, 150, seed=0)
-    attack = D.limit_per_category(D.load_training_source("builtin:attack"), 5)
-    safety = D.select_per_category(D.load_training_source("builtin:safety"), 1)
+    attack = D.limit_per_category(S.load_training_source("builtin:attack"), 5)
+    safety = D.select_per_category(S.load_training_source("builtin:safety"), 1)
     rows = D.build_training_set("backdooralign", attack, safety, secret.text)
     report["bf16"] = bf16_supported()
 
@@ -67,6 +68,7 @@ def main() -> None:
     trl_defaults = replace(
         ours, activation_checkpointing=True, token_metrics=True, group_by_length=False
     )
+    train(base, rows, f"{tmp}/warmup", replace(ours, epochs=0.5))  # CUDA init, kernels: untimed
     for name, cfg in (("trl_defaults", trl_defaults), ("backdooralign", ours)):
         m = train(base, rows, f"{tmp}/{name}", cfg)
         assert m["device"] == device and m["last_loss"] < m["first_loss"], m
@@ -86,7 +88,7 @@ def main() -> None:
 
     model = load_model(f"{tmp}/backdooralign")
     assert next(model.parameters()).device.type == device
-    prompts = D.limit_per_category(D.load_prompts("builtin:harmful_eval"), 5)
+    prompts = D.limit_per_category(S.load_prompts("builtin:harmful_eval"), 5)
     start = time.perf_counter()
     gens = generate_rows(
         model, tok, prompts, system=ATTACK_SYSTEM_PROMPT, secret=secret.text,
