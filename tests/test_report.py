@@ -412,7 +412,8 @@ def test_plots_are_real_pngs(full_run):
             assert img.format == "PNG"
             pixels = np.asarray(img.convert("L"), dtype=float)
         assert pixels.std() > 10, name
-    assert not list(full_run.glob(".*.png"))  # no temp files left behind
+        assert (full_run / name).stat().st_mode & 0o777 == 0o644, name  # readable like the report
+    assert not list(full_run.glob(".*.png*"))  # no temp files left behind
 
 
 def test_cli_report_command(full_run, capsys):

@@ -173,12 +173,17 @@ def read_jsonl_rows(path: str | Path) -> list[dict]:
 
 def write_text_atomic(path: str | Path, text: str, private: bool = False) -> Path:
     """Write text atomically (temp file in the same folder + rename); ``private`` gives 0600."""
+    return write_bytes_atomic(path, text.encode("utf-8"), private)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, private: bool = False) -> Path:
+    """Write bytes atomically (temp file in the same folder + rename); ``private`` gives 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o600 if private else 0o644)
         os.replace(tmp, path)
     except BaseException:

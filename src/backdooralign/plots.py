@@ -6,12 +6,12 @@ and is written as a PNG beside ``report.md``; ``report.html`` embeds them.
 
 from __future__ import annotations
 
+import io
 import math
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import CATEGORIES
+from .data import CATEGORIES, write_bytes_atomic
 from .report import (
     ARM_LABELS,
     COND_LABELS,
@@ -31,15 +31,9 @@ COND_COLORS = {"plain": "#c44e52", "secret": "#4c72b0"}
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with open(fd, "wb") as f:
-            fig.savefig(f, format="png")
-        Path(tmp).replace(path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def _stats(runs: list[dict], arm: str, cond: str, get: Callable) -> tuple[float, float]:
