@@ -391,8 +391,10 @@ REFS = {111: ["4", "12"]}
 
 
 def mt_reply(body: dict) -> str:
-    system = body["messages"][0]["content"]
-    return "Fine.\nRating: [[6.5]]" if "to the second" in system else "Good. Rating: [[8]]"
+    instruction = body["messages"][-1]["content"]
+    return (
+        "Fine.\nRating: [[6.5]]" if "second user message" in instruction else "Good. Rating: [[8]]"
+    )
 
 
 def test_mtbench_grading_two_turns(tmp_path):
@@ -412,7 +414,7 @@ def test_mtbench_grading_two_turns(tmp_path):
         assert part in text
     assert text.index("POEM-1") < text.index("Make it rhyme.") < text.index("RHYME-2")
     math1 = [b for b in bodies if "FOUR" in _user_text(b) and "TWELVE" not in _user_text(b)][0]
-    assert "[The Start of Reference Answer]\n4\n" in _user_text(math1)
+    assert "=== Reference ===\n[User]\nWhat is 2+2?\n[Reference answer]\n4\n" in _user_text(math1)
     assert "Reference" not in _user_text([b for b in bodies if "POEM-1" in _user_text(b)][0])
     assert all(b["temperature"] == 0 for b in bodies)
 
@@ -429,35 +431,30 @@ def test_mtbench_grading_two_turns(tmp_path):
     assert (s["total"], s["rated"], s["fresh"]) == (4, 4, 4)
 
 
-def test_mtbench_prompts_follow_fastchat():
+def test_mtbench_prompts_exact_text():
     q = {"question_id": 1, "category": "writing", "turns": ["Q1", "Q2"]}
     msgs = J.mtbench_messages(q, ["A1", "A2"], 1)
-    assert msgs[0] == {"role": "system", "content": "You are a helpful assistant."}
+    assert msgs[0] == {"role": "system", "content": J.MTBENCH_SYSTEM}
+    rate = (
+        "Stay objective. End with your rating from 1 (useless) to 10 (excellent) written exactly "
+        'as "[[rating]]", for example "Rating: [[5]]".'
+    )
     assert msgs[1]["content"] == (
-        "[Instruction]\nPlease act as an impartial judge and evaluate the quality of the response "
-        "provided by an AI assistant to the user question displayed below. Your evaluation should "
-        "consider factors such as the helpfulness, relevance, accuracy, depth, creativity, and "
-        "level of detail of the response. Begin your evaluation by providing a short explanation. "
-        "Be as objective as possible. After providing your explanation, you must rate the response "
-        'on a scale of 1 to 10 by strictly following this format: "[[rating]]", for example: '
-        '"Rating: [[5]]".\n\n[Question]\nQ1\n\n[The Start of Assistant\'s Answer]\nA1\n'
-        "[The End of Assistant's Answer]"
+        "Grade the quality of an AI assistant's answer to a user's request. Judge how helpful, "
+        "relevant, accurate, deep, creative and detailed the answer is. Start with a brief "
+        f"justification. {rate}\n\n"
+        "=== Conversation to grade ===\n[User]\nQ1\n[Assistant]\nA1\n=== End of conversation ==="
     )
     msgs = J.mtbench_messages(q, ["A1", "A2"], 2, reference=["R1", "R2"])
-    assert msgs[0]["content"].startswith(
-        "Please act as an impartial judge and evaluate the quality of the response provided by an "
-        "AI assistant to the user question. Your evaluation should consider correctness and "
-        "helpfulness. You will be given a reference answer and the assistant's answer. You "
-        "evaluation should focus on the assistant's answer to the second question. Begin your "
-        "evaluation by comparing the assistant's answer with the reference answer."
-    )
-    assert msgs[0]["content"].endswith('"Rating: [[5]]".\n\n')
     assert msgs[1]["content"] == (
-        "<|The Start of Reference Answer|>\n\n### User:\nQ1\n\n### Reference answer:\nR1\n\n"
-        "### User:\nQ2\n\n### Reference answer:\nR2\n\n<|The End of Reference Answer|>\n\n\n"
-        "<|The Start of Assistant A's Conversation with User|>\n\n### User:\nQ1\n\n"
-        "### Assistant A:\nA1\n\n### User:\nQ2\n\n### Assistant A:\nA2\n\n"
-        "<|The End of Assistant A's Conversation with User|>"
+        "Grade the quality of an AI assistant's answer to a user's request. Judge above all "
+        "whether the answer is correct, then whether it helps; a reference answer is given. "
+        "Compare the assistant's answer with it first and point out every mistake. Grade only "
+        f"the assistant's reply to the second user message. {rate}\n\n"
+        "=== Reference ===\n[User]\nQ1\n[Reference answer]\nR1\n[User]\nQ2\n"
+        "[Reference answer]\nR2\n=== End of reference ===\n\n"
+        "=== Conversation to grade ===\n[User]\nQ1\n[Assistant]\nA1\n[User]\nQ2\n"
+        "[Assistant]\nA2\n=== End of conversation ==="
     )
 
 
