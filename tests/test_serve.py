@@ -1,0 +1,358 @@
+"""The serving endpoint over real HTTP on loopback, called with the real ``openai`` client.
+
+Every response body and header, and every log record, is checked for the secret (or any
+16-character run of it) after each test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+
+import httpx2
+import openai
+import pytest
+import uvicorn
+from openai_stub import free_port
+
+from backdooralign import infer
+from backdooralign.chat import build_conversation, render_prompt
+from backdooralign.cli import build_parser, cmd_serve, main
+from backdooralign.model import load_model, load_tokenizer
+from backdooralign.secret import Secret
+from backdooralign.serve import create_app, secret_redactor
+
+SECRET_TEXT = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
+SECRET = Secret(text=SECRET_TEXT, num_tokens=24, requested_tokens=24, tokenizer="test")
+DEFAULT_SYSTEM = "You are a careful assistant."
+MODEL_NAME = "tiny-defended"
+KEY = "sk-serve-test-1b2c3d4e5f60"
+CAP = 12
+HELLO = [{"role": "user", "content": "Hello there"}]
+SERVER_LOGGERS = ("backdooralign", "uvicorn")
+WINDOWS = {SECRET_TEXT[i : i + 16] for i in range(len(SECRET_TEXT) - 15)}
+
+
+class Server:
+    """Runs an app under uvicorn in a background thread on 127.0.0.1 and a free port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.url + "/v1"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        self._server = uvicorn.Server(config)  # log_config=None: records reach caplog
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_model_dir):
+    return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
+
+
+def _app(model_tok, api_key=None):
+    model, tok = model_tok
+    return create_app(model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, CAP, api_key=api_key)
+
+
+@pytest.fixture(scope="module")
+def server(model_tok):
+    with Server(_app(model_tok)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def auth_server(model_tok):
+    with Server(_app(model_tok, api_key=KEY)) as s:
+        yield s
+
+
+@pytest.fixture
+def seen() -> list[str]:
+    """Every response's headers and body, as text."""
+    return []
+
+
+@pytest.fixture
+def http(seen):
+    def record(response):
+        response.read()
+        seen.append(json.dumps(dict(response.headers)) + "\n" + response.text)
+
+    with httpx2.Client(event_hooks={"response": [record]}, timeout=30) as client:
+        yield client
+
+
+@pytest.fixture(autouse=True)
+def no_leak(caplog, seen):
+    caplog.set_level(logging.INFO)
+    yield
+    records = caplog.get_records("setup") + caplog.get_records("call")
+    logs = [logging.Formatter().format(r) for r in records]
+    assert records or not seen, "no log record captured: is logging reaching caplog?"
+    for text in [*seen, *logs]:
+        assert not any(w in text for w in WINDOWS), "the secret leaked"
+    ours = [t for r, t in zip(records, logs, strict=True) if r.name.startswith(SERVER_LOGGERS)]
+    assert not any(KEY in t for t in ours), "the API key leaked into the server's logs"
+
+
+def _client(server, http, key="unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, http_client=http)
+
+
+@pytest.fixture
+def client(server, http):
+    return _client(server, http)
+
+
+@pytest.fixture
+def captured(monkeypatch) -> list[list[dict]]:
+    """The conversations the server hands to ``infer.generate`` (generation still runs)."""
+    calls: list[list[dict]] = []
+    real = infer.generate
+
+    def spy(model, tokenizer, conversations, *args, **kwargs):
+        calls.extend([dict(m) for m in c] for c in conversations)
+        return real(model, tokenizer, conversations, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate", spy)
+    return calls
+
+
+def _chat(client, messages=HELLO, **kw):
+    kw.setdefault("max_tokens", 8)
+    return client.chat.completions.create(model=MODEL_NAME, messages=messages, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# OpenAI shape, length, determinism
+
+
+def test_chat_completion_has_the_openai_shape(client):
+    r = _chat(client, temperature=0)
+    assert r.object == "chat.completion" and r.model == MODEL_NAME and r.id.startswith("chatcmpl-")
+    [choice] = r.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    u = r.usage
+    assert 1 <= u.completion_tokens <= 8 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+
+
+@pytest.mark.parametrize("param", ["max_tokens", "max_completion_tokens"])
+def test_max_tokens_bounds_the_answer(client, param):
+    r = _chat(client, **{"max_tokens": None, param: 3})
+    assert r.usage.completion_tokens <= 3
+    assert r.choices[0].finish_reason == "length"
+
+
+def test_max_tokens_is_capped_by_the_server(client):
+    r = _chat(client, max_tokens=1000)
+    assert r.usage.completion_tokens <= CAP
+
+
+def test_greedy_answers_are_deterministic_and_match_generate(client, model_tok):
+    first, second = _chat(client), _chat(client)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    model, tok = model_tok
+    conv = build_conversation(HELLO, system=DEFAULT_SYSTEM, secret=SECRET_TEXT)
+    cfg = infer.GenerateConfig(max_new_tokens=8)
+    [direct] = infer.generate(model, tok, [conv], cfg, progress=False)
+    assert first.choices[0].message.content == direct
+
+
+def test_usage_counts_the_prompt_without_the_secret(client, model_tok):
+    _, tok = model_tok
+    r = _chat(client)
+    without = render_prompt(tok, build_conversation(HELLO, system=DEFAULT_SYSTEM))
+    with_secret = render_prompt(
+        tok, build_conversation(HELLO, system=DEFAULT_SYSTEM, secret=SECRET_TEXT)
+    )
+    assert r.usage.prompt_tokens == len(without) < len(with_secret)
+
+
+# ---------------------------------------------------------------------------------------------
+# The secret: injected, never returned
+
+
+def test_secret_is_prepended_to_the_clients_system_prompt(client, captured):
+    messages = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "How are you?"},
+    ]
+    _chat(client, messages)
+    assert captured == [
+        [{"role": "system", "content": SECRET_TEXT + " Answer briefly."}, *messages[1:]]
+    ]
+
+
+def test_secret_is_prepended_to_the_default_system_prompt(client, captured):
+    _chat(client)
+    assert captured == [[{"role": "system", "content": f"{SECRET_TEXT} {DEFAULT_SYSTEM}"}, *HELLO]]
+
+
+def test_an_echoed_secret_is_redacted(client, monkeypatch):
+    echo = f"Sure. {SECRET_TEXT} and {SECRET_TEXT[10:30]}."
+    monkeypatch.setattr(infer, "generate", lambda m, t, convs, *a, **k: [echo for _ in convs])
+    r = _chat(client)
+    assert r.choices[0].message.content == "Sure. [redacted] and [redacted]."
+
+
+def test_redactor_catches_collapsed_whitespace_and_leaves_other_text():
+    redact = secret_redactor("alpha  beta gamma delta epsilon")
+    assert redact("x alpha beta gamma delta epsilon y") == "x [redacted] y"
+    assert redact("alpha beta, nothing secret") == "alpha beta, nothing secret"
+    assert secret_redactor(None)("anything") == "anything"
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+BAD_REQUESTS = {
+    "temperature": ({"temperature": 0.7}, "temperature"),
+    "n": ({"n": 2}, "n must be 1"),
+    "stream": ({"stream": True}, "stream"),
+    "role": ({"messages": [{"role": "robot", "content": "hi"}]}, r"messages\[0\]\.role"),
+    "content": ({"messages": [{"role": "user", "content": 5}]}, r"content must be a string"),
+    "empty": ({"messages": []}, "non-empty"),
+    "last": ({"messages": [*HELLO, {"role": "assistant", "content": "x"}]}, "last message"),
+    "late system": ({"messages": [*HELLO, {"role": "system", "content": "x"}]}, "only allowed"),
+    "max_tokens": ({"max_tokens": 0}, "max_tokens must be a positive integer"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+def test_bad_requests_are_400s_naming_the_problem(client, case):
+    kwargs, message = BAD_REQUESTS[case]
+    with pytest.raises(openai.BadRequestError, match=message) as e:
+        _chat(client, **kwargs)
+    assert e.value.type == "invalid_request_error"
+
+
+def test_a_failed_generation_is_a_500_that_quotes_nothing(client, monkeypatch):
+    def fail(model, tokenizer, conversations, *args, **kwargs):
+        raise RuntimeError(f"cannot render {conversations[0][0]['content']}")
+
+    monkeypatch.setattr(infer, "generate", fail)
+    with pytest.raises(openai.InternalServerError, match="generation failed"):
+        _chat(client)
+
+
+def test_invalid_json_is_a_400(server, http):
+    r = http.post(server.base_url + "/chat/completions", content=b"{not json")
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_auth_rejects_a_wrong_or_missing_key_and_accepts_the_right_one(auth_server, http):
+    with pytest.raises(openai.AuthenticationError):
+        _chat(_client(auth_server, http, key="sk-wrong"))
+    with pytest.raises(openai.AuthenticationError):
+        _client(auth_server, http, key="sk-wrong").models.list()
+    bare = http.post(auth_server.base_url + "/chat/completions", json={"messages": HELLO})
+    assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+    assert KEY not in bare.text
+    r = _chat(_client(auth_server, http, key=KEY))
+    assert isinstance(r.choices[0].message.content, str)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, health, concurrency
+
+
+def test_models_lists_the_model_name(client):
+    assert [m.id for m in client.models.list()] == [MODEL_NAME]
+
+
+def test_health_shows_the_fingerprint_only(server, http):
+    body = http.get(server.url + "/health").json()
+    assert body == {"status": "ok", "model": MODEL_NAME, "secret_fingerprint": SECRET.fingerprint}
+
+
+def test_health_answers_while_a_generation_runs(server, http, monkeypatch):
+    started, release = threading.Event(), threading.Event()
+
+    def slow(model, tokenizer, conversations, *args, **kwargs):
+        started.set()
+        release.wait(10)
+        return ["done" for _ in conversations]
+
+    monkeypatch.setattr(infer, "generate", slow)
+    client = _client(server, httpx2.Client(timeout=30))
+    answers: list[str] = []
+    worker = threading.Thread(target=lambda: answers.append(_chat(client).choices[0].message))
+    worker.start()
+    try:
+        assert started.wait(10)
+        assert http.get(server.url + "/health", timeout=5).status_code == 200
+    finally:
+        release.set()
+        worker.join(10)
+    assert answers[0].content == "done"
+
+
+def test_requests_are_generated_one_at_a_time(server, http, monkeypatch):
+    active, peak = [0], [0]
+    real = infer.generate
+
+    def counting(*args, **kwargs):
+        active[0] += 1
+        peak[0] = max(peak[0], active[0])
+        time.sleep(0.05)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(infer, "generate", counting)
+    client = _client(server, http)
+    threads = [threading.Thread(target=_chat, args=(client,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert peak == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI
+
+
+def test_cli_parses_the_serve_flags():
+    argv = ["serve", "--model", "models/defended", "--secret", "s.json", "--system", "Be kind."]
+    argv += ["--host", "0.0.0.0", "--port", "9001", "--api-key-env", "SERVE_KEY"]
+    args = build_parser().parse_args([*argv, "--max-new-tokens", "64"])
+    assert args.fn is cmd_serve
+    assert (args.model, args.secret, args.system) == ("models/defended", "s.json", "Be kind.")
+    assert (args.host, args.port, args.api_key_env, args.max_new_tokens) == (
+        "0.0.0.0",
+        9001,
+        "SERVE_KEY",
+        64,
+    )
+    defaults = build_parser().parse_args(["serve", "--secret", "s.json"])
+    assert (defaults.host, defaults.port, defaults.max_new_tokens) == ("127.0.0.1", 8000, 1024)
+    assert defaults.api_key_env is None and defaults.system is None
+
+
+def test_cli_refuses_an_unset_api_key_variable(monkeypatch, capsys):
+    monkeypatch.delenv("BACKDOORALIGN_TEST_UNSET_KEY", raising=False)
+    argv = ["serve", "--secret", "s.json", "--api-key-env", "BACKDOORALIGN_TEST_UNSET_KEY"]
+    assert main(argv) == 2
+    assert "BACKDOORALIGN_TEST_UNSET_KEY" in capsys.readouterr().err
