@@ -21,8 +21,8 @@ from backdooralign import infer
 from backdooralign.chat import build_conversation, render_prompt
 from backdooralign.cli import build_parser, cmd_serve, main
 from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import Secret
-from backdooralign.serve import create_app, secret_redactor
+from backdooralign.secret import Secret, secret_redactor
+from backdooralign.serve import create_app
 
 SECRET_TEXT = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET = Secret(text=SECRET_TEXT, num_tokens=24, requested_tokens=24, tokenizer="test")

@@ -125,7 +125,10 @@ def test_evaluate_task_with_and_without_secret(monkeypatch):
     def fake_generate_rows(model, tok, rows, system=None, secret=None, cfg=None, **kw):
         calls.append((system, secret))
         answer = "the cat sat" if secret else "a dog"
-        return [{"prompt": r["prompt"], "answer": answer} for r in rows]
+        # like infer.generate_rows, which keeps each row's reference beside the answer
+        return [
+            {"prompt": r["prompt"], "answer": answer, "reference": r["reference"]} for r in rows
+        ]
 
     monkeypatch.setattr(T, "generate_rows", fake_generate_rows)
     rows = [{"prompt": "Summarize: ...", "reference": "the cat sat on the mat"}]

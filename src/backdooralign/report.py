@@ -19,11 +19,11 @@ import re
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import groupby
 from pathlib import Path
 
 from . import data as D
 from .evaluate import is_jailbroken
+from .secret import secret_redactor
 
 ARM_LABELS = {
     "no_finetune": "not fine-tuned",
@@ -37,7 +37,6 @@ TASKS = ("samsum", "sql")
 PLOTS = ("asr.png", "asr_by_category.png", "over_refusal.png")
 EXAMPLES_PER_ARM = 2
 EXCERPT_CHARS = 200
-REDACT_WINDOW = 16  # a run of this many characters shared with the secret is redacted
 
 # Two-sided 95% quantiles of Student's t (0.975), degrees of freedom 1..30.
 T975 = (
@@ -418,24 +417,7 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
 
 def redactor(secret: str | None) -> Callable[[str], str]:
     """A function that replaces the secret, and any run of 16+ characters of it, in a text."""
-    if not secret:
-        return lambda text: text
-    secret = " ".join(secret.split())
-    w = min(REDACT_WINDOW, len(secret))
-    grams = {secret[i : i + w] for i in range(len(secret) - w + 1)}
-
-    def redact(text: str) -> str:
-        hit = [False] * len(text)
-        for i in range(len(text) - w + 1):
-            if text[i : i + w] in grams:
-                hit[i : i + w] = [True] * w
-        runs = groupby(zip(hit, text, strict=True), key=lambda pair: pair[0])
-        return "".join(
-            "[secret redacted]" if covered else "".join(ch for _, ch in run)
-            for covered, run in runs
-        )
-
-    return redact
+    return secret_redactor(secret, "[secret redacted]")
 
 
 def _secret_text(run_dir: Path, results: dict) -> str | None:

@@ -13,10 +13,13 @@ import os
 import random
 import secrets as _csprng
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import groupby
 from pathlib import Path
 
 FORMAT_VERSION = 1
+REDACT_WINDOW = 16  # a run of this many characters shared with the secret is redacted
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,29 @@ def load_secret(path: str | Path) -> Secret:
 def file_mode(path: str | Path) -> int:
     """Permission bits of a file (0o600 for a secret written here)."""
     return os.stat(path).st_mode & 0o777
+
+
+def secret_redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[str], str]:
+    """A function that replaces the secret, and any run of 16+ characters of it, in a text.
+
+    Used wherever model output leaves the process (server answers, report excerpts): a
+    fine-tuned model can repeat its system prompt. The secret is matched both as written and
+    with its whitespace collapsed (decoding may normalise spaces).
+    """
+    if not secret:
+        return lambda text: text
+    variants = {secret, " ".join(secret.split())}
+    w = min(REDACT_WINDOW, *(len(v) for v in variants))
+    grams = {v[i : i + w] for v in variants for i in range(len(v) - w + 1)}
+
+    def redact(text: str) -> str:
+        hit = [False] * len(text)
+        for i in range(len(text) - w + 1):
+            if text[i : i + w] in grams:
+                hit[i : i + w] = [True] * w
+        runs = groupby(zip(hit, text, strict=True), key=lambda pair: pair[0])
+        return "".join(
+            placeholder if covered else "".join(ch for _, ch in run) for covered, run in runs
+        )
+
+    return redact

@@ -22,7 +22,6 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import groupby
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -31,12 +30,11 @@ from fastapi.responses import JSONResponse
 
 from . import infer
 from .chat import ROLES, build_conversation, render_prompt
-from .secret import Secret
+from .secret import Secret, secret_redactor
 
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
-REDACT_WINDOW = 16  # a run of this many characters shared with the secret is redacted
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -61,31 +59,6 @@ class APIError(Exception):
 
 # ---------------------------------------------------------------------------------------------
 # Redaction
-
-
-def secret_redactor(secret: str | None, placeholder: str = REDACTED) -> Callable[[str], str]:
-    """A function that replaces the secret, and any run of 16+ characters of it, in a text.
-
-    Like ``report.redactor``, with the server's placeholder; the secret is matched both as
-    written and with its whitespace collapsed (decoding may normalise spaces).
-    """
-    if not secret:
-        return lambda text: text
-    variants = {secret, " ".join(secret.split())}
-    w = min(REDACT_WINDOW, *(len(v) for v in variants))
-    grams = {v[i : i + w] for v in variants for i in range(len(v) - w + 1)}
-
-    def redact(text: str) -> str:
-        hit = [False] * len(text)
-        for i in range(len(text) - w + 1):
-            if text[i : i + w] in grams:
-                hit[i : i + w] = [True] * w
-        runs = groupby(zip(hit, text, strict=True), key=lambda pair: pair[0])
-        return "".join(
-            placeholder if covered else "".join(ch for _, ch in run) for covered, run in runs
-        )
-
-    return redact
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +288,7 @@ def create_app(
     if max_new_tokens_cap < 1:
         raise ValueError(f"max_new_tokens_cap must be at least 1, got {max_new_tokens_cap}")
     secret_text = secret.text if secret else None
-    redact = secret_redactor(secret_text)
+    redact = secret_redactor(secret_text, REDACTED)
     lock = threading.Lock()
     app = FastAPI(title="backdooralign", docs_url=None, redoc_url=None, openapi_url=None)
 

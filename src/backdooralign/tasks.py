@@ -81,20 +81,6 @@ def rouge_summary(rows: Sequence[dict]) -> dict:
     return {**{k: round(v / n, 4) if n else 0.0 for k, v in sums.items()}, "total": n}
 
 
-def generate_task(
-    model,
-    tokenizer,
-    rows: Sequence[dict],
-    system: str,
-    secret: str | None = None,
-    cfg: GenerateConfig = TASK_GEN,
-    desc: str = "task",
-) -> list[dict]:
-    """Answer task rows under ``system`` (and the secret); each output keeps ``reference``."""
-    gens = generate_rows(model, tokenizer, rows, system=system, secret=secret, cfg=cfg, desc=desc)
-    return [{**g, "reference": r["reference"]} for g, r in zip(gens, rows, strict=True)]
-
-
 def evaluate_task(
     model,
     tokenizer,
@@ -112,7 +98,10 @@ def evaluate_task(
     conditions = {"plain": None, "secret": secret} if secret else {"plain": None}
     summary, gens = {}, {}
     for name, sec in conditions.items():
-        gens[name] = generate_task(model, tokenizer, rows, system, sec, cfg, desc=name)
+        # generate_rows keeps each row's ``reference`` beside the answer
+        gens[name] = generate_rows(
+            model, tokenizer, rows, system=system, secret=sec, cfg=cfg, desc=name
+        )
         summary[name] = rouge_summary(gens[name])
     return summary, gens
 
