@@ -144,11 +144,6 @@ def render_prompt(tokenizer, conversation: Sequence[Message]) -> list[int]:
     return _ids(tokenizer, msgs, add_generation_prompt=True)
 
 
-def redact(text: str, secret: str | None, placeholder: str) -> str:
-    """Replace every occurrence of the secret in ``text`` by ``placeholder``."""
-    return text.replace(secret, placeholder) if secret else text
-
-
 def supervision_segments(tokenizer, rendered: Rendered) -> list[tuple[str, bool]]:
     """Consecutive runs of the rendering as ``(text, supervised)``, for ``inspect``."""
     segments: list[tuple[str, bool]] = []

@@ -267,15 +267,6 @@ def _short_repr(value, limit: int = 40) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def validate_messages(messages, path: str | Path, line: int) -> list[dict]:
-    """Check one ``messages`` list: roles known and in order, contents non-empty strings,
-    at least one assistant turn. Raises :class:`DataError` on the first problem."""
-    out, problems = _message_problems(messages)
-    if problems:
-        raise DataError(path, line, *problems[0])
-    return out
-
-
 def _chat_row(obj: dict, path: str | Path, line: int) -> tuple[dict | None, list[Problem]]:
     """A validated chat row, or ``None`` and all its problems."""
     messages, found = _message_problems(obj.get("messages"))
@@ -374,34 +365,6 @@ def check_chat_file(
 
 # ---------------------------------------------------------------------------------------------
 # Training data and mixing
-
-
-def load_qa(path: str | Path) -> list[dict]:
-    """Load ``{"question", "answer", "category"}`` rows (built-in safety and attack sets)."""
-    rows = []
-    for line, obj in read_jsonl(path):
-        for key in ("question", "answer"):
-            if not isinstance(obj.get(key), str) or not obj[key].strip():
-                raise DataError(path, line, key, "must be a non-empty string")
-        rows.append(obj)
-    return rows
-
-
-def qa_to_chat(rows: Sequence[dict], system: str | None) -> list[dict]:
-    """Question/answer rows as chat rows with the given system prompt (no secret)."""
-    return [
-        {
-            "messages": build_conversation(
-                [
-                    {"role": "user", "content": r["question"]},
-                    {"role": "assistant", "content": r["answer"]},
-                ],
-                system=system,
-            ),
-            "category": r.get("category"),
-        }
-        for r in rows
-    ]
 
 
 def _by_category(rows: Sequence[dict], seed: int | None) -> dict[str, list[dict]]:
