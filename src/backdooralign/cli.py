@@ -283,9 +283,8 @@ def cmd_generate(args) -> int:
     """
     from .infer import GenerateConfig, generate_rows
     from .model import load_model, load_tokenizer
-    from .secret import load_secret
 
-    secret = load_secret(args.secret).text if args.secret else None
+    secret = _secret_text(args.secret)
     rows = S.load_prompts(args.prompts)
     model, tok = load_model(args.model), load_tokenizer(args.model)
     cfg = GenerateConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
