@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -84,3 +85,28 @@ def test_supervised_loss_equals_the_models_own_loss(tiny_model_dir):
     torch.testing.assert_close(got, expected)
     n = (labels[:, 1:] != -100).sum()
     torch.testing.assert_close(supervised_loss(model, ids, mask, labels, n * 2), expected / 2)
+
+
+def test_two_processes_with_torchrun(tmp_path, tiny_model_dir):
+    """DDP over gloo on the CPU: data is sharded, rank 0 alone writes the model and reports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from backdooralign.data import write_jsonl
+
+    data = write_jsonl(tmp_path / "train.jsonl", _rows(16))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [
+        str(torchrun), "--nproc_per_node", "2", "-m", "backdooralign", "train",
+        "--model", tiny_model_dir, "--data", str(data), "--out", str(tmp_path / "out"),
+        "--epochs", "1", "--batch-size", "4", "--no-bf16", "--json",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count('"steps"') == 1  # one report, from rank 0
+    assert json.loads(res.stdout)["steps"] == 2  # 16 rows / (2 processes x 4)
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert (tmp_path / "out" / "train_metrics.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.jsonl"]

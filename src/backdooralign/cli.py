@@ -269,6 +269,8 @@ def cmd_train(args) -> int:
     cfg = replace(cfg, **{k: v for k, v in changes.items() if v is not None})
     rows = D.load_chat_jsonl(args.data)
     metrics = train(args.model, rows, args.out, cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 reports
+        return 0
     summary = {
         k: metrics[k] for k in ("first_loss", "last_loss", "steps", "seconds", "tokens_per_second")
     }

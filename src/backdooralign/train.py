@@ -205,13 +205,6 @@ def train(
         result = trainer.train()
     seconds = time.perf_counter() - start
 
-    trainer.model.save_pretrained(work / "model")
-    tok.padding_side = "left"
-    tok.save_pretrained(work / "model")
-    if cfg.lora and cfg.merge:
-        merged = trainer.model.merge_and_unload()
-        merged.save_pretrained(work / "model" / "merged")
-        tok.save_pretrained(work / "model" / "merged")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     metrics = {
         "train_loss": result.training_loss,
@@ -228,6 +221,17 @@ def train(
         "device": "cuda" if use_cuda else "cpu",
         "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
     }
+    # every rank takes part (FSDP/DeepSpeed gather the weights); the main process writes
+    trainer.save_model(str(work / "model"))
+    if not trainer.is_world_process_zero():
+        shutil.rmtree(work, ignore_errors=True)
+        return metrics
+    tok.padding_side = "left"
+    tok.save_pretrained(work / "model")
+    if cfg.lora and cfg.merge:
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(work / "model" / "merged")
+        tok.save_pretrained(work / "model" / "merged")
     (work / "model" / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
