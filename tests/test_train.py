@@ -98,7 +98,7 @@ def test_two_processes_with_torchrun(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "train.jsonl", _rows(16))
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [
-        str(torchrun), "--nproc_per_node", "2", "-m", "backdooralign", "train",
+        str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "backdooralign", "train",
         "--model", tiny_model_dir, "--data", str(data), "--out", str(tmp_path / "out"),
         "--epochs", "1", "--batch-size", "4", "--no-bf16", "--json",
     ]  # fmt: skip
