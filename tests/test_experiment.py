@@ -118,6 +118,13 @@ def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
     assert {p.name: p.read_text() for p in (run_dir / "stages").iterdir()} == stages
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "gens").iterdir()} == before
 
+    # a changed judge setting re-generates nothing (the judge is not configured here: no server)
+    assert (
+        main(["run", str(cfg_path), "--out", str(run_dir), "--set", "eval.judge_concurrency=2"])
+        == 0
+    )
+    assert {p.name: p.read_text() for p in (run_dir / "stages").iterdir()} == stages
+
     # a changed eval setting re-generates, but does not re-train
     train_record = (run_dir / "stages" / "train.attack.json").read_text()
     assert (

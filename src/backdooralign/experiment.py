@@ -321,7 +321,9 @@ def _run_single(cfg: ExperimentConfig, run_dir: Path, secret: Secret, progress: 
     sets = eval_sets(cfg.eval)
     names = ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
     sources = [getattr(cfg.eval, name) for name in names]
-    eval_key = _key(asdict(cfg.eval), [_source_hash(s) for s in sources], secret.fingerprint)
+    # the judge grades answers after generation (its replies are cached): not part of the key
+    gen_settings = {k: v for k, v in asdict(cfg.eval).items() if not k.startswith("judge_")}
+    eval_key = _key(gen_settings, [_source_hash(s) for s in sources], secret.fingerprint)
     for arm in cfg.arms:
         key = _key(eval_key, model_keys[arm])
         _eval_stage(cfg, run_dir, arm, model_dirs[arm], key, sets, secret, progress)
