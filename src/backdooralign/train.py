@@ -45,9 +45,7 @@ class TrainConfig:
     group_by_length: bool = True  # batch rows of similar length (less padding on CPU)
     logging_steps: int = 1  # log the loss every N steps
     activation_checkpointing: bool = False  # recompute activations: less memory, ~40% slower
-    token_metrics: bool = (
-        False  # TRL's per-step entropy/accuracy (fp32 LM head: ~1.5x slower on CPU)
-    )
+    token_metrics: bool = False  # TRL's per-step entropy/accuracy (its fp32 LM head: slower)
 
 
 def lora_defaults(cfg: TrainConfig) -> TrainConfig:
