@@ -20,8 +20,8 @@ def tokenizer():
     return load_tokenizer(None)
 
 
-def make_tiny_model_dir(path, tokenizer, seed: int = 0):
-    """A 2-layer random Llama with the real tokenizer, saved as a model directory."""
+def make_tiny_model(tokenizer, seed: int = 0):
+    """A 2-layer random Llama sized for the real tokenizer, in eval mode (not saved)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -39,7 +39,12 @@ def make_tiny_model_dir(path, tokenizer, seed: int = 0):
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    model = AutoModelForCausalLM.from_config(config)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def make_tiny_model_dir(path, tokenizer, seed: int = 0):
+    """:func:`make_tiny_model`, saved with the tokenizer as a model directory."""
+    model = make_tiny_model(tokenizer, seed)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)

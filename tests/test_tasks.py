@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_tiny_model
 
 from backdooralign import sources as S
 from backdooralign import tasks as T
@@ -177,26 +178,13 @@ def test_mtbench_answers_two_turns(monkeypatch):
     ]
 
 
-def test_mtbench_answers_tiny_model_roundtrip(tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
+def test_mtbench_answers_tiny_model_roundtrip(tmp_path, tokenizer):
     from backdooralign.data import write_jsonl
     from backdooralign.infer import GenerateConfig
     from backdooralign.judge import load_mtbench_answers
-    from backdooralign.model import load_tokenizer
 
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tok),
-    )
-    model = AutoModelForCausalLM.from_config(cfg).eval()
+    tok = tokenizer
+    model = make_tiny_model(tok)
     questions = [{"question_id": 7, "category": "writing", "turns": ["Hi?", "Again?"]}]
     out = T.mtbench_answers(
         model, tok, questions, SECRET, None, GenerateConfig(max_new_tokens=2, bf16=False)

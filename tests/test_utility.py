@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_tiny_model
 
 from backdooralign import utility as U
 from backdooralign.data import builtin_path, limit_per_category, read_jsonl_rows
@@ -21,23 +22,8 @@ def _env(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from backdooralign.model import load_tokenizer
-
-    tok = load_tokenizer(None)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=len(tok),
-    )
-    return AutoModelForCausalLM.from_config(cfg).eval(), tok
+def tiny(tokenizer):
+    return make_tiny_model(tokenizer), tokenizer
 
 
 def test_system_instruction():
