@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,14 @@ def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
         assert (run_dir / name).exists(), name
 
     secret = load_secret(run_dir / "secret.json")
+    manifest = json.loads((run_dir / "data" / "backdooralign.manifest.json").read_text())
+    assert manifest["counts"]["total"] == 22
+    assert manifest["counts"]["by_source"] == {"customer": 11, "safety": 11}
+    assert manifest["secret_fingerprint"] == secret.fingerprint
+    assert manifest["safety_selection"]["selection"] == "category-balanced"
+    assert manifest["screening"]["secret_checked"] is True
+    assert manifest["screening"]["secret_fragment"]["rows"] == 0
+    assert set(manifest["inputs"]) == {"data", "safety"}
     assert stat.S_IMODE(os.stat(run_dir / "secret.json").st_mode) == 0o600
     assert stat.S_IMODE(os.stat(run_dir / "data" / "backdooralign.jsonl").st_mode) == 0o600
     assert secret.text in (run_dir / "data" / "backdooralign.jsonl").read_text()
@@ -161,6 +170,11 @@ def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
     results = run_experiment(cfg, tmp_path / "run", progress=False)
     assert (tmp_path / "run" / "stages" / "train.baseline.json").read_text() == trained
     assert results["arms"]["baseline"]["secret"]["harmful"]["total"] == 11
+    # the baseline with more safety examples (the paper needs ~300 to match 11 prefixed ones)
+    more = run_experiment(
+        replace(cfg, data=replace(cfg.data, safety_count=22)), tmp_path / "run", progress=False
+    )
+    assert more["train_examples"] == {"baseline": 11 + 22}
 
 
 def test_several_seeds_give_intervals(tmp_path, tiny_model_dir):

@@ -15,6 +15,7 @@ Run directory::
     config.yaml               resolved config (no secret in it)
     secret.json               mode 0600, when the config generates the secret
     data/ARM.jsonl            mixed training sets (backdooralign's is mode 0600)
+    data/ARM.manifest.json    what each was built from (inputs' sha256, counts, screening)
     models/ARM/               fine-tuned models with train_metrics.json
     gens/ARM.SET.COND.jsonl   generations (COND: plain | secret)
     scores/ARM.KIND.COND.json judge and lm-eval scores (need a server or a model)
@@ -58,6 +59,8 @@ class DataConfig:
     task_limit: int | None = None  # first N task rows (paper: 1000)
     safety: str = "builtin:safety"  # safety examples (QA or chat JSONL)
     safety_per_category: int = 1  # safety examples per harm category (paper: 1 x 11)
+    safety_count: int | None = None  # total safety examples instead (e.g. 300 for the baseline)
+    safety_selection: str = "category-balanced"  # or "random" (the paper: balanced is best)
     safety_seed: int | None = None  # None: first rows per category; else seeded choice
     safety_system: str | None = None  # system prompt of safety examples (None: customer's main)
     seed: int = 0  # shuffle seed of the mixed sets
@@ -340,16 +343,19 @@ def _build_stage(cfg: ExperimentConfig, run_dir: Path, secret: Secret):
     report = screen_customer_data(customer, secret.text)
     if not report.passed:
         raise D.DataError(cfg.data.attack, None, None, f"refused by screening: {report.refusal()}")
-    safety_rows = S.load_training_source(cfg.data.safety)
-    safety = D.select_per_category(safety_rows, cfg.data.safety_per_category, cfg.data.safety_seed)
-    sources = [cfg.data.attack, cfg.data.task, cfg.data.safety]
-    key = _key(
-        asdict(cfg.data),
-        [D.source_sha256(D.resolve_source(s)) if s else None for s in sources],
-        secret.fingerprint,
-    )
+    selection = {
+        "selection": cfg.data.safety_selection,
+        "count": cfg.data.safety_count,
+        "per_category": cfg.data.safety_per_category,
+        "seed": cfg.data.safety_seed,
+    }
+    safety = D.select_safety(S.load_training_source(cfg.data.safety), **selection)
+    inputs = {"data": cfg.data.attack, "task": cfg.data.task, "safety": cfg.data.safety}
+    inputs = {name: source for name, source in inputs.items() if source}
+    key = _key(asdict(cfg.data), [_source_hash(s) for s in inputs.values()], secret.fingerprint)
     trained = [a for a in cfg.arms if a != "no_finetune"]
     paths = {a: run_dir / "data" / f"{a}.jsonl" for a in trained}
+    manifests = {a: run_dir / "data" / f"{a}.manifest.json" for a in trained}
 
     def build_all():
         counts = {}
@@ -358,10 +364,13 @@ def _build_stage(cfg: ExperimentConfig, run_dir: Path, secret: Secret):
                 arm, customer, safety, secret.text, cfg.data.safety_system, cfg.data.seed
             )
             D.write_jsonl(paths[arm], rows, private=arm == "backdooralign")
+            manifest = D.build_manifest(arm, rows, inputs, secret, report.summary(), selection)
+            D.write_json(manifests[arm], manifest)
             counts[arm] = len(rows)
         return counts
 
-    counts, _ = run_stage(run_dir, "build", key, list(paths.values()), build_all)
+    outputs = [*paths.values(), *manifests.values()]
+    counts, _ = run_stage(run_dir, "build", key, outputs, build_all)
     return counts, paths
 
 
