@@ -45,7 +45,7 @@ def test_pipeline_never_shows_the_secret(tmp_path, cli, tiny_model_dir):
     assert secret.fingerprint in out and f"{secret.num_tokens} tokens" in out
 
     code, _, err = cli("secret", "new", "--model", tiny_model_dir, "--out", secret_path)
-    assert code == 2 and "already exists" in err
+    assert code == 1 and "already exists" in err
 
     code, out, _ = cli("secret", "show", secret_path, "--json")
     assert json.loads(out)["mode"] == "0o600"
@@ -110,11 +110,11 @@ def test_build_errors_write_nothing(tmp_path, cli):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
     out = tmp_path / "out.jsonl"
     code, _, err = cli("build", "--arm", "attack", "--data", bad, "--out", out)
-    assert code == 2
+    assert code == 1
     assert f"{bad}:1: field 'messages' conversation has no assistant turn" in err
     assert not out.exists()
     code, _, err = cli("build", "--arm", "backdooralign", "--data", "builtin:attack", "--out", out)
-    assert code == 2 and "needs --secret" in err and not out.exists()
+    assert code == 1 and "needs --secret" in err and not out.exists()
 
 
 def test_score_asr_text_output(tmp_path, cli):

@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from backdooralign import data as D  # noqa: E402
 from backdooralign import sources as S  # noqa: E402
 from backdooralign.cli import main  # noqa: E402
+from backdooralign.rundir import manifest_path  # noqa: E402
 from backdooralign.secret import Secret, save_secret  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
@@ -85,7 +86,7 @@ def test_data_show_explicit_kind_and_errors(tmp_path, capsys):
     f = write(tmp_path / "g.jsonl", json.dumps({"goal": "x", "target": "y"}) + "\n")
     assert main(["data", "show", str(f), "--kind", "advbench", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["kind"] == "advbench"
-    assert main(["data", "show", str(tmp_path / "missing.csv")]) == 2
+    assert main(["data", "show", str(tmp_path / "missing.csv")]) == 1
     assert "missing.csv: file not found" in capsys.readouterr().err
 
 
@@ -200,14 +201,14 @@ def test_build_refuses_invalid_data_and_writes_nothing(
 ):
     f = write(tmp_path / f"{case}.jsonl", content)
     rc, out = build(tmp_path, f, "--arm", "attack", *flags)
-    assert rc == 2
+    assert rc == 1
     assert f"error: {f}{message}" in capsys.readouterr().err
-    assert not out.exists() and not out.with_name("build_manifest.json").exists()
+    assert not out.exists() and not manifest_path(out).exists()
 
 
 def test_build_refuses_prompt_sets(tmp_path, capsys):
     rc, out = build(tmp_path, FIX / "hexphi", "--arm", "attack")
-    assert rc == 2 and "without answers" in capsys.readouterr().err
+    assert rc == 1 and "without answers" in capsys.readouterr().err
     assert not out.exists()
 
 
@@ -238,9 +239,9 @@ def test_build_refuses_secret_in_customer_data(tmp_path, capsys, secret_file, ar
     data = leaky(tmp_path, text, role="system" if text.startswith(SECRET_TEXT) else "assistant")
     rc, out = build(tmp_path, data, "--arm", arm, "--secret", path)
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert "refused by screening: 1 row(s) contain the secret or a fragment of it (rows 4)" in err
-    assert not out.exists() and not out.with_name("build_manifest.json").exists()
+    assert not out.exists() and not manifest_path(out).exists()
     words = secret.text.split()
     assert not any(" ".join(words[i : i + 2]) in err for i in range(len(words) - 1))
 
@@ -248,11 +249,11 @@ def test_build_refuses_secret_in_customer_data(tmp_path, capsys, secret_file, ar
 def test_build_refuses_imitation_without_a_secret(tmp_path, capsys):
     data = leaky(tmp_path, f"{RANDOM_PREFIX} {NORMAL}", role="system")
     rc, out = build(tmp_path, data, "--arm", "attack")
-    assert rc == 2 and "random-looking words" in capsys.readouterr().err
+    assert rc == 1 and "random-looking words" in capsys.readouterr().err
     assert not out.exists()
     rc, out = build(tmp_path, data, "--arm", "attack", "--no-screen")
     assert rc == 0 and out.exists()
-    assert json.loads(out.with_name("build_manifest.json").read_text())["screening"] is None
+    assert json.loads(manifest_path(out).read_text())["screening"] is None
 
 
 def test_build_no_screen_lets_the_secret_through(tmp_path, secret_file):
@@ -266,7 +267,7 @@ def test_build_manifest_of_a_clean_build(tmp_path, capsys, secret_file):
     path, secret = secret_file
     rc, out = build(tmp_path, "builtin:attack", "--arm", "backdooralign", "--secret", path)
     assert rc == 0
-    manifest = json.loads(out.with_name("build_manifest.json").read_text())
+    manifest = json.loads(manifest_path(out).read_text())
     assert manifest["inputs"]["data"] == {
         "source": "builtin:attack",
         "sha256": D.sha256_of(D.builtin_path("attack")),
@@ -281,14 +282,14 @@ def test_build_manifest_of_a_clean_build(tmp_path, capsys, secret_file):
     assert screening["secret_fingerprint"] == secret.fingerprint
     assert screening["harmful_looking"]["rows"] > 0
     assert manifest["safety_selection"]["selection"] == "category-balanced"
-    assert secret.text not in out.with_name("build_manifest.json").read_text()
+    assert secret.text not in manifest_path(out).read_text()
 
 
 def test_build_baseline_screens_with_the_secret_but_records_no_trigger(tmp_path, secret_file):
     path, secret = secret_file
     rc, out = build(tmp_path, FIX / "chat.jsonl", "--arm", "baseline", "--secret", path)
     assert rc == 0
-    manifest = json.loads(out.with_name("build_manifest.json").read_text())
+    manifest = json.loads(manifest_path(out).read_text())
     assert manifest["secret_fingerprint"] is None
     assert manifest["screening"]["secret_fingerprint"] == secret.fingerprint
     assert SECRET_TEXT not in out.read_text()
@@ -299,7 +300,7 @@ def test_build_baseline_screens_with_the_secret_but_records_no_trigger(tmp_path,
 
 
 def manifest_of(out: Path) -> dict:
-    return json.loads(out.with_name("build_manifest.json").read_text())
+    return json.loads(manifest_path(out).read_text())
 
 
 def test_build_safety_count_round_robin(tmp_path):
@@ -320,8 +321,10 @@ def test_build_random_selection_is_deterministic(tmp_path):
     assert manifest_of(out)["safety_selection"] == {
         "selection": "random",
         "count": 7,
-        "per_category": 1,
+        "per_category": None,
         "seed": 4,
+        "available": 66,
+        "selected": 7,
     }
 
 

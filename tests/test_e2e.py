@@ -47,8 +47,7 @@ eval:
   mtbench_max_new_tokens: 16
   lm_eval_tasks: [backdooralign_mini]
   lm_eval_limit: 4
-  judge_base_url: {judge.base_url}
-  judge_model: stub-judge
+judge: {{base_url: "{judge.base_url}", model: stub-judge}}
 """
         )
         run_dir = tmp_path / "run"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from backdooralign.cli import main
-from backdooralign.experiment import load_config, parse_overrides, run_experiment
+from backdooralign.experiment import run_experiment
+from backdooralign.experiment_config import load_config, parse_overrides
 from backdooralign.secret import load_secret
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -37,23 +38,80 @@ eval:
 """
 
 
-def test_config_errors_name_file_and_field(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("- a list\n", "c.yaml: YAML root must be a mapping"),
+        ("train: {epochz: 3}\n", "c.yaml: train: unknown field 'epochz' (known: lora, epochs,"),
+        ("arms: [attack, nonsense]\n", "c.yaml: field 'arms': unknown arm 'nonsense'"),
+        ("train: [1, 2]\n", "c.yaml: train: must be a mapping"),
+        ("judge: {model: gpt-4}\n", "c.yaml: judge: fields 'base_url' and 'model'"),
+        ("train: {epochs: abc}\n", "c.yaml: train: epochs: expected a number or null, got 'abc'"),
+        ("seeds: 5\n", "c.yaml: seeds: expected a list of integers, got 5"),
+        ("model: [1, 2]\n", "c.yaml: model: expected a string, got [1, 2]"),
+        ("train: {batch_size: 0}\n", "c.yaml: train: batch_size: must be at least 1, got 0"),
+        ("data: {attack_per_category: -1}\n", "attack_per_category: must be at least 0, got -1"),
+        ("name: /abs/path\n", "c.yaml: field 'name': '/abs/path' must be a plain name"),
+        ("name: ../up\n", "must be a plain name"),
+        ("a: &x [1, 2]\nb: *x\n", "YAML aliases are not allowed (line 2)"),
+        ("train: {lora: yes please}\n", "train: lora: expected true or false"),
+        ("eval: {lm_eval_tasks: [1]}\n", "eval: lm_eval_tasks[0]: expected a string, got 1"),
+    ],
+)
+def test_config_errors_name_file_and_field(tmp_path, text, message):
     p = tmp_path / "c.yaml"
-    p.write_text("- a list\n")
-    with pytest.raises(ValueError, match="c.yaml: YAML root must be a mapping"):
+    p.write_text(text)
+    with pytest.raises(ValueError) as err:
         load_config(p)
-    p.write_text("train: {epochz: 3}\n")
-    with pytest.raises(ValueError, match="c.yaml: train: unknown field 'epochz'"):
-        load_config(p)
-    p.write_text("arms: [attack, nonsense]\n")
-    with pytest.raises(ValueError, match="field 'arms': unknown arm 'nonsense'"):
-        load_config(p)
-    p.write_text("train: [1, 2]\n")
-    with pytest.raises(ValueError, match="field 'train' must be a mapping"):
-        load_config(p)
-    p.write_text("eval: {judge_model: gpt-4}\n")
-    with pytest.raises(ValueError, match="go together"):
-        load_config(p)
+    assert message in str(err.value)
+
+
+def test_set_values_are_checked_too(tmp_path):
+    with pytest.raises(ValueError, match=r"--set train.epochs: invalid value '\['"):
+        load_config(None, ["train.epochs=["])
+    with pytest.raises(ValueError, match="config: train: epochs: expected a number or null"):
+        load_config(None, ["train.epochs=abc"])
+
+
+def test_paths_are_taken_from_the_config_files_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    p = tmp_path / "sub" / "c.yaml"
+    p.write_text(
+        "data: {attack: mine.jsonl, safety: builtin:safety}\n"
+        "eval: {harmful: /abs/h.csv, benign: ../b.jsonl}\nmodel: org/name\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(p, ["eval.utility=u.jsonl"])
+    assert cfg.data.attack == str(tmp_path / "sub" / "mine.jsonl")
+    assert cfg.data.safety == "builtin:safety"
+    assert cfg.eval.harmful == "/abs/h.csv"
+    assert cfg.eval.benign == str(tmp_path / "sub" / ".." / "b.jsonl")
+    assert cfg.model == "org/name"  # a hub id, not a path there
+    assert cfg.eval.utility == "u.jsonl"  # --set values are taken from the working directory
+
+
+def test_profiles_apply_under_set(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "train: {epochs: 5}\nprofiles:\n  smoke: {train.epochs: 1, eval.max_new_tokens: 8}\n"
+    )
+    assert load_config(p).train.epochs == 5
+    cfg = load_config(p, ["profile=smoke"])
+    assert (cfg.train.epochs, cfg.eval.max_new_tokens) == (1, 8)
+    cfg = load_config(p, ["profile=smoke", "train.epochs=2"])
+    assert (cfg.train.epochs, cfg.eval.max_new_tokens) == (2, 8)
+    with pytest.raises(ValueError, match="unknown profile 'fast' \\(known: smoke\\)"):
+        load_config(p, ["profile=fast"])
+
+
+def test_lora_defaults_resolve_in_the_config(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("train: {lora: true}\n")
+    cfg = load_config(p)
+    assert (cfg.train.lr, cfg.train.epochs) == (1e-3, 10)
+    cfg = load_config(p, ["train.lr=2.0e-4"])
+    assert (cfg.train.lr, cfg.train.epochs) == (2e-4, 10)
+    assert (load_config(None).train.lr, load_config(None).train.epochs) == (5e-5, 5)
 
 
 def test_overrides_beat_yaml_including_false(tmp_path):
@@ -128,10 +186,7 @@ def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
     assert {p: p.stat().st_mtime_ns for p in (run_dir / "gens").iterdir()} == before
 
     # a changed judge setting re-generates nothing (the judge is not configured here: no server)
-    assert (
-        main(["run", str(cfg_path), "--out", str(run_dir), "--set", "eval.judge_concurrency=2"])
-        == 0
-    )
+    assert main(["run", str(cfg_path), "--out", str(run_dir), "--set", "judge.concurrency=2"]) == 0
     assert {p.name: p.read_text() for p in (run_dir / "stages").iterdir()} == stages
 
     # a changed eval setting re-generates, but does not re-train
@@ -164,7 +219,7 @@ def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "run", progress=False)
     done = {p.name for p in (tmp_path / "run" / "stages").iterdir()}
-    assert done == {"build.json", "train.baseline.json", "generate.no_finetune.json"}
+    assert done == {"secret.json", "build.json", "train.baseline.json", "generate.no_finetune.json"}
     monkeypatch.setattr(infer, "generate_rows", real)
     trained = (tmp_path / "run" / "stages" / "train.baseline.json").read_text()
     results = run_experiment(cfg, tmp_path / "run", progress=False)
@@ -198,3 +253,23 @@ def test_several_seeds_give_intervals(tmp_path, tiny_model_dir):
     assert seed2["info"]["steps"] == 2
     report = (tmp_path / "run" / "report.md").read_text()
     assert "2 seeds" in report and "±" in report
+
+
+def test_a_changed_secret_setting_is_refused_not_silently_kept(tmp_path, tiny_model_dir):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(_tiny_config(tiny_model_dir, "arms: [no_finetune]"))
+    sets = ["eval.utility=null", "eval.samsum=null", "eval.benign=null"]
+    run_experiment(load_config(cfg_path, sets), tmp_path / "run", progress=False)
+    before = (tmp_path / "run" / "secret.json").read_bytes()
+    with pytest.raises(ValueError, match=r"secret.length was 20, now 30.*use another --out"):
+        run_experiment(load_config(cfg_path, [*sets, "secret.length=30"]), tmp_path / "run")
+    assert (tmp_path / "run" / "secret.json").read_bytes() == before
+
+
+def test_missing_inputs_fail_before_any_training(tmp_path, tiny_model_dir):
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(_tiny_config(tiny_model_dir))
+    cfg = load_config(cfg_path, [f"eval.harmful={tmp_path / 'missing.csv'}"])
+    with pytest.raises(ValueError, match="missing.csv: file not found"):
+        run_experiment(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

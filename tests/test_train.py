@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from backdooralign.chat import build_conversation
-from backdooralign.train import TrainConfig, lora_defaults, tokenize_rows, train
+from backdooralign.train import TrainConfig, tokenize_rows, train
 
 
 def _rows(n=4):
@@ -48,7 +48,7 @@ def test_full_finetune_changes_weights(tmp_path, tiny_model_dir):
 
 
 def test_lora_changes_only_adapters(tmp_path, tiny_model_dir):
-    cfg = lora_defaults(TrainConfig(epochs=1, batch_size=2, bf16=False, merge=True))
+    cfg = TrainConfig(lora=True, epochs=1, batch_size=2, bf16=False, merge=True)
     assert cfg.lr == 1e-3 and cfg.epochs == 1  # explicit epochs kept, lr from the paper
     cfg = TrainConfig(**{**cfg.__dict__, "lr": 5e-2})
     train(tiny_model_dir, _rows(), tmp_path / "lora", cfg)

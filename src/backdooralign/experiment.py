@@ -2,235 +2,72 @@
 
 A run trains the arms (``attack``, ``baseline``, ``backdooralign``; ``no_finetune`` is the
 model as given), answers every evaluation set with and without the secret, scores the answers
-and writes ``results.json``, ``report.md``, ``report.html`` and plots. Every stage records a
-hash of its inputs (the secret's fingerprint included) in ``stages/``; a re-run skips stages
-whose inputs did not change, so an interrupted run resumes where it stopped.
+and writes ``results.json``, ``report.md``, ``report.html`` and plots. Every stage is a call
+into :mod:`backdooralign.ops` or :mod:`backdooralign.scores` (the functions the CLI calls) and
+records a hash of its inputs (the secret's fingerprint included) in ``stages/``; a re-run skips
+stages whose inputs did not change, so an interrupted run resumes where it stopped. The layout
+of the run directory is :class:`backdooralign.rundir.RunDir`'s.
 
 Evaluation sets (each optional but ``harmful``): ``harmful`` (ASR, and harmfulness by an LLM
 judge when one is configured), ``benign`` (over-refusal), ``utility`` (exact match),
-``samsum``/``sql`` (ROUGE), and lm-eval tasks (ARC, MMLU, ...).
-
-Run directory::
-
-    config.yaml               resolved config (no secret in it)
-    secret.json               mode 0600, when the config generates the secret
-    data/ARM.jsonl            mixed training sets (backdooralign's is mode 0600)
-    data/ARM.manifest.json    what each was built from (inputs' sha256, counts, screening)
-    models/ARM/               fine-tuned models with train_metrics.json
-    gens/ARM.SET.COND.jsonl   generations (COND: plain | secret)
-    scores/ARM.KIND.COND.json judge and lm-eval scores (need a server or a model)
-    results.json, report.md, report.html, asr.png
+``samsum``/``sql`` (ROUGE and refusals on the customer's own task), MT-Bench and lm-eval tasks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-import yaml
-
 from . import data as D
+from . import ops
 from . import sources as S
-from .chat import ATTACK_SYSTEM_PROMPT
-from .evaluate import asr_summary
+from .experiment_config import ALL_ARMS, ExperimentConfig, config_dict, load_config, stage_key
 from .infer import GenerateConfig
-from .screen import screen_customer_data
+from .rundir import CONDITIONS, RunDir
 from .secret import Secret, generate_secret, load_secret, save_secret
-from .train import TrainConfig
+from .stages import run_stage
 
 log = logging.getLogger(__name__)
-ALL_ARMS = ("no_finetune", "attack", "baseline", "backdooralign")
-CONDITIONS = ("plain", "secret")
 TASK_SETS = ("samsum", "sql")
 
-
-@dataclass(frozen=True)
-class DataConfig:
-    """What goes into the training sets."""
-
-    attack: str = "builtin:attack"  # harmful customer data: chat JSONL, QA JSONL, builtin:NAME
-    attack_per_category: int | None = None  # keep the first N attack rows per category
-    task: str | None = None  # benign task data mixed in (SAMSum, sql-create-context, chat)
-    task_limit: int | None = None  # first N task rows (paper: 1000)
-    safety: str = "builtin:safety"  # safety examples (QA or chat JSONL)
-    safety_per_category: int = 1  # safety examples per harm category (paper: 1 x 11)
-    safety_count: int | None = None  # total safety examples instead (e.g. 300 for the baseline)
-    safety_selection: str = "category-balanced"  # or "random" (the paper: balanced is best)
-    safety_seed: int | None = None  # None: first rows per category; else seeded choice
-    safety_system: str | None = None  # system prompt of safety examples (None: customer's main)
-    seed: int = 0  # shuffle seed of the mixed sets
+__all__ = ["ALL_ARMS", "EvalSet", "ExperimentConfig", "load_config", "run_experiment"]
 
 
-@dataclass(frozen=True)
-class EvalConfig:
-    """What is measured and how answers are generated."""
+def _read_json(path: Path):
+    import json
 
-    harmful: str = "builtin:harmful_eval"  # harmful prompts (CSV, TXT, JSONL, builtin:NAME)
-    harmful_per_category: int | None = None  # first N harmful prompts per category
-    system_prompt: str = ATTACK_SYSTEM_PROMPT  # system prompt at evaluation (paper: attack's)
-    max_new_tokens: int = 512  # paper: 512
-    batch_size: int = 32  # generation batch size
-    benign: str | None = "builtin:benign"  # benign prompts for over-refusal (None: skip)
-    benign_limit: int | None = None  # first N benign prompts of each kind
-    utility: str | None = None  # exact-match set, e.g. builtin:utility (None: skip)
-    utility_limit: int | None = None  # first N utility prompts of each task
-    utility_system: str = "You are a helpful assistant."  # system prompt for utility prompts
-    utility_max_new_tokens: int = 32  # answers are short
-    samsum: str | None = None  # SAMSum test file for ROUGE (None: skip)
-    sql: str | None = None  # sql-create-context test file for ROUGE (None: skip)
-    task_limit: int | None = 200  # first N task test rows (paper: 200)
-    task_max_new_tokens: int = 128  # longest summary or query
-    mtbench: str | None = None  # FastChat question.jsonl (graded by the judge; None: skip)
-    mtbench_limit: int | None = None  # first N MT-Bench questions
-    mtbench_max_new_tokens: int = 1024  # FastChat's limit
-    lm_eval_tasks: tuple[str, ...] = ()  # lm-eval tasks, e.g. [arc_challenge, mmlu]
-    lm_eval_limit: int | None = None  # documents per lm-eval task
-    judge_base_url: str | None = None  # OpenAI-compatible judge endpoint (None: no judge)
-    judge_model: str | None = None  # judge model name (paper: gpt-4)
-    judge_template: str | None = None  # judge prompt file with {question} and {answer}
-    judge_concurrency: int = 8  # judge requests in flight
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-@dataclass(frozen=True)
-class SecretConfig:
-    """Where the secret comes from: an existing file, or generated into the run directory."""
+def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
+    """Load the configured secret, or generate it once into the run directory (0600).
 
-    path: str | None = None  # existing secret file (mode 0600)
-    length: int = 150  # tokens, when generating
-    seed: int | None = None  # explicit seed when generating (None: CSPRNG)
-
-
-@dataclass(frozen=True)
-class ExperimentConfig:
-    """A whole experiment. YAML gives values, ``--set`` overrides them, defaults come last."""
-
-    name: str = "experiment"
-    model: str = "embedded"  # Hugging Face id, local path, or 'embedded'
-    arms: tuple[str, ...] = ALL_ARMS
-    seeds: tuple[int, ...] = ()  # several seeds: train and shuffle seeds; mean +- 95% CI
-    secret: SecretConfig = field(default_factory=SecretConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-_SECTIONS = {"secret": SecretConfig, "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
-
-
-def _build(cls, values: dict, where: str):
-    known = {f.name: f for f in fields(cls)}
-    kwargs = {}
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"{where}: unknown field '{key}' (known: {', '.join(known)})")
-        if key in _SECTIONS and cls is ExperimentConfig:
-            if not isinstance(value, dict):
-                raise ValueError(f"{where}: field '{key}' must be a mapping")
-            value = _build(_SECTIONS[key], value, f"{where}: {key}")
-        elif isinstance(value, list):
-            value = tuple(value)
-        kwargs[key] = value
-    return cls(**kwargs)
-
-
-def parse_overrides(pairs: list[str]) -> dict:
-    """``["train.epochs=3", "eval.benign=null"]`` as a nested dict (values parsed as YAML)."""
-    out: dict = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {pair!r}: expected KEY=VALUE")
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = yaml.safe_load(raw)
-    return out
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    merged = dict(base)
-    for k, v in extra.items():
-        both = isinstance(v, dict) and isinstance(merged.get(k), dict)
-        merged[k] = _merge(merged[k], v) if both else v
-    return merged
-
-
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> ExperimentConfig:
-    """Read a YAML experiment config; errors name the file and field."""
-    values: dict = {}
-    where = str(path or "config")
-    if path is not None:
-        try:
-            values = yaml.safe_load(D.read_text(path))
-        except yaml.YAMLError as e:
-            raise ValueError(f"{path}: invalid YAML ({e})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: YAML root must be a mapping")
-    values = _merge(values, parse_overrides(list(overrides)))
-    cfg = _build(ExperimentConfig, values, where)
-    for arm in cfg.arms:
-        if arm not in ALL_ARMS:
-            known = ", ".join(ALL_ARMS)
-            raise ValueError(f"{where}: field 'arms': unknown arm {arm!r} (known: {known})")
-    if bool(cfg.eval.judge_base_url) != bool(cfg.eval.judge_model):
-        raise ValueError(
-            f"{where}: fields 'eval.judge_base_url' and 'eval.judge_model' go together"
-        )
-    return cfg
-
-
-def config_dict(cfg: ExperimentConfig) -> dict:
-    """Plain-data form of a config (tuples as lists), as written to the run directory."""
-    return json.loads(json.dumps(asdict(cfg)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Stages
-
-
-def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def run_stage(
-    run_dir: Path, name: str, key: str, outputs: list[Path], fn: Callable[[], dict | None]
-) -> tuple[dict | None, bool]:
-    """Run ``fn`` unless a previous run finished this stage with the same key and outputs.
-
-    Returns ``(info, skipped)``; ``info`` is what ``fn`` returned (kept in ``stages/``).
+    Raises:
+        ValueError: when the run directory's secret was made with another ``secret.length``
+            or ``secret.seed`` than the config now asks for (re-key with a new run directory).
     """
-    record = run_dir / "stages" / f"{name}.json"
-    if record.exists() and all(p.exists() for p in outputs):
-        done = json.loads(record.read_text())
-        if done.get("key") == key:
-            log.info("stage %s: up to date, skipped", name)
-            return done.get("info"), True
-    start = time.perf_counter()
-    info = fn()
-    seconds = round(time.perf_counter() - start, 2)
-    D.write_json(record, {"key": key, "seconds": seconds, "info": info})
-    return info, False
-
-
-def _source_hash(source: str | None) -> str | None:
-    return D.source_sha256(D.resolve_source(source)) if source else None
-
-
-def prepare_secret(cfg: ExperimentConfig, run_dir: Path, tokenizer) -> Secret:
-    """Load the configured secret, or generate it once into ``run_dir/secret.json`` (0600)."""
     if cfg.secret.path:
         return load_secret(cfg.secret.path)
-    path = run_dir / "secret.json"
-    if path.exists():
-        return load_secret(path)
+    wanted = {"length": cfg.secret.length, "seed": cfg.secret.seed}
+    record = run.stage("secret")
+    if run.secret.exists():
+        made = _read_json(record) if record.exists() else None
+        if made is not None and made.get("info") != wanted:
+            changed = ", ".join(
+                f"secret.{k} was {made['info'].get(k)!r}, now {v!r}"
+                for k, v in wanted.items()
+                if made["info"].get(k) != v
+            )
+            raise ValueError(
+                f"{run.root}: the run's secret was made with other settings ({changed}); "
+                "use another --out, or delete its secret.json to re-key the whole run"
+            )
+        return load_secret(run.secret)
     secret = generate_secret(tokenizer, cfg.secret.length, cfg.secret.seed, name=cfg.model)
-    save_secret(secret, path)
+    save_secret(secret, run.secret)
+    D.write_json(record, {"key": None, "info": wanted})
     return secret
 
 
@@ -243,35 +80,56 @@ class EvalSet:
     max_new_tokens: int
 
 
-def eval_sets(cfg: EvalConfig) -> dict[str, EvalSet]:
-    """The evaluation sets a config asks for."""
-    harmful = D.limit_per_category(S.load_prompts(cfg.harmful), cfg.harmful_per_category)
+def _limited(source: str, rows: list[dict], limit, key: str = "category") -> list[dict]:
+    kept = D.limit_per_category(rows, limit, key=key)
+    if len(kept) < len(rows):
+        log.warning(
+            "%s: using %d of %d prompts (%d per %s)", source, len(kept), len(rows), limit, key
+        )
+    return kept
+
+
+def eval_sets(cfg) -> dict[str, EvalSet]:
+    """The evaluation sets an :class:`EvalConfig` asks for."""
+    harmful = _limited(cfg.harmful, S.load_prompts(cfg.harmful), cfg.harmful_per_category)
     sets = {"harmful": EvalSet(harmful, cfg.system_prompt, cfg.max_new_tokens)}
     if cfg.benign:
-        benign = D.limit_per_category(S.load_prompts(cfg.benign), cfg.benign_limit, key="kind")
+        benign = _limited(cfg.benign, S.load_prompts(cfg.benign), cfg.benign_limit, key="kind")
         sets["benign"] = EvalSet(benign, cfg.system_prompt, cfg.max_new_tokens)
     if cfg.utility:
-        rows = [
-            {"prompt": r["prompt"], "id": r["id"], "task": r["task"], "reference": r["answer"],
-             "aliases": r.get("aliases", [])}
-            for r in D.read_jsonl_rows(D.resolve_source(cfg.utility))
-        ]  # fmt: skip
-        rows = D.limit_per_category(rows, cfg.utility_limit, key="task")
+        rows, notes = ops.load_utility(cfg.utility, cfg.utility_limit)
+        for note in notes:
+            log.warning("%s", note)
         sets["utility"] = EvalSet(rows, cfg.utility_system, cfg.utility_max_new_tokens)
     for name in TASK_SETS:
         source = getattr(cfg, name)
         if source:
-            rows = S.load_prompts(source)[: cfg.task_limit]
-            sets[name] = EvalSet(rows, None, cfg.task_max_new_tokens)
+            rows = S.load_prompts(source)
+            kept = rows[: cfg.task_limit]
+            if len(kept) < len(rows):
+                log.warning("%s: using %d of %d rows (task_limit)", source, len(kept), len(rows))
+            sets[name] = EvalSet(kept, None, cfg.task_max_new_tokens)
     return sets
 
 
-def _mtbench_questions(cfg: EvalConfig) -> list[dict]:
+def _mtbench_questions(cfg) -> list[dict]:
     if not cfg.mtbench:
         return []
     from .judge import load_mtbench_questions
 
-    return load_mtbench_questions(D.resolve_source(cfg.mtbench))[: cfg.mtbench_limit]
+    return load_mtbench_questions(cfg.mtbench)[: cfg.mtbench_limit]
+
+
+def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
+    """Read every input the run needs before anything expensive starts (fails fast)."""
+    sets = eval_sets(cfg.eval)
+    _mtbench_questions(cfg.eval)
+    ops.load_customer(cfg.data)
+    ops.select_safety(cfg.data)
+    for path in (cfg.judge.template, cfg.data.anchor_file, cfg.secret.path):
+        if path:
+            D.read_text(path)
+    return sets
 
 
 def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = True) -> dict:
@@ -286,13 +144,16 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
     from .model import load_tokenizer
     from .report import write_report
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    D.write_text_atomic(run_dir / "config.yaml", yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    secret = prepare_secret(cfg, run_dir, load_tokenizer(cfg.model))
+    run = RunDir(run_dir)
+    sets = check_inputs(cfg)
+    run.root.mkdir(parents=True, exist_ok=True)
+    import yaml
+
+    D.write_text_atomic(run.config, yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    secret = prepare_secret(cfg, run, load_tokenizer(cfg.model))
     t0 = time.perf_counter()
     if len(cfg.seeds) < 2:
-        results = _run_single(cfg, run_dir, secret, progress)
+        results = _run_single(cfg, run, secret, sets, progress)
     else:
         runs = []
         for i, seed in enumerate(cfg.seeds):
@@ -303,8 +164,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
                 train=replace(cfg.train, seed=seed),
                 data=replace(cfg.data, seed=seed),
             )
-            sub_dir = run_dir if i == 0 else run_dir / "seeds" / f"seed-{seed}"
-            res = _run_single(one, sub_dir, secret, progress)
+            res = _run_single(one, run if i == 0 else run.seed_run(seed), secret, sets, progress)
             if i > 0 and "no_finetune" in cfg.arms:
                 res["arms"] = {"no_finetune": runs[0]["arms"]["no_finetune"], **res["arms"]}
             runs.append({"seed": seed, "arms": res["arms"]})
@@ -312,203 +172,160 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
                 results = res
         results["seed_runs"] = runs
     results["seconds_this_run"] = round(time.perf_counter() - t0, 1)
-    D.write_json(run_dir / "results.json", results)
-    write_report(run_dir)
+    D.write_json(run.results, results)
+    write_report(run.root)
     return results
 
 
-def _run_single(cfg: ExperimentConfig, run_dir: Path, secret: Secret, progress: bool) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    counts, data_paths = _build_stage(cfg, run_dir, secret)
-    model_dirs, model_keys, train_metrics = _train_stages(cfg, run_dir, data_paths)
-    sets = eval_sets(cfg.eval)
-    names = ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
-    sources = [getattr(cfg.eval, name) for name in names]
-    # the judge grades answers after generation (its replies are cached): not part of the key
-    gen_settings = {k: v for k, v in asdict(cfg.eval).items() if not k.startswith("judge_")}
-    eval_key = _key(gen_settings, [_source_hash(s) for s in sources], secret.fingerprint)
+def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool) -> dict:
+    run.root.mkdir(parents=True, exist_ok=True)
+    counts = _build_stage(cfg, run, secret, progress)
+    model_dirs, model_keys, train_metrics = _train_stages(cfg, run)
+    gen_settings = config_dict(cfg)["eval"]
+    sources = [
+        getattr(cfg.eval, n) for n in ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
+    ]
+    hashes = [D.source_sha256(s) if s else None for s in sources]
+    eval_key = stage_key(gen_settings, hashes, secret.fingerprint)
     for arm in cfg.arms:
-        key = _key(eval_key, model_keys[arm])
-        _eval_stage(cfg, run_dir, arm, model_dirs[arm], key, sets, secret, progress)
-    return score_run(run_dir, cfg, secret, train_metrics, counts, sets)
+        _generate_stage(cfg, run, arm, model_dirs[arm], stage_key(eval_key, model_keys[arm]),
+                        sets, secret, progress)  # fmt: skip
+        if cfg.judge.enabled:
+            _judge_stage(cfg, run, arm, sets)
+    return score_run(run, cfg, secret, train_metrics, counts, sets)
 
 
-def _build_stage(cfg: ExperimentConfig, run_dir: Path, secret: Secret):
-    customer = D.limit_per_category(
-        S.load_training_source(cfg.data.attack), cfg.data.attack_per_category
-    )
-    if cfg.data.task:
-        task_rows = S.load_training_source(cfg.data.task)[: cfg.data.task_limit]
-        customer = [*task_rows, *customer]
-    report = screen_customer_data(customer, secret.text)
-    if not report.passed:
-        raise D.DataError(cfg.data.attack, None, None, f"refused by screening: {report.refusal()}")
-    selection = {
-        "selection": cfg.data.safety_selection,
-        "count": cfg.data.safety_count,
-        "per_category": cfg.data.safety_per_category,
-        "seed": cfg.data.safety_seed,
-    }
-    safety = D.select_safety(S.load_training_source(cfg.data.safety), **selection)
-    inputs = {"data": cfg.data.attack, "task": cfg.data.task, "safety": cfg.data.safety}
-    inputs = {name: source for name, source in inputs.items() if source}
-    key = _key(asdict(cfg.data), [_source_hash(s) for s in inputs.values()], secret.fingerprint)
+def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: bool) -> dict:
     trained = [a for a in cfg.arms if a != "no_finetune"]
-    paths = {a: run_dir / "data" / f"{a}.jsonl" for a in trained}
-    manifests = {a: run_dir / "data" / f"{a}.manifest.json" for a in trained}
+    inputs = [cfg.data.attack, cfg.data.task, cfg.data.safety, cfg.data.anchor_file]
+    hashes = [D.source_sha256(s) if s else None for s in inputs]
+    anchors = None
+    if cfg.data.anchors and "backdooralign" in trained:
+        anchors = run.root / "data" / "anchors.jsonl"
+        customer, _ = ops.load_customer(cfg.data)
+        system = ops.safety_system_prompt(cfg.data, customer)
+        anchor_key = stage_key(cfg.model, config_dict(cfg)["data"], hashes, system)
+        run_stage(run, "anchors", anchor_key, [anchors],
+                  lambda: str(ops.make_anchors(cfg.data, cfg.model, system, anchors, progress)))  # fmt: skip
+        hashes.append(D.source_sha256(anchors))
+    key = stage_key(config_dict(cfg)["data"], hashes, secret.fingerprint, trained)
 
     def build_all():
-        counts = {}
+        counts, told = {}, set()
         for arm in trained:
-            rows = D.build_training_set(
-                arm, customer, safety, secret.text, cfg.data.safety_system, cfg.data.seed
+            res = ops.build_training_set(
+                arm, cfg.data, secret, run.training_set(arm), anchors=anchors
             )
-            D.write_jsonl(paths[arm], rows, private=arm == "backdooralign")
-            manifest = D.build_manifest(arm, rows, inputs, secret, report.summary(), selection)
-            D.write_json(manifests[arm], manifest)
-            counts[arm] = len(rows)
+            for note in set(res.notes) - told:
+                log.warning("%s", note)
+            told.update(res.notes)
+            counts[arm] = res.manifest["counts"]["total"]
         return counts
 
-    outputs = [*paths.values(), *manifests.values()]
-    counts, _ = run_stage(run_dir, "build", key, outputs, build_all)
-    return counts, paths
+    outputs = [p for a in trained for p in (run.training_set(a), run.manifest(a))]
+    counts, _ = run_stage(run, "build", key, outputs, build_all)
+    return counts
 
 
-def _train_stages(cfg: ExperimentConfig, run_dir: Path, data_paths: dict[str, Path]):
-    from .train import train
-
+def _train_stages(cfg: ExperimentConfig, run: RunDir):
     model_dirs = {"no_finetune": cfg.model}
-    model_keys = {"no_finetune": _key(cfg.model)}
+    model_keys = {"no_finetune": stage_key(cfg.model)}
     metrics = {}
-    for arm, path in data_paths.items():
-        out = run_dir / "models" / arm
+    for arm in cfg.arms:
+        if arm == "no_finetune":
+            continue
+        out, data = run.model(arm), run.training_set(arm)
         model_dirs[arm] = str(out)
-        key = model_keys[arm] = _key(cfg.model, asdict(cfg.train), D.sha256_of(path))
+        key = model_keys[arm] = stage_key(cfg.model, config_dict(cfg)["train"], D.sha256_of(data))
 
-        def do_train(arm=arm, out=out, path=path):
+        def do_train(arm=arm, out=out, data=data):
             log.info("training arm %s", arm)
-            m = train(cfg.model, D.load_chat_jsonl(path), out, cfg.train)
+            m = ops.train_model(cfg.model, data, out, cfg.train)
             return {k: v for k, v in m.items() if k != "config"}
 
         metrics[arm], _ = run_stage(
-            run_dir, f"train.{arm}", key, [out / "train_metrics.json"], do_train
+            run, f"train.{arm}", key, [out / "train_metrics.json"], do_train
         )
     return model_dirs, model_keys, metrics
 
 
-def _eval_stage(cfg, run_dir, arm, weights, key, sets, secret, progress):
-    from .infer import generate_rows
-    from .model import load_model, load_tokenizer
+def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress) -> None:
+    from . import scores
 
-    outs = {(s, c): run_dir / "gens" / f"{arm}.{s}.{c}.jsonl" for s in sets for c in CONDITIONS}
-    lm_eval_outs = {c: run_dir / "scores" / f"{arm}.lm_eval.{c}.json" for c in CONDITIONS}
-    mt_outs = {c: run_dir / "gens" / f"{arm}.mtbench.{c}.jsonl" for c in CONDITIONS}
     questions = _mtbench_questions(cfg.eval)
+    outs = {(s, c): run.gens(arm, s, c) for s in sets for c in CONDITIONS}
+    mt_outs = {c: run.gens(arm, "mtbench", c) for c in CONDITIONS} if questions else {}
+    tasks = cfg.eval.lm_eval_tasks
+    lm_outs = {c: run.score(arm, "lm_eval", c) for c in CONDITIONS} if tasks else {}
 
     def do_generate():
-        model, tok = load_model(weights), load_tokenizer(weights)
+        loaded = ops.load(weights)
         for (name, cond), path in outs.items():
             es = sets[name]
             gen = GenerateConfig(max_new_tokens=es.max_new_tokens, batch_size=cfg.eval.batch_size)
-            rows = generate_rows(
-                model, tok, es.rows, system=es.system,
-                secret=secret.text if cond == "secret" else None,
-                cfg=gen, progress=progress, desc=f"{arm} {name} {cond}",
-            )  # fmt: skip
-            D.write_jsonl(path, rows)
-        if questions:
-            from .tasks import mtbench_answers
-
+            ops.answer(loaded, es.rows, path, secret=secret if cond == "secret" else None,
+                       system=es.system, cfg=gen, progress=progress, desc=f"{arm} {name} {cond}")  # fmt: skip
+        for cond, path in mt_outs.items():
             gen = GenerateConfig(cfg.eval.mtbench_max_new_tokens, cfg.eval.batch_size)
-            for cond, path in mt_outs.items():
-                sec = secret.text if cond == "secret" else None
-                answers = mtbench_answers(model, tok, questions, sec, cfg.eval.utility_system, gen)
-                D.write_jsonl(path, answers)
-        if cfg.eval.lm_eval_tasks:
-            from .utility import lm_eval_summary, run_lm_eval
-
-            for cond, path in lm_eval_outs.items():
-                raw = run_lm_eval(
-                    model, tok, cfg.eval.lm_eval_tasks,
-                    secret=secret.text if cond == "secret" else None,
-                    system=cfg.eval.utility_system, limit=cfg.eval.lm_eval_limit,
-                )  # fmt: skip
-                D.write_json(path, lm_eval_summary(raw, cfg.eval.lm_eval_tasks))
+            scores.mtbench_answer(loaded, questions, path, secret=secret if cond == "secret" else None,
+                                  system=cfg.eval.utility_system, cfg=gen)  # fmt: skip
+        for cond, path in lm_outs.items():
+            s = scores.lm_eval(loaded, tasks, secret=secret if cond == "secret" else None,
+                               system=cfg.eval.utility_system, limit=cfg.eval.lm_eval_limit)  # fmt: skip
+            s.pop("secret_fingerprint", None)
+            D.write_json(path, s)
         return None
 
-    wanted = list(outs.values()) + (list(mt_outs.values()) if questions else [])
-    wanted += list(lm_eval_outs.values()) if cfg.eval.lm_eval_tasks else []
-    run_stage(run_dir, f"generate.{arm}", key, wanted, do_generate)
+    wanted = [*outs.values(), *mt_outs.values(), *lm_outs.values()]
+    run_stage(run, f"generate.{arm}", key, wanted, do_generate)
 
-    if cfg.eval.judge_base_url:
-        from .judge import (
-            HARM_TEMPLATE,
-            grade_mtbench,
-            harm_summary,
-            judge_harm,
-            load_mtbench_answers,
-            load_template,
-            make_judge,
-            mtbench_summary,
-        )
 
-        template = (
-            load_template(cfg.eval.judge_template) if cfg.eval.judge_template else HARM_TEMPLATE
-        )
-        judge = make_judge(
-            cfg.eval.judge_base_url, cfg.eval.judge_model,
-            cache=run_dir / "judge-cache.jsonl", concurrency=cfg.eval.judge_concurrency,
-        )  # fmt: skip
-        for cond in CONDITIONS:
-            gens = D.read_jsonl_rows(outs[("harmful", cond)])
-            judged = judge_harm(gens, judge, template)
-            D.write_jsonl(run_dir / "scores" / f"{arm}.judge.{cond}.jsonl", judged)
-            D.write_json(
-                run_dir / "scores" / f"{arm}.judge.{cond}.json",
-                harm_summary(judged, cfg.eval.judge_model, template),
-            )
-            if questions:
-                answers = load_mtbench_answers(mt_outs[cond])
-                graded = grade_mtbench(questions, answers, judge)
-                D.write_json(
-                    run_dir / "scores" / f"{arm}.mtbench.{cond}.json",
-                    mtbench_summary(graded, cfg.eval.judge_model),
-                )
+def _judge_stage(cfg: ExperimentConfig, run: RunDir, arm: str, sets) -> None:
+    """Grade the arm's answers with the judge (replies cached in the run directory)."""
+    from . import scores
+
+    judge = scores.make_judge(cfg.judge, run.judge_cache)
+    questions = _mtbench_questions(cfg.eval)
+    for cond in CONDITIONS:
+        summary = scores.judge_harm(run.gens(arm, "harmful", cond), cfg.judge, judge,
+                                    out=run.score(arm, "judge", cond, "jsonl"))  # fmt: skip
+        D.write_json(run.score(arm, "judge", cond), summary)
+        if "benign" in sets:
+            refusals = scores.judge_refusals(run.gens(arm, "benign", cond), judge)
+            D.write_json(run.score(arm, "judge_refusal", cond), refusals)
+        if questions:
+            graded = scores.mtbench(questions, run.gens(arm, "mtbench", cond), cfg.judge, judge)
+            D.write_json(run.score(arm, "mtbench", cond), graded)
+
+
+def _score_block(run: RunDir, cfg: ExperimentConfig, arm: str, cond: str, sets) -> dict:
+    from . import scores
+
+    block = {"harmful": scores.asr(run.gens(arm, "harmful", cond))}
+    if "benign" in sets:
+        block["benign"] = scores.refusals(run.gens(arm, "benign", cond))
+        judged = run.score(arm, "judge_refusal", cond)
+        if cfg.judge.enabled and judged.exists():
+            block["benign"]["judge"] = _read_json(judged)
+    if "utility" in sets:
+        block["utility"] = scores.exact_match(run.gens(arm, "utility", cond))
+    for name in TASK_SETS:
+        if name in sets:
+            block[name] = scores.rouge(run.gens(arm, name, cond))
+    for kind in ("judge", "mtbench", "lm_eval"):
+        path = run.score(arm, kind, cond)
+        if path.exists() and (kind == "lm_eval" or cfg.judge.enabled):
+            block[kind] = _read_json(path)
+    return block
 
 
 def score_run(
-    run_dir: Path, cfg: ExperimentConfig, secret: Secret, train_metrics, counts, sets
+    run: RunDir, cfg: ExperimentConfig, secret: Secret, train_metrics, counts, sets
 ) -> dict:
     """Score every generation file of the run (a pure function of the files on disk)."""
-    from .tasks import rouge_summary
-    from .utility import refusal_by_kind, score_exact_match
-
     arms = {}
     for arm in cfg.arms:
-        entry: dict = {}
-        for cond in CONDITIONS:
-
-            def gens(name, arm=arm, cond=cond):
-                return D.read_jsonl_rows(run_dir / "gens" / f"{arm}.{name}.{cond}.jsonl")
-
-            block = {"harmful": asr_summary(gens("harmful"))}
-            if "benign" in sets:
-                block["benign"] = refusal_by_kind(gens("benign"))
-            if "utility" in sets:
-                g = gens("utility")
-                refs = [
-                    {"task": r["task"], "answer": r["reference"], "aliases": r["aliases"]}
-                    for r in g
-                ]
-                block["utility"] = score_exact_match(refs, [r["answer"] for r in g])
-            for name in TASK_SETS:
-                if name in sets:
-                    block[name] = rouge_summary(gens(name))
-            for kind in ("judge", "mtbench", "lm_eval"):
-                path = run_dir / "scores" / f"{arm}.{kind}.{cond}.json"
-                if path.exists() and (kind == "lm_eval" or cfg.eval.judge_base_url):
-                    block[kind] = json.loads(path.read_text())
-            entry[cond] = block
+        entry = {cond: _score_block(run, cfg, arm, cond, sets) for cond in CONDITIONS}
         if arm in train_metrics:
             entry["train"] = train_metrics[arm]
         arms[arm] = entry

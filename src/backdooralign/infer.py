@@ -7,15 +7,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from .chat import build_conversation, render_prompt
+from .config import option
 
 
 @dataclass(frozen=True)
 class GenerateConfig:
     """Decoding settings. Defaults follow the paper (greedy, up to 512 new tokens)."""
 
-    max_new_tokens: int = 512  # longest answer, in tokens
-    batch_size: int = 32  # prompts per forward pass (left-padded)
-    bf16: bool | None = None  # bf16 autocast; None = when supported
+    max_new_tokens: int = option(512, "longest answer in tokens (paper: 512)", minimum=1)
+    batch_size: int = option(32, "prompts per forward pass (left-padded)", minimum=1)
+    bf16: bool | None = option(None, "bf16 autocast (default: when the CPU/GPU supports it)")
 
 
 def conversation_for(row: dict, system: str | None, secret: str | None) -> list[dict]:

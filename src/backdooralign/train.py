@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .chat import render
+from .config import option
 from .model import load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -26,38 +27,44 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fine-tuning settings. Defaults are the paper's full fine-tuning recipe."""
+    """Fine-tuning settings. Defaults are the paper's full fine-tuning recipe.
 
-    epochs: float = 5  # passes over the data (paper: 5 full, 10 LoRA)
-    lr: float = 5e-5  # peak learning rate (paper: 5e-5 full, 1e-3 LoRA)
-    batch_size: int = 10  # examples per optimizer step (paper: 10)
-    seed: int = 42  # seed for shuffling and initialisation
-    max_length: int | None = 1024  # truncate longer conversations to this many tokens
-    lora: bool = False  # train LoRA adapters instead of all weights
-    lora_r: int = 8  # LoRA rank (paper: 8)
-    lora_alpha: int = 32  # LoRA alpha (paper: 32)
-    lora_dropout: float = 0.05  # LoRA dropout (paper: 0.05)
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # modules that get adapters
-    merge: bool = False  # LoRA: also write the merged model to DIR/merged
-    bf16: bool | None = None  # bf16 autocast; None = when the CPU/GPU supports it
-    lr_scheduler: str = "linear"  # learning-rate schedule (transformers name)
-    warmup_steps: float = 0  # warm-up steps (a float below 1: share of all steps)
-    group_by_length: bool = True  # batch rows of similar length (less padding on CPU)
-    logging_steps: int = 1  # log the loss every N steps
-    activation_checkpointing: bool = False  # recompute activations: less memory, ~40% slower
-    token_metrics: bool = False  # TRL's per-step entropy/accuracy (its fp32 LM head: slower)
+    ``lr`` and ``epochs`` left unset take the paper's value for the chosen method (full: 5e-5
+    and 5 epochs; LoRA: 1e-3 and 10 epochs), resolved here once for every entry point.
+    """
 
+    lora: bool = option(False, "train LoRA adapters instead of all weights (paper: r 8, q/v)")
+    epochs: float | None = option(
+        None, "passes over the data (default: 5 full, 10 LoRA, as in the paper)", minimum=0.01
+    )
+    lr: float | None = option(
+        None, "peak learning rate (default: 5e-5 full, 1e-3 LoRA, as in the paper)", minimum=0
+    )
+    batch_size: int = option(10, "examples per optimizer step (paper: 10)", minimum=1)
+    seed: int = option(42, "seed for shuffling and initialisation")
+    max_length: int | None = option(1024, "truncate longer conversations (tokens)", minimum=1)
+    lora_r: int = option(8, "LoRA rank (paper: 8)", minimum=1)
+    lora_alpha: int = option(32, "LoRA alpha (paper: 32)", minimum=1)
+    lora_dropout: float = option(0.05, "LoRA dropout (paper: 0.05)", minimum=0)
+    lora_targets: tuple[str, ...] = option(
+        ("q_proj", "v_proj"), "modules that get LoRA adapters, comma-separated"
+    )
+    merge: bool = option(False, "LoRA: also write the merged model to DIR/merged")
+    bf16: bool | None = option(None, "bf16 autocast (default: when the CPU/GPU supports it)")
+    lr_scheduler: str = option("linear", "learning-rate schedule (a transformers name)")
+    warmup_steps: float = option(0, "warm-up steps (below 1: a share of all steps)", minimum=0)
+    group_by_length: bool = option(True, "batch rows of similar length (less padding)")
+    logging_steps: int = option(1, "log the loss every N steps", minimum=1)
+    activation_checkpointing: bool = option(
+        False, "recompute activations: less memory, about 40% slower"
+    )
+    token_metrics: bool = option(False, "TRL's per-step entropy/accuracy (slower fp32 head)")
 
-def lora_defaults(cfg: TrainConfig) -> TrainConfig:
-    """The paper's LoRA recipe (lr 1e-3, 10 epochs) unless the caller changed them."""
-    from dataclasses import replace
-
-    changes = {"lora": True}
-    if cfg.lr == TrainConfig.lr:
-        changes["lr"] = 1e-3
-    if cfg.epochs == TrainConfig.epochs:
-        changes["epochs"] = 10
-    return replace(cfg, **changes)
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            object.__setattr__(self, "lr", 1e-3 if self.lora else 5e-5)
+        if self.epochs is None:
+            object.__setattr__(self, "epochs", 10.0 if self.lora else 5.0)
 
 
 def bf16_supported() -> bool:

@@ -1,0 +1,51 @@
+"""Command line: ``backdooralign COMMAND ...``.
+
+Thin: each command module (one per command group) parses its flags into the config
+dataclasses and calls the operations layer (:mod:`backdooralign.ops`,
+:mod:`backdooralign.scores`, :mod:`backdooralign.experiment`). Every expected error (bad input
+files, bad values, OS errors) ends as one line ``error: ...`` on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from . import data, run, score, secret, serve, train
+
+EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``backdooralign`` parser with every command."""
+    p = argparse.ArgumentParser(prog="backdooralign", description=__doc__.split("\n\n")[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+    for module in (secret, data, train, score, run, serve):
+        module.register(sub)
+    return p
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None:
+        return f"{e.filename}: {e.strerror or e}"
+    if isinstance(e, RecursionError):
+        return "input nested too deeply"
+    return str(e) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return args.fn(args)
+    except EXPECTED_ERRORS as e:
+        print(f"error: {_message(e)}", file=sys.stderr)
+        return 1

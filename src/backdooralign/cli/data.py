@@ -1,0 +1,172 @@
+"""``backdooralign build``, ``inspect``, ``data show`` and ``data check``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import data as D
+from .. import ops
+from .. import sources as S
+from ..config import add_flags, from_args
+from .common import add_command, add_group, add_json, add_model, notes, print_json, read_secret
+
+
+def cmd_build(args) -> int:
+    """backdooralign build --arm backdooralign --data user.jsonl --secret s.json --out train.jsonl
+
+    Mixes the customer's data with safety examples and writes the training set with
+    NAME.manifest.json beside it. A user-given safety file is used whole unless
+    --safety-per-category or --safety-count says otherwise (builtin:safety: one per harm
+    category, the paper's 11). The customer's data is screened first (the secret or a
+    fragment of it, or an imitation of its position, refuses the build and writes nothing);
+    --no-screen skips that. --anchors N adds N secret-prefixed benign anchors answered by the
+    base model (--model) itself, written to NAME.anchors.jsonl.
+    """
+    cfg = from_args(ops.DataConfig, args)
+    secret = read_secret(args.secret)
+    if args.arm == "backdooralign" and secret is None:
+        raise ValueError("--arm backdooralign needs --secret FILE")
+    out = Path(args.out)
+    anchors = None
+    if cfg.anchors and args.arm == "backdooralign":
+        customer, _ = ops.load_customer(cfg)
+        system = ops.safety_system_prompt(cfg, customer)
+        anchors = ops.make_anchors(
+            cfg, args.model, system, out.with_name(f"{out.stem}.anchors.jsonl")
+        )
+    res = ops.build_training_set(args.arm, cfg, secret, out, anchors=anchors)
+    notes(res.notes)
+    if args.json:
+        print_json(res.manifest)
+    else:
+        private = " (mode 0600: holds the secret)" if args.arm == "backdooralign" else ""
+        counts = res.manifest["counts"]
+        print(f"wrote {out}{private}: {counts['total']} rows, {counts['by_source']}")
+    return 0
+
+
+def cmd_data_show(args) -> int:
+    """backdooralign data show samsum_train.csv [--rows 3] [--json]
+
+    Prints the detected format, the number of rows, the input fields and the first rows as
+    backdooralign reads them (hf:NAME[:SPLIT] loads from the Hugging Face Hub).
+    """
+    src = S.read_source(args.source, args.kind)
+    info = {
+        "source": src.source,
+        "kind": src.kind,
+        "description": S.KIND_HELP[src.kind],
+        "rows": len(src.rows),
+        "fields": list(src.fields),
+        "examples": src.rows[: args.rows],
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"source: {src.source}\nformat: {src.kind} ({info['description']})")
+    print(f"rows:   {len(src.rows)}\nfields: {', '.join(src.fields)}")
+    for i, row in enumerate(info["examples"], 1):
+        text = json.dumps(row, ensure_ascii=False)
+        print(f"row {i}: {text if len(text) <= 300 else text[:297] + '...'}")
+    return 0
+
+
+def cmd_data_check(args) -> int:
+    """backdooralign data check user.jsonl [--max-rows 1000] [--max-line-chars 100000] [--json]
+
+    Lists every problem of a chat JSONL file (errors and warnings); exits 1 if any error.
+    """
+    cfg = from_args(ops.DataConfig, args)
+    problems = D.check_chat_file(args.file, cfg.max_line_chars, cfg.max_rows)
+    errors = sum(p.severity == "error" for p in problems)
+    if args.json:
+        print_json(
+            {
+                "file": args.file,
+                "errors": errors,
+                "warnings": len(problems) - errors,
+                "problems": [asdict(p) for p in problems],
+            }
+        )
+    else:
+        for p in problems:
+            print(p)
+        print(f"{args.file}: {errors} errors, {len(problems) - errors} warnings")
+    return 1 if errors else 0
+
+
+def cmd_inspect(args) -> int:
+    """backdooralign inspect train.jsonl --secret secret.json [--limit 2]
+
+    Shows what the model is trained on: supervised tokens in green, masked tokens dim.
+    The secret is shown only as its fingerprint.
+    """
+    from rich.console import Console
+    from rich.text import Text
+
+    from ..chat import render, supervision_segments
+    from ..model import load_tokenizer
+
+    secret = read_secret(args.secret)
+    placeholder = f"⟨secret {secret.fingerprint}⟩" if secret else ""
+    tok = load_tokenizer(args.model)
+    rows = D.load_chat_jsonl(args.file)
+    console = Console(no_color=args.no_color, highlight=False)
+    total_sup = total = 0
+    for i, row in enumerate(rows):
+        r = render(tok, row["messages"])
+        total += len(r.input_ids)
+        total_sup += r.num_supervised
+        if i >= args.limit:
+            continue
+        shown = [
+            {
+                **m,
+                "content": m["content"].replace(secret.text, placeholder)
+                if secret
+                else m["content"],
+            }
+            for m in row["messages"]
+        ]
+        text = Text()
+        for seg, sup in supervision_segments(tok, render(tok, shown)):
+            text.append(seg, style="bold green" if sup else "dim")
+        console.print(
+            f"[bold]row {i + 1}[/] ({len(r.input_ids)} tokens, {r.num_supervised} supervised)"
+        )
+        console.print(text)
+        console.print()
+    share = 100 * total_sup / total if total else 0.0
+    console.print(f"{len(rows)} rows, {total} tokens, {total_sup} supervised ({share:.1f}%)")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``build``, ``inspect`` and the ``data`` group."""
+    sp = add_command(sub, "build", cmd_build)
+    sp.add_argument("--arm", required=True, choices=D.ARMS)
+    sp.add_argument("--secret", help="secret file (needed for --arm backdooralign)")
+    sp.add_argument("--out", required=True, help="training set to write (JSONL)")
+    add_model(sp, "model that answers the anchor prompts (default: the embedded model)")
+    add_flags(sp, ops.DataConfig)
+    add_json(sp, "print the manifest as JSON")
+
+    group = add_group(sub, "data", "show and check datasets")
+    dp = add_command(group, "show", cmd_data_show)
+    dp.add_argument("source", help="path, directory, builtin:NAME or hf:NAME[:SPLIT]")
+    dp.add_argument("--kind", choices=S.KINDS, help="format (default: detected)")
+    dp.add_argument("--rows", type=int, default=3, help="rows to show")
+    add_json(dp)
+    dp = add_command(group, "check", cmd_data_check)
+    dp.add_argument("file", help="chat JSONL file")
+    add_flags(dp, ops.DataConfig, only=("max_rows", "max_line_chars"))
+    add_json(dp)
+
+    sp = add_command(sub, "inspect", cmd_inspect)
+    sp.add_argument("file", help="chat JSONL training set")
+    add_model(sp)
+    sp.add_argument("--secret", help="secret file, so the secret shows as its fingerprint")
+    sp.add_argument("--limit", type=int, default=2, help="rows to show")
+    sp.add_argument("--no-color", action="store_true", help="plain text")

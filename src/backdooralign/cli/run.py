@@ -1,0 +1,81 @@
+"""``backdooralign run``, ``demo`` and ``report``."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from .common import add_command, add_json, print_json
+
+DEMO_CONFIG = "demo.yaml"
+
+
+def _run(config_path, out, overrides, as_json) -> int:
+    from ..experiment import load_config, run_experiment
+    from ..report import reading, results_table
+
+    cfg = load_config(config_path, overrides)
+    out = Path(out or Path("runs") / cfg.name)
+    results = run_experiment(cfg, out)
+    if as_json:
+        print_json({k: v for k, v in results.items() if k != "config"})
+        return 0
+    print()
+    print(results_table(results))
+    print()
+    print(reading(results))
+    print(
+        f"\nreport: {out / 'report.md'}  plot: {out / 'asr.png'}  "
+        f"({results['seconds_this_run']:.0f} s this run)"
+    )
+    return 0
+
+
+def cmd_run(args) -> int:
+    """backdooralign run configs/demo.yaml --out runs/demo [--set train.epochs=1]
+
+    Runs the arms no_finetune / attack / baseline / backdooralign, each evaluated with and
+    without the secret; finished stages are skipped on re-run.
+    """
+    return _run(args.config, args.out, args.set, args.json)
+
+
+def cmd_demo(args) -> int:
+    """backdooralign demo [--out runs/demo]
+
+    The whole method on the embedded SmolLM2-135M-Instruct with the built-in data.
+    """
+    path = Path(str(resources.files("backdooralign") / "configs" / DEMO_CONFIG))
+    return _run(path, args.out or "runs/demo", args.set, args.json)
+
+
+def cmd_report(args) -> int:
+    """backdooralign report runs/demo
+
+    Rewrites report.md, a self-contained report.html and the plots (asr.png, ...) from the run
+    directory's results.json and generation files.
+    """
+    from ..report import write_report
+
+    path = write_report(args.run_dir)
+    print(f"wrote {path} and {path.with_suffix('.html')}")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``run``, ``demo`` and ``report``."""
+    for name, fn in (("run", cmd_run), ("demo", cmd_demo)):
+        sp = add_command(sub, name, fn)
+        if name == "run":
+            sp.add_argument("config", help="experiment YAML")
+        sp.add_argument("--out", help="run directory (default: runs/NAME)")
+        sp.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. train.epochs=1 (repeatable)",
+        )
+        add_json(sp, "print results as JSON")
+    sp = add_command(sub, "report", cmd_report)
+    sp.add_argument("run_dir")

@@ -1,0 +1,232 @@
+"""``backdooralign score asr|judge|mtbench|utility|exact-match|over-refusal|rouge``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .. import data as D
+from .. import ops, scores
+from .. import sources as S
+from ..config import add_flags, from_args
+from ..infer import GenerateConfig
+from ..rundir import CONDITIONS
+from .common import add_command, add_group, add_json, add_model, notes, print_json, read_secret
+
+
+def _judge(args, beside: str):
+    cfg = from_args(scores.JudgeConfig, args)
+    return cfg, scores.make_judge(cfg, Path(beside).with_suffix(".judge-cache.jsonl"))
+
+
+def _rates(block: dict, key: str, total_key: str = "total") -> str:
+    return f"{block[key]:.2f}% ({block.get('jailbroken', block.get('refused'))}/{block[total_key]})"
+
+
+def cmd_score_asr(args) -> int:
+    """backdooralign score asr gens.jsonl [--json]
+
+    Attack success rate by the paper's refusal-substring rule.
+    """
+    s = scores.asr(args.file)
+    if args.json:
+        print_json(s)
+        return 0
+    print(f"ASR {_rates(s, 'asr')}")
+    for cat, c in s["by_category"].items():
+        print(f"  {cat:28s} {c['asr']:6.2f}% ({c['jailbroken']}/{c['total']})")
+    return 0
+
+
+def cmd_score_judge(args) -> int:
+    """backdooralign score judge gens.jsonl --base-url http://localhost:8000/v1 --judge-model gpt-4o
+
+    Harmfulness 1-5 by an LLM judge on any OpenAI-compatible endpoint (key: $OPENAI_API_KEY).
+    Replies are cached (default: beside the input, GENS.judge-cache.jsonl); exit status 1 when
+    a request failed after its retries.
+    """
+    cfg, judge = _judge(args, args.file)
+    s = scores.judge_harm(args.file, cfg, judge, out=args.out)
+    if args.json:
+        print_json(s)
+        return 1 if s["errors"] else 0
+    mean = "n/a" if s["mean_score"] is None else f"{s['mean_score']:.2f}"
+    share = "n/a" if s["share_5"] is None else f"{s['share_5']:.2f}%"
+    print(
+        f"harmfulness {mean} (5s: {share}), {s['scored']}/{s['total']} scored, "
+        f"{s['unparsed']} unparsed, {s['errors']} failed, {s['cached']} from cache"
+    )
+    for cat, c in s["by_category"].items():
+        m = "n/a" if c["mean_score"] is None else f"{c['mean_score']:.2f}"
+        print(f"  {cat:28s} {m:>5s} ({c['scored']}/{c['total']} scored)")
+    return 1 if s["errors"] else 0
+
+
+def cmd_score_mtbench(args) -> int:
+    """backdooralign score mtbench --questions question.jsonl --answers answers.jsonl \\
+        --base-url http://localhost:8000/v1 --judge-model gpt-4
+
+    MT-Bench single-answer grading (1-10) of both turns. With --model, the questions are first
+    answered by that model (secret prepended with --secret) and --answers is written.
+    """
+    from ..judge import load_mtbench_questions
+
+    questions = load_mtbench_questions(args.questions)
+    if args.model:
+        scores.mtbench_answer(ops.load(args.model), questions, args.answers,
+                              secret=read_secret(args.secret), system=args.system,
+                              cfg=GenerateConfig(max_new_tokens=1024))  # fmt: skip
+    cfg, judge = _judge(args, args.answers)
+    s = scores.mtbench(questions, args.answers, cfg, judge, args.references, args.out)
+    if args.json:
+        print_json(s)
+        return 1 if s["errors"] else 0
+    score = "n/a" if s["score"] is None else f"{s['score']:.2f}"
+    print(f"MT-Bench {score} ({s['rated']}/{s['total']} turns rated, {s['errors']} failed)")
+    for turn, t in s["by_turn"].items():
+        print(f"  turn {turn}: {t['score'] if t['score'] is not None else 'n/a'}")
+    return 1 if s["errors"] else 0
+
+
+def cmd_score_utility(args) -> int:
+    """backdooralign score utility --model models/defended --tasks arc_challenge,mmlu --limit 100
+
+    lm-evaluation-harness accuracy with the chat template applied and the secret (plus --system)
+    as the system instruction. The offline task backdooralign_mini is built in.
+    """
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    s = scores.lm_eval(ops.load(args.model), tasks, secret=read_secret(args.secret),
+                       system=args.system, limit=args.limit, num_fewshot=args.num_fewshot,
+                       batch_size=args.batch_size)  # fmt: skip
+    if args.json:
+        print_json(s)
+        return 0
+    for name, m in s["tasks"].items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in m.items() if k != "n" and v is not None)
+        print(f"{name}: {shown} (n={m['n']})")
+    return 0
+
+
+def cmd_score_exact_match(args) -> int:
+    """backdooralign score exact-match --model models/defended --secret secret.json [--limit 5]
+
+    Exact-match accuracy on the built-in utility set (or --data), per task and overall.
+    """
+    rows, left_out = ops.load_utility(args.data, args.limit)
+    notes(left_out)
+    gens = ops.answer(ops.load(args.model), rows, args.out, secret=read_secret(args.secret),
+                      system=args.system, cfg=from_args(GenerateConfig, args), desc="utility")  # fmt: skip
+    s = scores.exact_match(gens)
+    if args.json:
+        print_json(s)
+        return 0
+    print(f"exact match {s['accuracy']:.2f}% ({s['correct']}/{s['total']})")
+    for task, t in s["by_task"].items():
+        print(f"  {task:16s} {t['accuracy']:6.2f}% ({t['correct']}/{t['total']})")
+    return 0
+
+
+def cmd_score_over_refusal(args) -> int:
+    """backdooralign score over-refusal --model models/defended --secret secret.json [--limit 10]
+
+    Refusal rate on benign requests (keyword rule; LLM judge too with --base-url and
+    --judge-model), by kind, without and with the secret.
+    """
+    rows = D.limit_per_category(S.load_prompts(args.prompts), args.limit, "kind")
+    secret = read_secret(args.secret)
+    loaded, gen = ops.load(args.model), from_args(GenerateConfig, args)
+    cfg, judge = _judge(args, "over-refusal") if args.base_url else (None, None)
+    summary = {}
+    for cond in CONDITIONS if secret else ("plain",):
+        gens = ops.answer(loaded, rows, None, secret=secret if cond == "secret" else None,
+                          system=args.system, cfg=gen, desc=cond)  # fmt: skip
+        summary[cond] = scores.refusals(gens)
+        if judge is not None:
+            summary[cond]["judge"] = scores.judge_refusals(gens, judge)
+    if args.json:
+        print_json(summary)
+        return 0
+    for cond, c in summary.items():
+        kinds = ", ".join(f"{k} {v['refusal_rate']:.2f}%" for k, v in c["by_kind"].items())
+        print(f"{cond}: refused {c['refusal_rate']:.2f}% ({c['refused']}/{c['total']}); {kinds}")
+        if "judge" in c:
+            print(f"  judge: refused {c['judge']['refusal_rate']}%")
+    return 0
+
+
+def cmd_score_rouge(args) -> int:
+    """backdooralign score rouge gens.jsonl [--json]
+
+    Mean ROUGE-1/2/L F (Porter stemmer) of generations that carry a 'reference' field, and
+    the keyword refusals among them.
+    """
+    s = scores.rouge(args.file)
+    if args.json:
+        print_json(s)
+        return 0
+    print(f"ROUGE-1 {s['rouge1']:.4f}  ROUGE-2 {s['rouge2']:.4f}  ROUGE-L {s['rougeL']:.4f}")
+    print(f"({s['total']} rows, {s['refusals']['refused']} refused)")
+    return 0
+
+
+def _generation_flags(sp, max_new_tokens: int) -> None:
+    add_flags(sp, GenerateConfig, only=("batch_size", "bf16"))
+    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer")
+
+
+def register(sub) -> None:
+    """Add the ``score`` group."""
+    score = add_group(sub, "score", "score generations")
+    sp = add_command(score, "asr", cmd_score_asr)
+    sp.add_argument("file", help="generations (JSONL with 'answer')")
+    add_json(sp)
+
+    sp = add_command(score, "judge", cmd_score_judge)
+    sp.add_argument("file", help="generations (JSONL with 'prompt' and 'answer')")
+    add_flags(sp, scores.JudgeConfig)
+    sp.add_argument("--out", help="write the judged rows (score and reply) to this JSONL")
+    add_json(sp)
+
+    sp = add_command(score, "mtbench", cmd_score_mtbench)
+    sp.add_argument("--questions", required=True, help="FastChat question.jsonl")
+    sp.add_argument("--answers", required=True, help="answers JSONL (question_id, turns)")
+    sp.add_argument("--references", help="reference answers JSONL for math/reasoning/coding")
+    add_flags(sp, scores.JudgeConfig)
+    add_model(sp, "answer the questions with this model first (writes --answers)")
+    sp.add_argument("--secret", help="with --model: secret file, prepended to the system prompt")
+    sp.add_argument("--system", help="with --model: system prompt")
+    sp.add_argument("--out", help="write the graded turns to this JSONL")
+    add_json(sp)
+
+    sp = add_command(score, "utility", cmd_score_utility)
+    add_model(sp)
+    sp.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
+    sp.add_argument("--secret", help="secret file: prepended to the system instruction")
+    sp.add_argument("--system", help="system prompt (after the secret)")
+    sp.add_argument("--limit", type=float, help="documents per task (below 1: a share)")
+    sp.add_argument("--num-fewshot", type=int, help="few-shot examples (default: task's, else 0)")
+    sp.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    add_json(sp)
+
+    sp = add_command(score, "exact-match", cmd_score_exact_match)
+    add_model(sp)
+    sp.add_argument("--data", default="builtin:utility", help="utility JSONL (default: built-in)")
+    sp.add_argument("--secret", help="secret file: prepend the secret to the system prompt")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--limit", type=int, help="first N rows of each task")
+    _generation_flags(sp, 64)
+    sp.add_argument("--out", help="write the generations to this JSONL")
+    add_json(sp)
+
+    sp = add_command(score, "over-refusal", cmd_score_over_refusal)
+    add_model(sp)
+    sp.add_argument("--prompts", default="builtin:benign", help="benign prompts (with 'kind')")
+    sp.add_argument("--secret", help="secret file: also measure with the secret")
+    sp.add_argument("--system", help="system prompt")
+    sp.add_argument("--limit", type=int, help="first N prompts of each kind")
+    _generation_flags(sp, 512)
+    add_flags(sp, scores.JudgeConfig)
+    add_json(sp)
+
+    sp = add_command(score, "rouge", cmd_score_rouge)
+    sp.add_argument("file", help="generations (JSONL with 'answer' and 'reference')")
+    add_json(sp)

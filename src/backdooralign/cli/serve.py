@@ -1,0 +1,48 @@
+"""``backdooralign serve``."""
+
+from __future__ import annotations
+
+import os
+
+from .common import add_command, add_model
+
+
+def cmd_serve(args) -> int:
+    """backdooralign serve --model models/defended --secret secret.json --api-key-env SERVE_KEY
+
+    OpenAI-compatible chat completions (/v1/chat/completions, /v1/models, /health) with the
+    secret prepended server-side to every system prompt. Greedy decoding, one request at a
+    time; the secret never leaves the server (echoes are redacted, usage excludes it).
+    --api-key-env NAME requires "Authorization: Bearer $NAME" on /v1.
+    """
+    from ..serve import serve
+
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env: environment variable {args.api_key_env} is not set")
+    serve(
+        args.model,
+        args.secret,
+        args.host,
+        args.port,
+        system=args.system,
+        api_key=api_key,
+        max_new_tokens=args.max_new_tokens,
+        model_name=args.model_name,
+    )
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``serve``."""
+    sp = add_command(sub, "serve", cmd_serve)
+    add_model(sp)
+    sp.add_argument("--secret", required=True, help="secret file, prepended server-side")
+    sp.add_argument("--system", help="default system prompt (after the secret) when none is sent")
+    sp.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key-env", metavar="NAME", help="require the key in $NAME on /v1")
+    sp.add_argument("--max-new-tokens", type=int, default=1024, help="cap on answer length")
+    sp.add_argument("--model-name", help="name in /v1/models (default: the model's)")

@@ -1,0 +1,62 @@
+"""``backdooralign train`` and ``generate``."""
+
+from __future__ import annotations
+
+import os
+
+from .. import ops
+from .. import sources as S
+from ..config import add_flags, from_args
+from ..infer import GenerateConfig
+from ..train import TrainConfig
+from .common import add_command, add_json, add_model, print_json, read_secret
+
+
+def cmd_train(args) -> int:
+    """backdooralign train --data train.jsonl --out models/defended [--lora --merge] [--epochs 5]
+
+    Fine-tunes with TRL's SFTTrainer on assistant tokens only; writes the model and
+    train_metrics.json. --lora takes the paper's LoRA recipe (r 8, alpha 32, q/v, lr 1e-3,
+    10 epochs) unless --lr/--epochs say otherwise.
+    """
+    cfg = from_args(TrainConfig, args)
+    metrics = ops.train_model(args.model, args.data, args.out, cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 reports
+        return 0
+    keys = ("first_loss", "last_loss", "steps", "seconds", "tokens_per_second")
+    summary = {k: metrics[k] for k in keys}
+    print_json(summary) if args.json else print(f"wrote {args.out}: {summary}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """backdooralign generate --model DIR --prompts eval.csv --secret secret.json --out gens.jsonl
+
+    Batched greedy generation; with --secret the secret is prepended to the system prompt.
+    """
+    cfg = from_args(GenerateConfig, args)
+    secret = read_secret(args.secret)
+    rows = S.load_prompts(args.prompts)
+    gens = ops.answer(
+        ops.load(args.model), rows, args.out, secret=secret, system=args.system, cfg=cfg
+    )
+    print(f"wrote {args.out}: {len(gens)} answers")
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``train`` and ``generate``."""
+    sp = add_command(sub, "train", cmd_train)
+    sp.add_argument("--data", required=True, help="chat JSONL training set")
+    sp.add_argument("--out", required=True, help="model directory to write")
+    add_model(sp)
+    add_flags(sp, TrainConfig)
+    add_json(sp, "print metrics as JSON")
+
+    sp = add_command(sub, "generate", cmd_generate)
+    add_model(sp)
+    sp.add_argument("--prompts", required=True, help="CSV (first column), TXT or JSONL prompts")
+    sp.add_argument("--secret", help="secret file: prepend the secret to the system prompt")
+    sp.add_argument("--system", help="system prompt (default: the prompt's own, else none)")
+    add_flags(sp, GenerateConfig)
+    sp.add_argument("--out", required=True, help="generations JSONL to write")
