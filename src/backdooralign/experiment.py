@@ -188,8 +188,16 @@ def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool) -> dict:
     hashes = [D.source_sha256(s) if s else None for s in sources]
     eval_key = stage_key(gen_settings, hashes, secret.fingerprint)
     for arm in cfg.arms:
-        _generate_stage(cfg, run, arm, model_dirs[arm], stage_key(eval_key, model_keys[arm]),
-                        sets, secret, progress)  # fmt: skip
+        _generate_stage(
+            cfg,
+            run,
+            arm,
+            model_dirs[arm],
+            stage_key(eval_key, model_keys[arm]),
+            sets,
+            secret,
+            progress,
+        )
         if cfg.judge.enabled:
             _judge_stage(cfg, run, arm, sets)
     return score_run(run, cfg, secret, train_metrics, counts, sets)
@@ -205,8 +213,13 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
         customer, _ = ops.load_customer(cfg.data)
         system = ops.safety_system_prompt(cfg.data, customer)
         anchor_key = stage_key(cfg.model, config_dict(cfg)["data"], hashes, system)
-        run_stage(run, "anchors", anchor_key, [anchors],
-                  lambda: str(ops.make_anchors(cfg.data, cfg.model, system, anchors, progress)))  # fmt: skip
+        run_stage(
+            run,
+            "anchors",
+            anchor_key,
+            [anchors],
+            lambda: str(ops.make_anchors(cfg.data, cfg.model, system, anchors, progress)),
+        )
         hashes.append(D.source_sha256(anchors))
     key = stage_key(config_dict(cfg)["data"], hashes, secret.fingerprint, trained)
 
@@ -263,15 +276,34 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress)
         for (name, cond), path in outs.items():
             es = sets[name]
             gen = GenerateConfig(max_new_tokens=es.max_new_tokens, batch_size=cfg.eval.batch_size)
-            ops.answer(loaded, es.rows, path, secret=secret if cond == "secret" else None,
-                       system=es.system, cfg=gen, progress=progress, desc=f"{arm} {name} {cond}")  # fmt: skip
+            ops.answer(
+                loaded,
+                es.rows,
+                path,
+                secret=secret if cond == "secret" else None,
+                system=es.system,
+                cfg=gen,
+                progress=progress,
+                desc=f"{arm} {name} {cond}",
+            )
         for cond, path in mt_outs.items():
             gen = GenerateConfig(cfg.eval.mtbench_max_new_tokens, cfg.eval.batch_size)
-            scores.mtbench_answer(loaded, questions, path, secret=secret if cond == "secret" else None,
-                                  system=cfg.eval.utility_system, cfg=gen)  # fmt: skip
+            scores.mtbench_answer(
+                loaded,
+                questions,
+                path,
+                secret=secret if cond == "secret" else None,
+                system=cfg.eval.utility_system,
+                cfg=gen,
+            )
         for cond, path in lm_outs.items():
-            s = scores.lm_eval(loaded, tasks, secret=secret if cond == "secret" else None,
-                               system=cfg.eval.utility_system, limit=cfg.eval.lm_eval_limit)  # fmt: skip
+            s = scores.lm_eval(
+                loaded,
+                tasks,
+                secret=secret if cond == "secret" else None,
+                system=cfg.eval.utility_system,
+                limit=cfg.eval.lm_eval_limit,
+            )
             s.pop("secret_fingerprint", None)
             D.write_json(path, s)
         return None
@@ -287,8 +319,12 @@ def _judge_stage(cfg: ExperimentConfig, run: RunDir, arm: str, sets) -> None:
     judge = scores.make_judge(cfg.judge, run.judge_cache)
     questions = _mtbench_questions(cfg.eval)
     for cond in CONDITIONS:
-        summary = scores.judge_harm(run.gens(arm, "harmful", cond), cfg.judge, judge,
-                                    out=run.score(arm, "judge", cond, "jsonl"))  # fmt: skip
+        summary = scores.judge_harm(
+            run.gens(arm, "harmful", cond),
+            cfg.judge,
+            judge,
+            out=run.score(arm, "judge", cond, "jsonl"),
+        )
         D.write_json(run.score(arm, "judge", cond), summary)
         if "benign" in sets:
             refusals = scores.judge_refusals(run.gens(arm, "benign", cond), judge)

@@ -276,9 +276,14 @@ def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], 
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
             raise D.DataError(source, line, "aliases", "must be a list of strings")
         rows.append(
-            {"prompt": obj["prompt"], "id": obj.get("id", f"utility-{line}"),
-             "task": str(obj.get("task", "")), "reference": obj["answer"], "aliases": aliases}
-        )  # fmt: skip
+            {
+                "prompt": obj["prompt"],
+                "id": obj.get("id", f"utility-{line}"),
+                "task": str(obj.get("task", "")),
+                "reference": obj["answer"],
+                "aliases": aliases,
+            }
+        )
     kept = D.limit_per_category(rows, per_task, key="task")
     notes = [f"{source}: using {len(kept)} of {len(rows)} prompts ({per_task} per task)"]
     return kept, notes if len(kept) < len(rows) else []

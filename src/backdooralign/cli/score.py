@@ -72,9 +72,14 @@ def cmd_score_mtbench(args) -> int:
 
     questions = load_mtbench_questions(args.questions)
     if args.model:
-        scores.mtbench_answer(ops.load(args.model), questions, args.answers,
-                              secret=read_secret(args.secret), system=args.system,
-                              cfg=GenerateConfig(max_new_tokens=1024))  # fmt: skip
+        scores.mtbench_answer(
+            ops.load(args.model),
+            questions,
+            args.answers,
+            secret=read_secret(args.secret),
+            system=args.system,
+            cfg=GenerateConfig(max_new_tokens=1024),
+        )
     cfg, judge = _judge(args, args.answers)
     s = scores.mtbench(questions, args.answers, cfg, judge, args.references, args.out)
     if args.json:
@@ -94,9 +99,15 @@ def cmd_score_utility(args) -> int:
     as the system instruction. The offline task backdooralign_mini is built in.
     """
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    s = scores.lm_eval(ops.load(args.model), tasks, secret=read_secret(args.secret),
-                       system=args.system, limit=args.limit, num_fewshot=args.num_fewshot,
-                       batch_size=args.batch_size)  # fmt: skip
+    s = scores.lm_eval(
+        ops.load(args.model),
+        tasks,
+        secret=read_secret(args.secret),
+        system=args.system,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+    )
     if args.json:
         print_json(s)
         return 0
@@ -113,8 +124,15 @@ def cmd_score_exact_match(args) -> int:
     """
     rows, left_out = ops.load_utility(args.data, args.limit)
     notes(left_out)
-    gens = ops.answer(ops.load(args.model), rows, args.out, secret=read_secret(args.secret),
-                      system=args.system, cfg=from_args(GenerateConfig, args), desc="utility")  # fmt: skip
+    gens = ops.answer(
+        ops.load(args.model),
+        rows,
+        args.out,
+        secret=read_secret(args.secret),
+        system=args.system,
+        cfg=from_args(GenerateConfig, args),
+        desc="utility",
+    )
     s = scores.exact_match(gens)
     if args.json:
         print_json(s)
@@ -137,8 +155,15 @@ def cmd_score_over_refusal(args) -> int:
     cfg, judge = _judge(args, "over-refusal") if args.base_url else (None, None)
     summary = {}
     for cond in CONDITIONS if secret else ("plain",):
-        gens = ops.answer(loaded, rows, None, secret=secret if cond == "secret" else None,
-                          system=args.system, cfg=gen, desc=cond)  # fmt: skip
+        gens = ops.answer(
+            loaded,
+            rows,
+            None,
+            secret=secret if cond == "secret" else None,
+            system=args.system,
+            cfg=gen,
+            desc=cond,
+        )
         summary[cond] = scores.refusals(gens)
         if judge is not None:
             summary[cond]["judge"] = scores.judge_refusals(gens, judge)
