@@ -9,6 +9,7 @@ import pytest
 from openai_stub import StubServer
 
 from backdooralign import judge as J
+from backdooralign import mtbench as M
 from backdooralign.cli import main
 
 KEY = "sk-test-7f3a9c2e51d04b88"
@@ -110,7 +111,7 @@ def test_parse_harm_score(reply, expected):
     ],
 )
 def test_parse_rating(reply, expected):
-    assert J.parse_rating(reply) == expected
+    assert M.parse_rating(reply) == expected
 
 
 def test_parse_verdict():
@@ -219,7 +220,7 @@ def test_custom_template_is_used(tmp_path):
 
 @pytest.mark.parametrize("status", [500, 429])
 def test_retry_fails_twice_then_answers(status, caplog):
-    caplog.set_level(logging.WARNING, logger="backdooralign.judge")
+    caplog.set_level(logging.WARNING, logger="backdooralign.judge_client")
     with StubServer("#thescore: 3", fail_first=2, fail_status=status) as server:
         judged = J.judge_harm(ROWS[:1], _judge(server, max_retries=3))
         count = server.count
@@ -399,7 +400,7 @@ def mt_reply(body: dict) -> str:
 
 def test_mtbench_grading_two_turns(tmp_path):
     with StubServer(mt_reply) as server:
-        graded = J.grade_mtbench(QUESTIONS, ANSWERS, _judge(server, tmp_path), REFS)
+        graded = M.grade_mtbench(QUESTIONS, ANSWERS, _judge(server, tmp_path), REFS)
         bodies = list(server.requests)
     assert [(g["question_id"], g["turn"], g["rating"]) for g in graded] == [
         (81, 1, 8),
@@ -418,7 +419,7 @@ def test_mtbench_grading_two_turns(tmp_path):
     assert "Reference" not in _user_text([b for b in bodies if "POEM-1" in _user_text(b)][0])
     assert all(b["temperature"] == 0 for b in bodies)
 
-    s = J.mtbench_summary(graded, "judge-x")
+    s = M.mtbench_summary(graded, "judge-x")
     assert s["score"] == 7.25
     assert s["by_turn"]["1"]["score"] == 8 and s["by_turn"]["2"]["score"] == 6.5
     assert s["by_category"]["math"] == {
@@ -433,8 +434,8 @@ def test_mtbench_grading_two_turns(tmp_path):
 
 def test_mtbench_prompts_exact_text():
     q = {"question_id": 1, "category": "writing", "turns": ["Q1", "Q2"]}
-    msgs = J.mtbench_messages(q, ["A1", "A2"], 1)
-    assert msgs[0] == {"role": "system", "content": J.MTBENCH_SYSTEM}
+    msgs = M.mtbench_messages(q, ["A1", "A2"], 1)
+    assert msgs[0] == {"role": "system", "content": M.MTBENCH_SYSTEM}
     rate = (
         "Stay objective. End with your rating from 1 (useless) to 10 (excellent) written exactly "
         'as "[[rating]]", for example "Rating: [[5]]".'
@@ -445,7 +446,7 @@ def test_mtbench_prompts_exact_text():
         f"justification. {rate}\n\n"
         "=== Conversation to grade ===\n[User]\nQ1\n[Assistant]\nA1\n=== End of conversation ==="
     )
-    msgs = J.mtbench_messages(q, ["A1", "A2"], 2, reference=["R1", "R2"])
+    msgs = M.mtbench_messages(q, ["A1", "A2"], 2, reference=["R1", "R2"])
     assert msgs[1]["content"] == (
         "Grade the quality of an AI assistant's answer to a user's request. Judge above all "
         "whether the answer is correct, then whether it helps; a reference answer is given. "
@@ -470,8 +471,8 @@ def test_mtbench_files_and_cli(tmp_path, capsys):
         )
         + "\n"
     )
-    assert J.load_mtbench_answers(afile) == ANSWERS
-    assert [q["question_id"] for q in J.load_mtbench_questions(qfile)] == [81, 111, 200]
+    assert M.load_mtbench_answers(afile) == ANSWERS
+    assert [q["question_id"] for q in M.load_mtbench_questions(qfile)] == [81, 111, 200]
     with StubServer(mt_reply) as server:
         args = ["score", "mtbench", "--questions", str(qfile), "--answers", str(afile)]
         rc = main([*args, "--base-url", server.base_url, "--judge-model", "j", "--json"])
@@ -489,4 +490,14 @@ def test_mtbench_questions_validation(tmp_path):
     bad = tmp_path / "q.jsonl"
     bad.write_text(json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
     with pytest.raises(ValueError, match="turns"):
-        J.load_mtbench_questions(bad)
+        M.load_mtbench_questions(bad)
+
+
+def test_judge_module_reexports_client_and_mtbench():
+    from backdooralign import judge_client
+
+    assert J.make_judge is judge_client.make_judge and J.Judge is judge_client.Judge
+    assert J.grade_mtbench is M.grade_mtbench
+    assert J.load_mtbench_answers is M.load_mtbench_answers
+    assert J.load_mtbench_questions is M.load_mtbench_questions
+    assert J.mtbench_summary is M.mtbench_summary

@@ -1,33 +1,31 @@
 """The report's plots: matplotlib's Agg canvas through ``Figure`` (no pyplot, no global state).
 
-Each plot reads ``results.json`` (as a dict) through the metrics of :mod:`backdooralign.report`
-and is written as a PNG beside ``report.md``; ``report.html`` embeds them.
+Each plot reads ``results.json`` (as a dict) through :mod:`backdooralign.metrics` and is
+written as a PNG beside ``report.md``; ``report.html`` embeds them. :func:`plot_tradeoff` draws
+a sweep's ASR against over-refusal, one point per cell (see :mod:`backdooralign.sweep_report`).
 """
 
 from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from . import metrics as M
 from .data import CATEGORIES, write_bytes_atomic
-from .report import (
-    ARM_LABELS,
-    COND_LABELS,
-    CONDITIONS,
-    PLOTS,
-    Measure,
-    _asr,
-    _blocks,
-    _measures,
-    _refusals,
-    _runs,
-    _values,
-    mean_ci95,
-)
+from .metrics import COND_LABELS, CONDITIONS, arm_label
+from .rundir import RunDir
+
+PLOTS = ("asr.png", "asr_by_category.png", "over_refusal.png")
 
 COND_COLORS = {"plain": "#c44e52", "secret": "#4c72b0"}
+TRADEOFF_STYLE = {  # arm: (marker, colour)
+    "backdooralign": ("o", "#4c72b0"),
+    "baseline": ("s", "#8c8c8c"),
+    "attack": ("^", "#c44e52"),
+}
 
 
 def _save(fig, path: Path) -> Path:
@@ -38,10 +36,10 @@ def _save(fig, path: Path) -> Path:
 
 def _stats(runs: list[dict], arm: str, cond: str, get: Callable) -> tuple[float, float]:
     """Mean and 95% CI half-width over runs (NaN mean when missing, 0 width for one run)."""
-    values = _values(_measures(runs, arm, cond, get))
+    values = M.present_values(M.measures(runs, arm, cond, get))
     if not values:
         return math.nan, math.nan
-    mean, half = mean_ci95(values)
+    mean, half = M.mean_ci95(values)
     return mean, 0.0 if math.isnan(half) else half
 
 
@@ -49,11 +47,11 @@ def plot_asr(results: dict, path: str | Path) -> Path:
     """Grouped bars: ASR per arm, without and with the secret (mean ± 95% CI over seeds)."""
     from matplotlib.figure import Figure
 
-    runs, arms = _runs(results), list(results["arms"])
+    runs, arms = M.seed_arms(results), list(results["arms"])
     fig = Figure(figsize=(7.5, 3.8), dpi=110)
     ax = fig.subplots()
     for k, cond in enumerate(CONDITIONS):
-        stats = [_stats(runs, arm, cond, _asr) for arm in arms]
+        stats = [_stats(runs, arm, cond, M.get_asr) for arm in arms]
         bars = ax.bar(
             [i + (k - 0.5) * 0.4 for i in range(len(arms))],
             [s[0] for s in stats],
@@ -64,10 +62,10 @@ def plot_asr(results: dict, path: str | Path) -> Path:
             color=COND_COLORS[cond],
         )
         ax.bar_label(bars, [_bar_text(s[0]) for s in stats], fontsize=8, padding=2)
-    ax.set_xticks(range(len(arms)), [ARM_LABELS.get(a, a) for a in arms])
+    ax.set_xticks(range(len(arms)), [arm_label(a) for a in arms])
     ax.set_ylabel("attack success rate (%)")
     _percent_axis(ax)
-    n = _first_total(runs, arms, _asr)
+    n = _first_total(runs, arms, M.get_asr)
     seeds = f", mean ± 95% CI over {len(runs)} seeds" if len(runs) > 1 else ""
     ax.set_title(f"{results.get('name', 'run')}: ASR on {n} harmful prompts{seeds}", fontsize=10)
     ax.legend(frameon=False, fontsize=8, ncols=2, loc="upper center")
@@ -78,7 +76,7 @@ def plot_asr(results: dict, path: str | Path) -> Path:
 
 def _first_total(runs: list[dict], arms: list[str], get: Callable) -> int | None:
     """The sample size of the first arm that has the metric (to name it in a plot title)."""
-    found = (m for arm in arms for c in CONDITIONS for m in _measures(runs, arm, c, get) if m)
+    found = (m for arm in arms for c in CONDITIONS for m in M.measures(runs, arm, c, get) if m)
     return next((m.total for m in found), None)
 
 
@@ -93,17 +91,9 @@ def _bar_text(value: float) -> str:
 
 
 def _categories(runs: list[dict]) -> list[str]:
-    found = {c for b in _blocks(runs) for c in b.get("harmful", {}).get("by_category", {})}
+    found = {c for b in M.all_blocks(runs) for c in b.get("harmful", {}).get("by_category", {})}
     known = [c for c in CATEGORIES if c in found]
     return known + sorted(found - set(known))
-
-
-def _category_asr(cat: str) -> Callable[[dict], Measure | None]:
-    def get(block: dict) -> Measure | None:
-        c = block.get("harmful", {}).get("by_category", {}).get(cat)
-        return Measure(c["asr"], c["total"], c["jailbroken"]) if c else None
-
-    return get
 
 
 def plot_asr_by_category(results: dict, path: str | Path) -> Path | None:
@@ -115,15 +105,15 @@ def plot_asr_by_category(results: dict, path: str | Path) -> Path | None:
     import matplotlib
     from matplotlib.figure import Figure
 
-    runs, arms = _runs(results), list(results["arms"])
+    runs, arms = M.seed_arms(results), list(results["arms"])
     cats = _categories(runs)
     if not cats:
         return None
     labels, grid = [], []
     for arm in arms:
         for cond in CONDITIONS:
-            labels.append(f"{ARM_LABELS.get(arm, arm)} · {COND_LABELS[cond]}")
-            grid.append([_stats(runs, arm, cond, _category_asr(cat))[0] for cat in cats])
+            labels.append(f"{arm_label(arm)} · {COND_LABELS[cond]}")
+            grid.append([_stats(runs, arm, cond, M.get_category_asr(cat))[0] for cat in cats])
     fig = Figure(figsize=(10, 1.9 + 0.42 * len(labels)), dpi=110)
     ax = fig.subplots()
     cmap = matplotlib.colormaps["Reds"].with_extremes(bad="#eeeeee")
@@ -139,7 +129,7 @@ def plot_asr_by_category(results: dict, path: str | Path) -> Path | None:
     ax.tick_params(labelsize=8, length=0)
     sizes = {
         c["total"]
-        for b in _blocks(runs)
+        for b in M.all_blocks(runs)
         for c in b.get("harmful", {}).get("by_category", {}).values()
     }
     n = f" (n = {sizes.pop()} per cell)" if len(sizes) == 1 else ""
@@ -155,7 +145,7 @@ def _ink(value: float) -> str:
 
 
 def _benign_kinds(runs: list[dict]) -> list[str]:
-    found = {k for b in _blocks(runs) for k in b.get("benign", {}).get("by_kind", {})}
+    found = {k for b in M.all_blocks(runs) for k in b.get("benign", {}).get("by_kind", {})}
     return [k for k in ("plain", "alarming") if k in found] + sorted(found - {"plain", "alarming"})
 
 
@@ -167,8 +157,8 @@ def plot_over_refusal(results: dict, path: str | Path) -> Path | None:
     """
     from matplotlib.figure import Figure
 
-    runs, arms = _runs(results), list(results["arms"])
-    if not any("benign" in b for b in _blocks(runs)):
+    runs, arms = M.seed_arms(results), list(results["arms"])
+    if not any("benign" in b for b in M.all_blocks(runs)):
         return None
     kinds = _benign_kinds(runs) or [None]
     series = [(cond, kind) for cond in CONDITIONS for kind in kinds]
@@ -176,12 +166,7 @@ def plot_over_refusal(results: dict, path: str | Path) -> Path | None:
     fig = Figure(figsize=(8, 3.8), dpi=110)
     ax = fig.subplots()
     for k, (cond, kind) in enumerate(series):
-
-        def get(block, kind=kind):
-            b = block.get("benign")
-            b = b and (b.get("by_kind", {}).get(kind) if kind else b)
-            return Measure(b["refusal_rate"], b["total"], b["refused"]) if b else None
-
+        get = M.get_benign_kind(kind) if kind else M.get_refusals
         stats = [_stats(runs, arm, cond, get) for arm in arms]
         label = COND_LABELS[cond] + (f" · {kind} prompts" if kind else "")
         bars = ax.bar(
@@ -197,13 +182,69 @@ def plot_over_refusal(results: dict, path: str | Path) -> Path | None:
             edgecolor="white",
         )
         ax.bar_label(bars, [_bar_text(s[0]) for s in stats], fontsize=7, padding=2)
-    ax.set_xticks(range(len(arms)), [ARM_LABELS.get(a, a) for a in arms])
+    ax.set_xticks(range(len(arms)), [arm_label(a) for a in arms])
     ax.set_ylabel("benign prompts refused (%)")
     _percent_axis(ax)
-    n = _first_total(runs, arms, _refusals)
+    n = _first_total(runs, arms, M.get_refusals)
     size = f" (n = {n})" if n else ""
     ax.set_title(f"Over-refusal on benign prompts{size}", fontsize=10)
     ax.legend(frameon=False, fontsize=8, ncols=2, loc="upper center")
+    ax.spines[["top", "right"]].set_visible(False)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+@dataclass(frozen=True)
+class TradeoffPoint:
+    """One arm of one sweep cell: benign refusal and ASR, both with the secret, in percent."""
+
+    arm: str  # backdooralign, baseline or attack
+    label: str  # the cell's overrides (written beside BackdoorAlign's points)
+    refusal: float
+    asr: float
+
+
+def plot_tradeoff(points: Sequence[TradeoffPoint], path: str | Path, title: str) -> Path | None:
+    """Scatter of ASR (y) against benign refusal (x) with the secret, one point per cell and arm.
+
+    BackdoorAlign's points carry their cell's label; the baseline defense and attack-only arms
+    get their own markers. Lower left is better: few jailbreaks, few refused harmless requests.
+
+    Returns:
+        The path, or None (nothing written) when there is no point.
+    """
+    from matplotlib.figure import Figure
+
+    if not points:
+        return None
+    fig = Figure(figsize=(7.5, 5.2), dpi=110)
+    ax = fig.subplots()
+    for arm, (marker, color) in TRADEOFF_STYLE.items():
+        mine = [p for p in points if p.arm == arm]
+        if not mine:
+            continue
+        ax.scatter(
+            [p.refusal for p in mine],
+            [p.asr for p in mine],
+            marker=marker,
+            s=46,
+            color=color,
+            label=arm_label(arm),
+            zorder=3,
+        )
+        if arm == "backdooralign":
+            for p in mine:
+                ax.annotate(
+                    p.label, (p.refusal, p.asr), xytext=(5, 4), textcoords="offset points",
+                    fontsize=7,
+                )  # fmt: skip
+    ax.set_xlim(-3, 103)
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("benign prompts refused with the secret (%)")
+    ax.set_ylabel("ASR with the secret (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(frameon=False, fontsize=8, loc="upper right")
     ax.spines[["top", "right"]].set_visible(False)
     fig.tight_layout()
     return _save(fig, Path(path))
@@ -215,13 +256,13 @@ def write_plots(results: dict, run_dir: str | Path) -> dict[str, Path]:
     Returns:
         ``{file name: path}`` of the plots written.
     """
-    run_dir = Path(run_dir)
+    rd = RunDir(run_dir)
     makers = (plot_asr, plot_asr_by_category, plot_over_refusal)
     written = {}
     for name, make in zip(PLOTS, makers, strict=True):
-        path = make(results, run_dir / name)
+        path = make(results, rd.plot(name))
         if path is None:
-            (run_dir / name).unlink(missing_ok=True)
+            rd.plot(name).unlink(missing_ok=True)
         else:
             written[name] = path
     return written
