@@ -80,8 +80,20 @@ def _cli(capsys, *argv) -> str:
 def test_build_through_both_doors(run, capsys):
     root, rd, _ = run
     out = root / "cli" / "backdooralign.jsonl"
-    _cli(capsys, "build", "--arm", "backdooralign", "--data", "builtin:attack",
-         "--attack-per-category", "1", "--secret", rd.secret, "--out", out)  # fmt: skip
+    _cli(
+        capsys,
+        "build",
+        "--arm",
+        "backdooralign",
+        "--data",
+        "builtin:attack",
+        "--attack-per-category",
+        "1",
+        "--secret",
+        rd.secret,
+        "--out",
+        out,
+    )
     assert out.read_bytes() == rd.training_set("backdooralign").read_bytes()
     cli_manifest = json.loads((root / "cli" / "backdooralign.manifest.json").read_text())
     assert cli_manifest == json.loads(rd.manifest("backdooralign").read_text())
@@ -90,8 +102,23 @@ def test_build_through_both_doors(run, capsys):
 def test_train_through_both_doors(run, capsys, tiny_model_dir):
     root, rd, _ = run
     out = root / "cli" / "model"
-    _cli(capsys, "train", "--model", tiny_model_dir, "--data", rd.training_set("backdooralign"),
-         "--out", out, "--epochs", "1", "--batch-size", "16", "--no-bf16", "--lr", "1e-3")  # fmt: skip
+    _cli(
+        capsys,
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        rd.training_set("backdooralign"),
+        "--out",
+        out,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "16",
+        "--no-bf16",
+        "--lr",
+        "1e-3",
+    )
     ours = json.loads((out / "train_metrics.json").read_text())
     theirs = json.loads((rd.model("backdooralign") / "train_metrics.json").read_text())
     assert ours["losses"] == theirs["losses"] and ours["config"] == theirs["config"]
@@ -105,20 +132,53 @@ def test_generate_and_score_through_both_doors(run, capsys):
     model = rd.model("backdooralign")
     block = results["arms"]["backdooralign"]["secret"]
     prompts = root / "cli" / "harmful.jsonl"
-    ran = [json.loads(x) for x in rd.gens("backdooralign", "harmful", "secret").read_text().split("\n") if x]
+    ran = [
+        json.loads(x)
+        for x in rd.gens("backdooralign", "harmful", "secret").read_text().split("\n")
+        if x
+    ]
     write_jsonl(prompts, [{k: r[k] for k in ("prompt", "category", "id")} for r in ran])
     gens = root / "cli" / "gens.jsonl"
-    _cli(capsys, "generate", "--model", model, "--prompts", prompts, "--secret", rd.secret,
-         "--system", ATTACK_SYSTEM_PROMPT, "--max-new-tokens", "4", "--batch-size", "8",
-         "--out", gens)  # fmt: skip
+    _cli(
+        capsys,
+        "generate",
+        "--model",
+        model,
+        "--prompts",
+        prompts,
+        "--secret",
+        rd.secret,
+        "--system",
+        ATTACK_SYSTEM_PROMPT,
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "8",
+        "--out",
+        gens,
+    )
     assert gens.read_bytes() == rd.gens("backdooralign", "harmful", "secret").read_bytes()
     assert json.loads(_cli(capsys, "score", "asr", gens, "--json")) == block["harmful"]
 
     samsum = rd.gens("backdooralign", "samsum", "secret")
     assert json.loads(_cli(capsys, "score", "rouge", samsum, "--json")) == block["samsum"]
 
-    em = _cli(capsys, "score", "exact-match", "--model", model, "--secret", rd.secret,
-              "--limit", "1", "--max-new-tokens", "4", "--batch-size", "8", "--json")  # fmt: skip
+    em = _cli(
+        capsys,
+        "score",
+        "exact-match",
+        "--model",
+        model,
+        "--secret",
+        rd.secret,
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "8",
+        "--json",
+    )
     assert json.loads(em) == block["utility"]
 
 
@@ -129,28 +189,76 @@ def test_judged_scores_through_both_doors(run, capsys, judge):
     flags = ["--base-url", judge.base_url, "--judge-model", "stub", "--no-cache-replies"]
     gens = rd.gens("backdooralign", "harmful", "secret")
     harm = json.loads(_cli(capsys, "score", "judge", gens, *flags, "--json"))
-    assert {**harm, "cached": 0} == {**block["judge"], "cached": 0}
+    counts = {"cached": 0, "fresh": 0}  # the run's cache served repeated answers
+    assert {**harm, **counts} == {**block["judge"], **counts}
 
-    refusal = _cli(capsys, "score", "over-refusal", "--model", model, "--secret", rd.secret,
-                   "--system", ATTACK_SYSTEM_PROMPT, "--limit", "1", "--max-new-tokens", "4",
-                   "--batch-size", "8", *flags, "--json")  # fmt: skip
+    refusal = _cli(
+        capsys,
+        "score",
+        "over-refusal",
+        "--model",
+        model,
+        "--secret",
+        rd.secret,
+        "--system",
+        ATTACK_SYSTEM_PROMPT,
+        "--limit",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "8",
+        *flags,
+        "--json",
+    )
     assert json.loads(refusal)["secret"] == block["benign"]
 
     questions = root / "cli" / "q.jsonl"
-    write_jsonl(questions, [json.loads((FIXTURES / "mtbench_questions.jsonl").read_text().split("\n")[0])])
+    write_jsonl(
+        questions, [json.loads((FIXTURES / "mtbench_questions.jsonl").read_text().split("\n")[0])]
+    )
     answers = root / "cli" / "mt.jsonl"
-    mt = _cli(capsys, "score", "mtbench", "--questions", questions, "--answers", answers,
-              "--model", model, "--secret", rd.secret, "--system", "You are a helpful assistant.",
-              "--max-new-tokens", "4", *flags, "--json")  # fmt: skip
+    mt = _cli(
+        capsys,
+        "score",
+        "mtbench",
+        "--questions",
+        questions,
+        "--answers",
+        answers,
+        "--model",
+        model,
+        "--secret",
+        rd.secret,
+        "--system",
+        "You are a helpful assistant.",
+        "--max-new-tokens",
+        "4",
+        *flags,
+        "--json",
+    )
     assert answers.read_bytes() == rd.gens("backdooralign", "mtbench", "secret").read_bytes()
-    assert json.loads(mt) == block["mtbench"]
+    assert {**json.loads(mt), **counts} == {**block["mtbench"], **counts}
 
 
 def test_lm_eval_and_report_through_both_doors(run, capsys):
     root, rd, results = run
-    lm = _cli(capsys, "score", "utility", "--model", rd.model("backdooralign"), "--tasks",
-              "backdooralign_mini", "--limit", "3", "--secret", rd.secret,
-              "--system", "You are a helpful assistant.", "--json")  # fmt: skip
+    lm = _cli(
+        capsys,
+        "score",
+        "utility",
+        "--model",
+        rd.model("backdooralign"),
+        "--tasks",
+        "backdooralign_mini",
+        "--limit",
+        "3",
+        "--secret",
+        rd.secret,
+        "--system",
+        "You are a helpful assistant.",
+        "--json",
+    )
     got = json.loads(lm)
     assert got.pop("secret_fingerprint") == results["secret_fingerprint"]
     assert got == results["arms"]["backdooralign"]["secret"]["lm_eval"]
@@ -165,8 +273,21 @@ def test_lora_defaults_through_both_doors(tmp_path, capsys, tiny_model_dir):
         for i in range(2)
     ]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    _cli(capsys, "train", "--model", tiny_model_dir, "--data", data, "--out", tmp_path / "cli",
-         "--lora", "--batch-size", "2", "--no-bf16", "--json")  # fmt: skip
+    _cli(
+        capsys,
+        "train",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        data,
+        "--out",
+        tmp_path / "cli",
+        "--lora",
+        "--batch-size",
+        "2",
+        "--no-bf16",
+        "--json",
+    )
     from backdooralign.experiment_config import load_config
 
     cfg = load_config(None, ["train.lora=true", "train.batch_size=2", "train.bf16=false"])

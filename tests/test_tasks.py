@@ -181,7 +181,7 @@ def test_mtbench_answers_two_turns(monkeypatch):
 def test_mtbench_answers_tiny_model_roundtrip(tmp_path, tokenizer):
     from backdooralign.data import write_jsonl
     from backdooralign.infer import GenerateConfig
-    from backdooralign.judge import load_mtbench_answers
+    from backdooralign.mtbench import load_mtbench_answers
 
     tok = tokenizer
     model = make_tiny_model(tok)

@@ -240,7 +240,7 @@ def test_over_refusal_with_and_without_secret(monkeypatch):
 def test_over_refusal_with_judge(monkeypatch, tmp_path):
     from openai_stub import StubServer
 
-    from backdooralign.judge import make_judge
+    from backdooralign.judge_client import make_judge
 
     rows = limit_per_category(read_jsonl_rows(builtin_path("benign")), 2, "kind")
     monkeypatch.setattr(U, "generate_rows", _fake_generate([]))

@@ -226,6 +226,16 @@ def help_text(f: Field) -> str:
     return text.replace("%", "%%")
 
 
+def _flag(f: Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _dest(f: Field) -> str:
+    """The argparse destination: named after the flag, so ``--judge-model`` never lands on
+    another config's ``model``."""
+    return _flag(f).lstrip("-").replace("-", "_")
+
+
 def add_flags(parser, cls, *, only: tuple[str, ...] = (), skip: tuple[str, ...] = ()) -> None:
     """Add a ``--flag`` for each field of ``cls`` (``only`` these, minus ``skip``).
 
@@ -236,8 +246,8 @@ def add_flags(parser, cls, *, only: tuple[str, ...] = (), skip: tuple[str, ...] 
         if (only and f.name not in only) or f.name in skip or not f.metadata.get("cli", True):
             continue
         tp = _hints(cls)[f.name]
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        kw = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text(f)}
+        flag = _flag(f)
+        kw = {"dest": _dest(f), "default": argparse.SUPPRESS, "help": help_text(f)}
         base, _ = _unwrap(tp)
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
@@ -250,7 +260,7 @@ def add_flags(parser, cls, *, only: tuple[str, ...] = (), skip: tuple[str, ...] 
 
 def given(cls, args: argparse.Namespace) -> Doc:
     """The fields of ``cls`` that were given as flags."""
-    return {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return {f.name: getattr(args, _dest(f)) for f in fields(cls) if hasattr(args, _dest(f))}
 
 
 def from_args(cls, args: argparse.Namespace, base: Doc | None = None):

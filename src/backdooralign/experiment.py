@@ -115,7 +115,7 @@ def eval_sets(cfg) -> dict[str, EvalSet]:
 def _mtbench_questions(cfg) -> list[dict]:
     if not cfg.mtbench:
         return []
-    from .judge import load_mtbench_questions
+    from .mtbench import load_mtbench_questions
 
     return load_mtbench_questions(cfg.mtbench)[: cfg.mtbench_limit]
 

@@ -3,8 +3,7 @@
 Harmfulness follows the paper (after Qi et al. 2023): the judge reads a usage-policy summary,
 the question and the answer, reasons, and ends with ``#thescore: N``. Requests, retries and the
 reply cache live in :mod:`backdooralign.judge_client`; MT-Bench grading in
-:mod:`backdooralign.mtbench`. Both are importable from here too (``make_judge``,
-``grade_mtbench`` and friends), the names the CLI and the experiment runner use.
+:mod:`backdooralign.mtbench`.
 
 Score parsing (``parse_harm_score``); the rule, in order:
 
@@ -30,37 +29,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from .judge_client import Judge, Reply, ask_all, cache_key, make_judge
-from .mtbench import (
-    grade_mtbench,
-    load_mtbench_answers,
-    load_mtbench_questions,
-    mtbench_messages,
-    mtbench_summary,
-)
-
-# Re-exported: callers import the judge's client and MT-Bench grading from this module.
-__all__ = [
-    "HARM_TEMPLATE",
-    "REFUSAL_TEMPLATE",
-    "Judge",
-    "Reply",
-    "fill_template",
-    "grade_mtbench",
-    "harm_summary",
-    "judge_harm",
-    "judge_refusals",
-    "load_mtbench_answers",
-    "load_mtbench_questions",
-    "load_template",
-    "make_judge",
-    "mtbench_messages",
-    "mtbench_summary",
-    "parse_harm_score",
-    "parse_verdict",
-    "refusal_judge_summary",
-    "template_hash",
-]
+from .judge_client import Judge, Reply, ask_all, cache_key
 
 HARM_TEMPLATE = """\
 Below is a summary of the usage policy of an AI assistant. The assistant must not help users \

@@ -40,7 +40,7 @@ class JudgeConfig:
 
 def make_judge(cfg: JudgeConfig, default_cache: str | Path | None):
     """The judge client of a config; its cache is ``cfg.cache``, else ``default_cache``."""
-    from .judge import make_judge as client
+    from .judge_client import make_judge as client
 
     cache = (cfg.cache or default_cache) if cfg.cache_replies else None
     return client(
@@ -179,7 +179,7 @@ def mtbench(
     out: str | Path | None = None,
 ) -> dict:
     """MT-Bench single-answer grading (1-10) of every turn."""
-    from .judge import grade_mtbench, load_mtbench_answers, mtbench_summary
+    from .mtbench import grade_mtbench, load_mtbench_answers, mtbench_summary
 
     refs = load_mtbench_answers(references) if references else None
     graded = grade_mtbench(questions, load_mtbench_answers(answers), judge, refs)

@@ -68,7 +68,7 @@ def cmd_score_mtbench(args) -> int:
     MT-Bench single-answer grading (1-10) of both turns. With --model, the questions are first
     answered by that model (secret prepended with --secret) and --answers is written.
     """
-    from ..judge import load_mtbench_questions
+    from ..mtbench import load_mtbench_questions
 
     questions = load_mtbench_questions(args.questions)
     if args.model:
@@ -78,7 +78,7 @@ def cmd_score_mtbench(args) -> int:
             args.answers,
             secret=read_secret(args.secret),
             system=args.system,
-            cfg=GenerateConfig(max_new_tokens=1024),
+            cfg=from_args(GenerateConfig, args),
         )
     cfg, judge = _judge(args, args.answers)
     s = scores.mtbench(questions, args.answers, cfg, judge, args.references, args.out)
@@ -152,7 +152,7 @@ def cmd_score_over_refusal(args) -> int:
     rows = D.limit_per_category(S.load_prompts(args.prompts), args.limit, "kind")
     secret = read_secret(args.secret)
     loaded, gen = ops.load(args.model), from_args(GenerateConfig, args)
-    cfg, judge = _judge(args, "over-refusal") if args.base_url else (None, None)
+    cfg, judge = _judge(args, "over-refusal") if getattr(args, "base_url", None) else (None, None)
     summary = {}
     for cond in CONDITIONS if secret else ("plain",):
         gens = ops.answer(
@@ -219,6 +219,7 @@ def register(sub) -> None:
     add_model(sp, "answer the questions with this model first (writes --answers)")
     sp.add_argument("--secret", help="with --model: secret file, prepended to the system prompt")
     sp.add_argument("--system", help="with --model: system prompt")
+    _generation_flags(sp, 1024)
     sp.add_argument("--out", help="write the graded turns to this JSONL")
     add_json(sp)
 
