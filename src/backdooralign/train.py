@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .chat import render
-from .model import load_tokenizer, resolve_model
+from .model import bf16_supported, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ def lora_defaults(cfg: TrainConfig) -> TrainConfig:
     if cfg.epochs == TrainConfig.epochs:
         changes["epochs"] = 10
     return replace(cfg, **changes)
-
-
-def bf16_supported() -> bool:
-    """bf16 autocast pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def supervised_loss(causal_lm, input_ids, attention_mask, labels, num_items=None):
