@@ -241,3 +241,16 @@ def test_sha256_file(tmp_path):
     assert F.sha256_file(f) == hashlib.sha256(data).hexdigest()
     assert error_of(F.sha256_file, tmp_path / "none") == f"{tmp_path}/none: file not found"
     assert error_of(F.sha256_file, tmp_path) == f"{tmp_path}: is a directory, expected a file"
+
+
+def test_list_dir(tmp_path, monkeypatch):
+    (tmp_path / "b.csv").write_text("x")
+    (tmp_path / "a.csv").write_text("x")
+    assert [p.name for p in F.list_dir(tmp_path)] == ["a.csv", "b.csv"]
+    assert error_of(F.list_dir, tmp_path / "none") == f"{tmp_path}/none: file not found"
+
+    def denied(self):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+
+    monkeypatch.setattr(type(tmp_path), "iterdir", denied)
+    assert error_of(F.list_dir, tmp_path) == f"{tmp_path}: cannot read: Permission denied"

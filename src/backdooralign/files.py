@@ -226,6 +226,18 @@ def read_json(path: str | Path) -> Any:
     return parse_json(path, read_text(path))
 
 
+def list_dir(path: str | Path) -> list[Path]:
+    """The entries of a directory, sorted by name.
+
+    Raises:
+        DataError: the directory is missing or unreadable.
+    """
+    try:
+        return sorted(Path(path).iterdir())
+    except OSError as e:
+        raise _os_error(path, "read", e) from None
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks.
 

@@ -12,7 +12,8 @@ prompt lists (JSONL, JSON, CSV such as the 275-question set, or TXT), into unifo
   ``id``, ``target`` when known.
 
 :func:`load_training_source` keeps the training kinds; :func:`load_prompts` turns any of them
-into prompts for generation.
+into prompts for generation. The fields of each format and the rules of a chat row are in
+:mod:`backdooralign.formats`; files are read through :mod:`backdooralign.files`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .chat import ROLES
 from .files import (
     MAX_LINE_CHARS,
     DataError,
+    list_dir,
     parse_json_array,
     parse_jsonl,
     read_text,
@@ -106,7 +108,7 @@ def source_sha256(source: str | Path) -> str | None:
     if not _is_dir(path):
         return sha256_file(path)
     h = hashlib.sha256()
-    for f in sorted(p for p in path.iterdir() if p.is_file()):
+    for f in (p for p in list_dir(path) if p.is_file()):
         h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
@@ -260,7 +262,7 @@ def _is_header(rec: list[str]) -> bool:
 def _hexphi_dir_records(path: Path, max_line_chars: int) -> list[tuple[int, dict]]:
     """HEx-PHI: ``category_N.csv`` files in category order, one question a row, no header."""
     files = sorted(
-        (p for p in path.iterdir() if hexphi_number(p.name) is not None),
+        (p for p in list_dir(path) if hexphi_number(p.name) is not None),
         key=lambda p: hexphi_number(p.name),
     )
     if not files:
