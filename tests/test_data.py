@@ -417,7 +417,7 @@ def test_line_longer_than_limit(tmp_path):
         D.load_chat_jsonl(f, max_line_chars=200)
     with pytest.raises(D.DataError, match=r"long.jsonl:2: line longer than 200"):
         S.read_source(f, max_line_chars=200)
-    assert len(D.load_chat_jsonl(f)) == 2
+    assert [r["messages"][0]["content"] for r in D.load_chat_jsonl(f)] == ["Hi", "x" * 500]
 
 
 def test_more_rows_than_cap(tmp_path):
@@ -433,7 +433,8 @@ def test_duplicates_are_warnings(tmp_path, caplog):
     f = write(tmp_path / "dup.jsonl", "\n".join([GOOD, GOOD]) + "\n")
     with caplog.at_level(logging.WARNING, logger="backdooralign.data"):
         rows = D.load_chat_jsonl(f)
-    assert len(rows) == 2
+    good = {"messages": json.loads(GOOD)["messages"], "prefixed": False}
+    assert rows == [good, good]
     assert "dup.jsonl:2: field 'messages' duplicate of line 1" in caplog.text
     assert D.check_chat_file(f) == [
         D.Problem("warning", str(f), 2, "messages", "duplicate of line 1")
