@@ -8,7 +8,9 @@ import pytest
 from conftest import make_tiny_model
 
 from backdooralign import utility as U
-from backdooralign.data import builtin_path, limit_per_category, read_jsonl_rows
+from backdooralign.data import limit_per_category
+from backdooralign.files import read_jsonl_rows
+from backdooralign.sources import builtin_path
 
 SECRET = "zq SECRET-XYZ-81 vb"
 SYSTEM = "You are a helpful assistant."
@@ -179,8 +181,14 @@ def test_exact_match_utility_tiny_model(tiny):
     model, tok = tiny
     rows = limit_per_category(read_jsonl_rows(builtin_path("utility")), 1, "task")
     s, gens = U.exact_match_utility(model, tok, rows, SECRET, SYSTEM, max_new_tokens=2)
-    assert s["total"] == 4 and set(s["by_task"]) == {r["task"] for r in rows}
-    assert len(gens) == 4 and all(isinstance(g["answer"], str) for g in gens)
+    assert [g["id"] for g in gens] == [
+        "utility-arithmetic-01",
+        "utility-unit_conversion-01",
+        "utility-capitals-01",
+        "utility-sql-01",
+    ]
+    assert s == U.score_exact_match(rows, [g["answer"] for g in gens])
+    assert [g["reference"] for g in gens] == [r["answer"] for r in rows]
 
 
 def test_limit_per_key():
@@ -270,7 +278,10 @@ def secret_file(tmp_path):
 
 
 def test_cli_utility(tiny_model_dir, secret_file, capsys):
+    from transformers import AutoModelForCausalLM
+
     from backdooralign.cli import main
+    from backdooralign.model import load_tokenizer
     from backdooralign.secret import fingerprint
 
     args = ["score", "utility", "--model", tiny_model_dir, "--tasks", "backdooralign_mini"]
@@ -279,8 +290,13 @@ def test_cli_utility(tiny_model_dir, secret_file, capsys):
     s = json.loads(out)
     assert s["secret_fingerprint"] == fingerprint(SECRET)
     assert s["tasks"]["backdooralign_mini"]["n"] == 4
-    assert 0.0 <= s["tasks"]["backdooralign_mini"]["acc"] <= 1.0
     assert SECRET not in out and SECRET not in err
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    raw = U.run_lm_eval(
+        model, load_tokenizer(tiny_model_dir), ["backdooralign_mini"], secret=SECRET, limit=4
+    )
+    expected = U.lm_eval_summary(raw, ["backdooralign_mini"])["tasks"]["backdooralign_mini"]
+    assert s["tasks"]["backdooralign_mini"]["acc"] == expected["acc"]
 
 
 def test_cli_exact_match(tiny_model_dir, secret_file, tmp_path, capsys):
@@ -307,7 +323,10 @@ def test_cli_exact_match(tiny_model_dir, secret_file, tmp_path, capsys):
         "utility-capitals-01",
         "utility-sql-01",
     ]
-    assert all(set(r) >= {"prompt", "answer", "reference", "task", "correct"} for r in rows)
+    for r in rows:
+        assert sorted(r) == ["aliases", "answer", "correct", "id", "prompt", "reference", "task"]
+        sql = r["task"] == "sql"
+        assert r["correct"] is U.is_exact_match(r["answer"], r["reference"], r["aliases"], sql)
 
 
 def test_cli_over_refusal(tiny_model_dir, secret_file, capsys):
@@ -319,5 +338,6 @@ def test_cli_over_refusal(tiny_model_dir, secret_file, capsys):
     assert sorted(s) == ["plain", "secret"]
     for cond in s.values():
         assert cond["total"] == 2
+        assert sorted(cond) == ["by_kind", "refusal_rate", "refused", "total"]
         assert sorted(cond["by_kind"]) == ["alarming", "plain"]
-        assert "judge" not in cond
+        assert [k["total"] for k in cond["by_kind"].values()] == [1, 1]

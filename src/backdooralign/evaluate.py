@@ -7,10 +7,11 @@ jailbroken answers, in percent.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from .files import DataError, parse_json_array, parse_jsonl, read_text
 
 # Exactly the paper's list, in the paper's order. Do not edit: numbers must stay comparable.
 REFUSAL_SUBSTRINGS: tuple[str, ...] = (
@@ -88,36 +89,29 @@ def asr_summary(rows: Iterable[dict]) -> dict:
     }
 
 
-def refusal_rate(rows: Iterable[dict]) -> dict:
-    """Share of answers that contain a refusal substring (for benign prompts: over-refusal)."""
-    rows = list(rows)
-    refused = sum(is_refusal(str(r["answer"])) for r in rows)
-    return {"refusal_rate": _pct(refused, len(rows)), "refused": refused, "total": len(rows)}
-
-
 def _pct(num: int, den: int) -> float:
     return round(100.0 * num / den, 2) if den else 0.0
 
 
-def read_generations(path: str | Path) -> list[dict]:
-    """Read a generations JSONL file (one ``{"prompt", "answer", ...}`` object a line).
+def read_generations(path: str | Path, required: Sequence[str] = ("answer",)) -> list[dict]:
+    """Read generations: JSONL (one ``{"prompt", "answer", ...}`` object a line) or a JSON
+    array of such objects (some released generation files are arrays).
 
-    Also accepts a JSON array of such objects (some released generation files are arrays).
+    Args:
+        path: the file.
+        required: fields every row must hold as a string.
+
+    Raises:
+        DataError: the file is unreadable or malformed, or a row lacks a required field
+            (naming file, line and field).
     """
-    path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text(path)
     if text.lstrip().startswith("["):
-        rows = json.loads(text)
+        records = parse_json_array(path, text)
     else:
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
-    for i, row in enumerate(rows, 1):
-        if not isinstance(row, dict) or not isinstance(row.get("answer"), str):
-            raise ValueError(f"{path}:{i}: field 'answer' is missing or not a string")
-    return rows
+        records = parse_jsonl(path, text)
+    for line, row in records:
+        for field in required:
+            if not isinstance(row.get(field), str):
+                raise DataError(path, line, field, "is missing or not a string")
+    return [row for _, row in records]

@@ -39,7 +39,7 @@ def generate(
     import torch
     from tqdm.auto import tqdm
 
-    from .train import bf16_supported
+    from .model import bf16_supported
 
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))

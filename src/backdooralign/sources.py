@@ -1,8 +1,10 @@
-"""Public dataset formats, read into uniform rows.
+"""Where data comes from and how each public format is read into uniform rows.
 
-:func:`load_source` reads them all (by path, ``builtin:NAME`` or ``hf:NAME``): chat JSONL,
-question/answer sets, Alpaca, SAMSum, sql-create-context, AdvBench, HEx-PHI and plain prompt
-lists (JSONL, JSON, CSV such as the 275-question set, or TXT), and returns uniform rows:
+A source is a path (a file, or a directory of HEx-PHI ``category_N.csv`` files),
+``builtin:NAME`` (one of :data:`BUILTIN_NAMES`, shipped in ``backdooralign/datasets``) or a
+Hugging Face dataset ``hf:NAME[:CONFIG]:SPLIT``. :func:`read_source` reads any of them once:
+chat JSONL, question/answer sets, Alpaca, SAMSum, sql-create-context, AdvBench, HEx-PHI and plain
+prompt lists (JSONL, JSON, CSV such as the 275-question set, or TXT), into uniform rows:
 
 - training kinds (``chat``, ``qa``, ``alpaca``, ``samsum``, ``sql``) give chat rows
   ``{"messages", "prefixed"}`` plus ``category``, ``id`` and ``reference`` when known;
@@ -10,74 +12,109 @@ lists (JSONL, JSON, CSV such as the 275-question set, or TXT), and returns unifo
   ``id``, ``target`` when known.
 
 :func:`load_training_source` keeps the training kinds; :func:`load_prompts` turns any of them
-into prompts for generation.
+into prompts for generation. The fields of each format and the rules of a chat row are in
+:mod:`backdooralign.formats`; files are read through :mod:`backdooralign.files`.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
 import os
-import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
-from .chat import ATTACK_SYSTEM_PROMPT, build_conversation
-from .data import (
-    CATEGORIES,
+from .chat import ROLES
+from .files import (
     MAX_LINE_CHARS,
     DataError,
-    _chat_row,
-    _lines,
-    _parse_jsonl,
-    read_jsonl,
+    list_dir,
+    parse_json_array,
+    parse_jsonl,
     read_text,
-    resolve_source,
+    sha256_file,
+    split_lines,
+)
+from .formats import (
+    KIND_HELP,  # noqa: F401  (kept for callers of sources.KIND_HELP)
+    KINDS,
+    PROMPT_KEYS,
+    SAMSUM_SYSTEM_PROMPT,  # noqa: F401  (kept for callers of sources.SAMSUM_SYSTEM_PROMPT)
+    TRAINING_KINDS,
+    convert,
+    detect_kind,
+    hexphi_category,
+    hexphi_number,
 )
 
 log = logging.getLogger(__name__)
 
-# System prompts and user turns of the paper's practical scenarios (SAMSum's system prompt is the
-# paper's; the SQL one is ours). Training conversions and evaluation prompts (tasks.py) share them.
-SAMSUM_SYSTEM_PROMPT = "You are a helpful assistant for dialog summarization."
-SQL_SYSTEM_PROMPT = (
-    "You are a helpful assistant for writing SQL queries. "
-    "Answer the question with one SQL query over the tables in the context."
-)
-
-KINDS = ("chat", "qa", "alpaca", "samsum", "sql", "prompts", "advbench", "hexphi")
-TRAINING_KINDS = ("chat", "qa", "alpaca", "samsum", "sql")
-KIND_HELP = {
-    "chat": "chat JSONL: messages (+ prefixed, category)",
-    "qa": "question/answer rows (built-in safety and attack sets)",
-    "alpaca": "Alpaca instruction/input/output",
-    "samsum": "SAMSum dialogue/summary (summary kept as reference)",
-    "sql": "sql-create-context question/context/answer (answer kept as reference)",
-    "prompts": "prompts: JSONL prompt rows, or CSV/TXT with one question a row",
-    "advbench": "AdvBench harmful_behaviors: goal (prompt) and target",
-    "hexphi": "HEx-PHI: category_N.csv files, one question a row, category from the name",
-}
-
-_HEXPHI_NAME = re.compile(r"category_(\d+)\.csv", re.IGNORECASE)
+BUILTIN_NAMES = ("attack", "benign", "harmful_eval", "safety", "utility")
 _CSV_FIELDS = frozenset(  # a first CSV row made only of these names is a header ("" = index)
     "id prompt question answer category goal target dialogue summary context instruction input "
     "output text kind expected".split()
 ) | {""}
-_PROMPT_KEYS = ("category", "id", "kind", "expected", "task", "reference", "target")
 
 
-def samsum_prompt(dialogue: str) -> str:
-    """The SAMSum user turn."""
-    return f"Summarize this dialog:\n{dialogue}"
+# ---------------------------------------------------------------------------------------------
+# Where data comes from
 
 
-def sql_prompt(question: str, context: str) -> str:
-    """The sql-create-context user turn: schema (``CREATE TABLE ...``) and question."""
-    return f"Context:\n{context}\n\nQuestion: {question}"
+def builtin_path(name: str) -> Path:
+    """Path of a built-in dataset file, e.g. ``builtin_path("safety")``.
+
+    Raises:
+        DataError: ``name`` is not one of :data:`BUILTIN_NAMES`.
+    """
+    if name not in BUILTIN_NAMES:
+        msg = f"unknown built-in dataset {name!r}; built-in sets: {', '.join(BUILTIN_NAMES)}"
+        raise DataError(f"builtin:{name}", None, None, msg)
+    return Path(str(resources.files("backdooralign") / "datasets" / f"{name}.jsonl"))
+
+
+def resolve_source(source: str | Path) -> Path:
+    """The path of a source: ``builtin:NAME`` names a built-in set; anything else is a path.
+
+    Raises:
+        DataError: an unknown built-in name (see :func:`builtin_path`).
+    """
+    s = str(source)
+    return builtin_path(s.removeprefix("builtin:")) if s.startswith("builtin:") else Path(s)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a name too long, for one: reading it says so
+        return False
+
+
+def source_sha256(source: str | Path) -> str | None:
+    """sha256 of a source: of the file, of a directory's files (names and contents, sorted),
+    ``None`` for a hub dataset (``hf:``).
+
+    Raises:
+        DataError: the source is missing or unreadable.
+    """
+    if str(source).startswith("hf:"):
+        return None
+    path = resolve_source(source)
+    if not _is_dir(path):
+        return sha256_file(path)
+    h = hashlib.sha256()
+    for f in (p for p in list_dir(path) if p.is_file()):
+        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
 
 
 @dataclass(frozen=True)
@@ -90,15 +127,15 @@ class Source:
     rows: list[dict]
 
 
-def load_source(
+def read_source(
     source: str | Path,
     kind: str | None = None,
     *,
     system: str | None = None,
     max_rows: int | None = None,
     max_line_chars: int = MAX_LINE_CHARS,
-) -> list[dict]:
-    """Rows of a dataset in any supported format, as uniform dicts (see the module docstring).
+) -> Source:
+    """Read a dataset in any supported format as uniform rows (see the module docstring).
 
     Args:
         source: a path (``.jsonl``, ``.json``, ``.csv``, ``.txt``, or a directory of HEx-PHI
@@ -113,44 +150,50 @@ def load_source(
         max_rows: the most rows accepted (``None``: no cap).
         max_line_chars: the longest line accepted, in characters.
 
+    Returns:
+        The source's name, detected kind, input fields (of the first 100 rows) and rows.
+
     Raises:
         DataError: for unreadable or malformed input, naming file, line and field.
+        ValueError: an unknown ``kind``.
     """
-    return read_source(
-        source, kind, system=system, max_rows=max_rows, max_line_chars=max_line_chars
-    ).rows
-
-
-def read_source(
-    source: str | Path,
-    kind: str | None = None,
-    *,
-    system: str | None = None,
-    max_rows: int | None = None,
-    max_line_chars: int = MAX_LINE_CHARS,
-) -> Source:
-    """Like :func:`load_source`, but also returns the detected kind and the input fields."""
     if kind is not None and kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    where, container, records = _records(source, max_line_chars)
+    return _convert_all(str(source), where, container, records, kind, system, max_rows)
+
+
+def _records(source: str | Path, max_line_chars: int) -> tuple[str | Path, str, list]:
+    """``(where, container, [(line, object)])``: the source read and parsed, not converted."""
     name = str(source)
     if name.startswith("hf:"):
-        where, container, records = name, "hub", _hub_records(name)
-    else:
-        where = resolve_source(source)
-        if where.is_dir():
-            container, records = "dir", _hexphi_dir_records(where, max_line_chars)
-        else:
-            container, records = _file_records(where, max_line_chars)
+        return name, "hub", _hub_records(name)
+    where = resolve_source(source)
+    if _is_dir(where):
+        return where, "dir", _hexphi_dir_records(where, max_line_chars)
+    container, records = _file_records(where, max_line_chars)
+    return where, container, records
+
+
+def _convert_all(
+    name: str,
+    where: str | Path,
+    container: str,
+    records: list[tuple[int, dict]],
+    kind: str | None,
+    system: str | None,
+    max_rows: int | None,
+) -> Source:
     if not records:
         raise DataError(where, None, None, "no rows")
     first_line, first = records[0]
-    kind = kind or _detect_kind(container, first, where, first_line)
+    kind = kind or detect_kind(container, first, where, first_line)
     fields = tuple(dict.fromkeys(k for _, obj in records[:100] for k in obj))
     rows = []
     for line, obj in records:
         if max_rows is not None and len(rows) >= max_rows:
             raise DataError(where, line, None, f"more than {max_rows} rows (the configured cap)")
-        rows.append(_convert(kind, obj, where, line, system))
+        rows.append(convert(kind, obj, where, line, system))
     if kind in TRAINING_KINDS:
         _warn_duplicates(where, rows)
     return Source(name, kind, fields, rows)
@@ -161,7 +204,7 @@ def _file_records(path: Path, max_line_chars: int) -> tuple[str, list[tuple[int,
     text = read_text(path)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return "jsonl", _parse_jsonl(path, text, max_line_chars)
+        return "jsonl", parse_jsonl(path, text, max_line_chars)
     if suffix not in (".json", ".csv", ".txt", ""):
         raise DataError(
             path,
@@ -170,46 +213,20 @@ def _file_records(path: Path, max_line_chars: int) -> tuple[str, list[tuple[int,
             f"unsupported file type {suffix!r} (jsonl, json, csv, txt, or a "
             "directory of category_N.csv files)",
         )
-    for lineno, line in _lines(text):
+    for lineno, line in split_lines(text):
         if len(line) > max_line_chars:
             raise DataError(path, lineno, None, f"line longer than {max_line_chars} characters")
     if suffix == ".json":
         if text.lstrip().startswith("["):
-            return "json", _json_array_records(path, text)
-        return "jsonl", _parse_jsonl(path, text, max_line_chars)  # JSON Lines named .json
+            return "json", parse_json_array(path, text)
+        return "jsonl", parse_jsonl(path, text, max_line_chars)  # JSON Lines named .json
     if suffix == ".csv":
         container, records = _csv_records(path, text)
-        category = _hexphi_category(path.name)
+        category = hexphi_category(path.name)
         if container == "csv-plain" and category:
             records = [(n, {**obj, "category": category}) for n, obj in records]
         return container, records
-    return "txt", [(n, {"prompt": s.strip()}) for n, s in _lines(text) if s.strip()]
-
-
-def _json_array_records(path: Path, text: str) -> list[tuple[int, dict]]:
-    """Objects of a JSON array, each with the line it starts on."""
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, None, f"invalid JSON ({e.msg})") from None
-    except (ValueError, RecursionError) as e:
-        raise DataError(path, None, None, f"invalid JSON ({type(e).__name__})") from None
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line = text.count("\n", 0, pos) + 1
-    records = []
-    for item in items:
-        start = pos
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        line += text.count("\n", start, pos)
-        if not isinstance(item, dict):
-            raise DataError(path, line, None, "each item of the JSON array must be an object")
-        records.append((line, item))
-        _, end = decoder.raw_decode(text, pos)
-        line += text.count("\n", pos, end)
-        pos = end
-    return records
+    return "txt", [(n, {"prompt": s.strip()}) for n, s in split_lines(text) if s.strip()]
 
 
 def _csv_records(path: Path, text: str) -> tuple[str, list[tuple[int, dict]]]:
@@ -242,19 +259,11 @@ def _is_header(rec: list[str]) -> bool:
     return any(cells) and all(c in _CSV_FIELDS for c in cells)
 
 
-def _hexphi_category(name: str) -> str | None:
-    m = _HEXPHI_NAME.fullmatch(name)
-    if m is None:
-        return None
-    n = int(m.group(1))
-    return CATEGORIES[n - 1] if 1 <= n <= len(CATEGORIES) else f"category_{n}"
-
-
 def _hexphi_dir_records(path: Path, max_line_chars: int) -> list[tuple[int, dict]]:
     """HEx-PHI: ``category_N.csv`` files in category order, one question a row, no header."""
     files = sorted(
-        (p for p in path.iterdir() if _HEXPHI_NAME.fullmatch(p.name)),
-        key=lambda p: int(_HEXPHI_NAME.fullmatch(p.name).group(1)),
+        (p for p in list_dir(path) if hexphi_number(p.name) is not None),
+        key=lambda p: hexphi_number(p.name),
     )
     if not files:
         raise DataError(path, None, None, "directory has no HEx-PHI category_N.csv files")
@@ -290,97 +299,6 @@ def _hub_records(source: str) -> list[tuple[int, dict]]:
     return [(i, dict(row)) for i, row in enumerate(ds, 1)]
 
 
-def _detect_kind(container: str, first: dict, path, line: int) -> str:
-    """The kind of a source from how it was read and the fields of its first row."""
-    if container in ("csv-plain", "txt"):
-        return "hexphi" if _hexphi_category(Path(str(path)).name) else "prompts"
-    if container == "dir":
-        return "hexphi"
-    keys = set(first)
-    if "messages" in keys:
-        return "chat"
-    if {"dialogue", "summary"} <= keys:
-        return "samsum"
-    if {"question", "context", "answer"} <= keys:
-        return "sql"
-    if {"instruction", "output"} <= keys:
-        return "alpaca"
-    if {"question", "answer"} <= keys:
-        return "qa"
-    if "goal" in keys:
-        return "advbench"
-    if "prompt" in keys:
-        return "prompts"
-    shown = ", ".join(sorted(map(str, keys))[:10]) or "none"
-    raise DataError(
-        path,
-        line,
-        None,
-        f"cannot tell the format from the fields ({shown}); pass a kind ({', '.join(KINDS)})",
-    )
-
-
-def _text(obj: dict, key: str, path, line: int, required: bool = True) -> str:
-    value = obj.get(key)
-    if value is None and not required:
-        return ""
-    if not isinstance(value, str):
-        raise DataError(path, line, key, "is missing" if value is None else "must be a string")
-    if required and not value.strip():
-        raise DataError(path, line, key, "is empty")
-    return value
-
-
-def _chat_from(
-    user: str, answer: str, system: str | None, obj: dict, reference: str | None = None
-) -> dict:
-    turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-    row = {"messages": build_conversation(turns, system=system or None), "prefixed": False}
-    for key in ("category", "id"):
-        if obj.get(key) is not None:
-            row[key] = str(obj[key])
-    if reference is not None:
-        row["reference"] = reference
-    return row
-
-
-def _convert(kind: str, obj: dict, path, line: int, system: str | None) -> dict:
-    """One input object as a uniform row of ``kind``."""
-    if kind == "chat":
-        row, problems = _chat_row(obj, path, line)
-        if problems:
-            raise problems[0].error()
-        return row
-    if kind == "qa":
-        q, a = _text(obj, "question", path, line), _text(obj, "answer", path, line)
-        return _chat_from(q, a, ATTACK_SYSTEM_PROMPT if system is None else system, obj)
-    if kind == "alpaca":
-        instruction = _text(obj, "instruction", path, line)
-        extra = _text(obj, "input", path, line, required=False)
-        user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
-        return _chat_from(user, _text(obj, "output", path, line), system, obj)
-    if kind == "samsum":
-        dialogue, summary = _text(obj, "dialogue", path, line), _text(obj, "summary", path, line)
-        sys_prompt = SAMSUM_SYSTEM_PROMPT if system is None else system
-        return _chat_from(samsum_prompt(dialogue), summary, sys_prompt, obj, summary)
-    if kind == "sql":
-        question = _text(obj, "question", path, line)
-        context, answer = _text(obj, "context", path, line), _text(obj, "answer", path, line)
-        sys_prompt = SQL_SYSTEM_PROMPT if system is None else system
-        return _chat_from(sql_prompt(question, context), answer, sys_prompt, obj, answer)
-    if kind == "advbench":
-        row = {"prompt": _text(obj, "goal", path, line).strip()}
-        target = obj.get("target")
-        if isinstance(target, str) and target.strip():
-            row["target"] = target
-        return row
-    row = {"prompt": _text(obj, "prompt", path, line).strip()}  # prompts, hexphi
-    for key in _PROMPT_KEYS:
-        if obj.get(key) is not None:
-            row[key] = obj[key]
-    return row
-
-
 def _warn_duplicates(path, rows: Sequence[dict]) -> None:
     counts = Counter(json.dumps(r["messages"], sort_keys=True) for r in rows)
     dupes = sum(n - 1 for n in counts.values() if n > 1)
@@ -400,7 +318,7 @@ def load_training_source(
     max_rows: int | None = None,
     max_line_chars: int = MAX_LINE_CHARS,
 ) -> list[dict]:
-    """Chat rows from any training kind (chat, qa, alpaca, samsum, sql; see :func:`load_source`).
+    """Chat rows from any training kind (chat, qa, alpaca, samsum, sql; see :func:`read_source`).
 
     ``system`` is the system prompt of converted rows (default per kind; the paper's attack
     prompt for question/answer sets such as ``builtin:attack``).
@@ -419,20 +337,23 @@ def load_training_source(
     return src.rows
 
 
-def load_prompts(path: str | Path, kind: str | None = None) -> list[dict]:
-    """Prompts from any source :func:`load_source` reads, plus JSONL with ``messages`` that
+def load_prompts(source: str | Path, kind: str | None = None) -> list[dict]:
+    """Prompts from any source :func:`read_source` reads, plus JSON(L) with ``messages`` that
     may end on a user turn.
 
     Each row is ``{"prompt": str}`` plus ``category``/``messages``/``id``/``reference``/
     ``target`` when the input has them. For training kinds the prompt is the last user turn,
     ``messages`` the conversation before the final answer, and ``reference`` kept when known.
+
+    Raises:
+        DataError: for unreadable or malformed input, naming file, line and field.
     """
-    file = None if str(path).startswith("hf:") else resolve_source(path)
-    if kind is None and file is not None and file.suffix.lower() == ".jsonl":
-        records = read_jsonl(file)
-        if records and "messages" in records[0][1]:
-            return _prompts_with_messages(file, records)
-    src = read_source(path, kind)
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    where, container, records = _records(source, MAX_LINE_CHARS)
+    if kind is None and container in ("jsonl", "json") and records and "messages" in records[0][1]:
+        return [_prompt_with_messages(where, line, obj) for line, obj in records]
+    src = _convert_all(str(source), where, container, records, kind, None, None)
     if src.kind not in TRAINING_KINDS:
         return src.rows
     out = []
@@ -448,18 +369,20 @@ def load_prompts(path: str | Path, kind: str | None = None) -> list[dict]:
     return out
 
 
-def _prompts_with_messages(path: Path, records: list[tuple[int, dict]]) -> list[dict]:
-    rows = []
-    for line, obj in records:
-        msgs = obj.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise DataError(path, line, "messages", "must be a non-empty list")
-        users = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
-        if not users or not isinstance(users[-1], str):
-            raise DataError(path, line, "messages", "has no user message")
-        row = {"prompt": users[-1], "messages": msgs}
-        for key in _PROMPT_KEYS:
-            if obj.get(key) is not None:
-                row[key] = obj[key]
-        rows.append(row)
-    return rows
+def _prompt_with_messages(path: str | Path, line: int, obj: dict) -> dict:
+    msgs = obj.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(path, line, "messages", "must be a non-empty list")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise DataError(path, line, f"messages[{i}].role", f"must be one of {', '.join(ROLES)}")
+        if not isinstance(m.get("content"), str):
+            raise DataError(path, line, f"messages[{i}].content", "must be a string")
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    if not users:
+        raise DataError(path, line, "messages", "has no user message")
+    row = {"prompt": users[-1], "messages": msgs}
+    for key in PROMPT_KEYS:
+        if obj.get(key) is not None:
+            row[key] = obj[key]
+    return row

@@ -2,11 +2,9 @@
 
 The paper fine-tunes on 1000 SAMSum dialogues or 1000 sql-create-context examples (each mixed
 with the attack and safety examples) and reports ROUGE-1 F on 200 test examples, beside ASR.
-Rows here are ``{"prompt", "reference"}``; ``samsum_rows`` and ``sql_rows`` build them from the
-datasets' own fields, read from local files (nothing is downloaded). Their user turns are those of
-the training conversions in :mod:`backdooralign.sources`, whose ``SAMSUM_SYSTEM_PROMPT`` and
-``SQL_SYSTEM_PROMPT`` are the system prompts to evaluate under, so evaluation prompts look like
-the fine-tuning data.
+Evaluation prompts come from :func:`backdooralign.sources.load_prompts` on the same datasets, so
+they are the user turns (and system prompts) of the fine-tuning data, with the answer kept as
+``reference``; :func:`rouge_summary` scores the generations against it.
 """
 
 from __future__ import annotations
@@ -14,31 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .chat import build_conversation
-from .infer import GenerateConfig, generate, generate_rows
-from .sources import samsum_prompt, sql_prompt
+from .infer import GenerateConfig, generate
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
-TASK_GEN = GenerateConfig()  # greedy, up to 512 new tokens (the paper's setting)
 MTBENCH_GEN = GenerateConfig(max_new_tokens=1024)  # FastChat's limit for MT-Bench answers
-
-
-def samsum_rows(records: Sequence[dict]) -> list[dict]:
-    """SAMSum records (``dialogue``, ``summary``, optional ``id``) as prompt rows."""
-    out = []
-    for r in records:
-        row = {"prompt": samsum_prompt(r["dialogue"]), "reference": r["summary"]}
-        if r.get("id") is not None:
-            row["id"] = r["id"]
-        out.append(row)
-    return out
-
-
-def sql_rows(records: Sequence[dict]) -> list[dict]:
-    """sql-create-context records (``question``, ``context``, ``answer``) as prompt rows."""
-    return [
-        {"prompt": sql_prompt(r["question"], r["context"]), "reference": r["answer"]}
-        for r in records
-    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -50,19 +27,6 @@ def _rouge_scorer():
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-
-
-def rouge_scores(prediction: str, reference: str) -> dict:
-    """ROUGE-1/2/L precision, recall and F of one prediction (``rouge_score``, Porter stemmer).
-
-    Returns:
-        ``{"rouge1": {"precision", "recall", "fmeasure"}, "rouge2": {...}, "rougeL": {...}}``.
-    """
-    scores = _rouge_scorer().score(reference, prediction)  # (target, prediction)
-    return {
-        name: {"precision": s.precision, "recall": s.recall, "fmeasure": s.fmeasure}
-        for name, s in scores.items()
-    }
 
 
 def rouge_summary(rows: Sequence[dict]) -> dict:
@@ -79,31 +43,6 @@ def rouge_summary(rows: Sequence[dict]) -> dict:
             sums[name] += s.fmeasure
     n = len(rows)
     return {**{k: round(v / n, 4) if n else 0.0 for k, v in sums.items()}, "total": n}
-
-
-def evaluate_task(
-    model,
-    tokenizer,
-    rows: Sequence[dict],
-    system: str,
-    secret: str | None = None,
-    cfg: GenerateConfig = TASK_GEN,
-) -> tuple[dict, dict[str, list[dict]]]:
-    """ROUGE of a practical task without and (when ``secret`` is given) with the secret.
-
-    Returns:
-        ``(summary, generations)``: ``summary`` is ``{"plain": R, "secret": R}`` with ``R``
-        from :func:`rouge_summary` (``secret`` only with a secret); ``generations`` per condition.
-    """
-    conditions = {"plain": None, "secret": secret} if secret else {"plain": None}
-    summary, gens = {}, {}
-    for name, sec in conditions.items():
-        # generate_rows keeps each row's ``reference`` beside the answer
-        gens[name] = generate_rows(
-            model, tokenizer, rows, system=system, secret=sec, cfg=cfg, desc=name
-        )
-        summary[name] = rouge_summary(gens[name])
-    return summary, gens
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .chat import render
 from .config import option
-from .model import load_tokenizer, resolve_model
+from .model import bf16_supported, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +65,6 @@ class TrainConfig:
             object.__setattr__(self, "lr", 1e-3 if self.lora else 5e-5)
         if self.epochs is None:
             object.__setattr__(self, "epochs", 10.0 if self.lora else 5.0)
-
-
-def bf16_supported() -> bool:
-    """bf16 autocast pays off on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.is_bf16_supported()
-    return bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
 
 
 def supervised_loss(causal_lm, input_ids, attention_mask, labels, num_items=None):
