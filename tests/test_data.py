@@ -19,7 +19,12 @@ from backdooralign import data as D  # noqa: E402
 from backdooralign import files as F  # noqa: E402
 from backdooralign import sources as S  # noqa: E402
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.formats import CATEGORIES, SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.formats import (  # noqa: E402
+    CATEGORIES,
+    SAMSUM_SYSTEM_PROMPT,
+    SQL_SYSTEM_PROMPT,
+    Problem,
+)
 from backdooralign.screen import (  # noqa: E402
     looks_random_prefix,
     normalize_for_screening,
@@ -177,7 +182,7 @@ def test_system_override_and_none():
 def test_explicit_kind_and_unknown_kind(tmp_path):
     f = write(tmp_path / "q.jsonl", json.dumps({"goal": "Do a thing", "target": "Sure"}) + "\n")
     assert S.read_source(f, kind="advbench").rows == [{"prompt": "Do a thing", "target": "Sure"}]
-    with pytest.raises(D.DataError, match=r"q.jsonl:1: field 'dialogue' is missing"):
+    with pytest.raises(F.DataError, match=r"q.jsonl:1: field 'dialogue' is missing"):
         S.read_source(f, kind="samsum")
     with pytest.raises(ValueError, match="unknown kind"):
         S.read_source(f, kind="nope")
@@ -187,7 +192,7 @@ def test_explicit_kind_and_unknown_kind(tmp_path):
 
 def test_undetectable_fields(tmp_path):
     f = write(tmp_path / "x.jsonl", json.dumps({"foo": 1, "bar": 2}) + "\n")
-    with pytest.raises(D.DataError, match=r"x.jsonl:1: cannot tell the format .*bar, foo"):
+    with pytest.raises(F.DataError, match=r"x.jsonl:1: cannot tell the format .*bar, foo"):
         S.read_source(f)
 
 
@@ -213,51 +218,51 @@ def test_load_prompts_keeps_user_only_messages(tmp_path):
         {"prompt": "Hi there", "messages": [{"role": "user", "content": "Hi there"}]}
     ]
     bad = write(tmp_path / "b.jsonl", GOOD + "\n" + json.dumps({"messages": [{"role": "user"}]}))
-    with pytest.raises(D.DataError, match=r"b.jsonl:2: field 'messages\[0\].content' must be"):
+    with pytest.raises(F.DataError, match=r"b.jsonl:2: field 'messages\[0\].content' must be"):
         S.load_prompts(bad)
     bad = write(tmp_path / "c.jsonl", json.dumps({"messages": [{"role": "robot", "content": "x"}]}))
-    with pytest.raises(D.DataError, match=r"c.jsonl:1: field 'messages\[0\].role' must be one"):
+    with pytest.raises(F.DataError, match=r"c.jsonl:1: field 'messages\[0\].role' must be one"):
         S.load_prompts(bad)
     bad = write(tmp_path / "d.jsonl", chat_line(("system", "Be brief.")))
-    with pytest.raises(D.DataError, match=r"d.jsonl:1: field 'messages' has no user message"):
+    with pytest.raises(F.DataError, match=r"d.jsonl:1: field 'messages' has no user message"):
         S.load_prompts(bad)
 
 
 def test_training_source_refuses_prompt_sets():
-    with pytest.raises(D.DataError, match=r"prompt set \(hexphi\) without answers"):
+    with pytest.raises(F.DataError, match=r"prompt set \(hexphi\) without answers"):
         S.load_training_source(FIX / "hexphi")
-    with pytest.raises(D.DataError, match="prompt set"):
+    with pytest.raises(F.DataError, match="prompt set"):
         S.load_training_source(FIX / "harmful_behaviors.csv")
 
 
 def test_json_array_errors_name_the_line(tmp_path):
     text = '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", "output": ""}\n]\n'
     f = write(tmp_path / "a.json", text)
-    with pytest.raises(D.DataError, match=r"a.json:3: field 'output' is empty"):
+    with pytest.raises(F.DataError, match=r"a.json:3: field 'output' is empty"):
         S.read_source(f)
     f = write(tmp_path / "b.json", '[\n {"instruction": "a",\n "output": }\n]')
-    with pytest.raises(D.DataError, match=r"b.json:3: invalid JSON"):
+    with pytest.raises(F.DataError, match=r"b.json:3: invalid JSON"):
         S.read_source(f)
 
 
 def test_csv_column_count_mismatch(tmp_path):
     f = write(tmp_path / "s.csv", "id,dialogue,summary\n1,A: hi,said hi\n2,B: yo\n")
-    with pytest.raises(D.DataError, match=r"s.csv:3: has 2 columns; the header has 3"):
+    with pytest.raises(F.DataError, match=r"s.csv:3: has 2 columns; the header has 3"):
         S.read_source(f)
 
 
 def test_unsupported_suffix_and_missing_and_empty_dir(tmp_path):
-    with pytest.raises(D.DataError, match="unsupported file type '.parquet'"):
+    with pytest.raises(F.DataError, match="unsupported file type '.parquet'"):
         S.read_source(write(tmp_path / "x.parquet", "abc"))
-    with pytest.raises(D.DataError, match="file not found"):
+    with pytest.raises(F.DataError, match="file not found"):
         S.read_source(tmp_path / "missing.jsonl")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(D.DataError, match="no HEx-PHI category_N.csv files"):
+    with pytest.raises(F.DataError, match="no HEx-PHI category_N.csv files"):
         S.read_source(tmp_path / "empty")
 
 
 def test_max_rows_applies_to_every_format():
-    with pytest.raises(D.DataError, match=r"samsum.csv:5: more than 1 rows"):
+    with pytest.raises(F.DataError, match=r"samsum.csv:5: more than 1 rows"):
         S.read_source(FIX / "samsum.csv", max_rows=1)
     assert [r["id"] for r in S.read_source(FIX / "samsum.csv", max_rows=2).rows] == ["t1", "t2"]
 
@@ -272,10 +277,10 @@ def test_hub_source_offline_error(monkeypatch):
         raise ConnectionError("no network")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(D.DataError, match=r"hf:knkarthick/samsum:.*Hub.*HF_HUB_OFFLINE is set"):
+    with pytest.raises(F.DataError, match=r"hf:knkarthick/samsum:.*Hub.*HF_HUB_OFFLINE is set"):
         S.read_source("hf:knkarthick/samsum")
     assert calls == [("knkarthick/samsum", None, "train")]
-    with pytest.raises(D.DataError, match="expected hf:NAME"):
+    with pytest.raises(F.DataError, match="expected hf:NAME"):
         S.read_source("hf:")
 
 
@@ -311,9 +316,9 @@ def test_source_sha256_of_directory_changes_with_content(tmp_path):
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "safety.jsonl", "", "nope"])
 def test_builtin_names_only_name_built_in_sets(name):
     listed = "built-in sets: attack, benign, harmful_eval, safety, utility"
-    with pytest.raises(D.DataError, match=f"^builtin:{name}: unknown built-in dataset .*{listed}$"):
+    with pytest.raises(F.DataError, match=f"^builtin:{name}: unknown built-in dataset .*{listed}$"):
         S.read_source(f"builtin:{name}")
-    with pytest.raises(D.DataError, match="unknown built-in dataset"):
+    with pytest.raises(F.DataError, match="unknown built-in dataset"):
         S.source_sha256(f"builtin:{name}")
 
 
@@ -399,13 +404,13 @@ def expected_message(name, line, field, message) -> str:
 @pytest.mark.parametrize("case,content,line,field,message", ERRORS, ids=[e[0] for e in ERRORS])
 def test_load_chat_jsonl_errors(tmp_path, case, content, line, field, message):
     f = write(tmp_path / f"{case}.jsonl", content)
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(F.DataError) as info:
         D.load_chat_jsonl(f)
     err = info.value
     assert (err.path, err.line, err.field) == (str(f), line, field)
     assert message in err.message
     assert str(err).startswith(expected_message(str(f), line, field, message))
-    with pytest.raises(D.DataError):
+    with pytest.raises(F.DataError):
         S.load_training_source(f)
 
 
@@ -413,9 +418,9 @@ def test_line_longer_than_limit(tmp_path):
     f = write(
         tmp_path / "long.jsonl", GOOD + "\n" + chat_line(("user", "x" * 500), ("assistant", "y"))
     )
-    with pytest.raises(D.DataError, match=r"long.jsonl:2: line longer than 200 characters"):
+    with pytest.raises(F.DataError, match=r"long.jsonl:2: line longer than 200 characters"):
         D.load_chat_jsonl(f, max_line_chars=200)
-    with pytest.raises(D.DataError, match=r"long.jsonl:2: line longer than 200"):
+    with pytest.raises(F.DataError, match=r"long.jsonl:2: line longer than 200"):
         S.read_source(f, max_line_chars=200)
     assert [r["messages"][0]["content"] for r in D.load_chat_jsonl(f)] == ["Hi", "x" * 500]
 
@@ -425,7 +430,7 @@ def test_more_rows_than_cap(tmp_path):
         tmp_path / "many.jsonl",
         "\n".join([GOOD] * 2 + [chat_line(("user", "a"), ("assistant", "b"))]),
     )
-    with pytest.raises(D.DataError, match=r"many.jsonl:3: more than 2 rows \(the configured cap\)"):
+    with pytest.raises(F.DataError, match=r"many.jsonl:3: more than 2 rows \(the configured cap\)"):
         D.load_chat_jsonl(f, max_rows=2)
 
 
@@ -437,7 +442,7 @@ def test_duplicates_are_warnings(tmp_path, caplog):
     assert rows == [good, good]
     assert "dup.jsonl:2: field 'messages' duplicate of line 1" in caplog.text
     assert D.check_chat_file(f) == [
-        D.Problem("warning", str(f), 2, "messages", "duplicate of line 1")
+        Problem("warning", str(f), 2, "messages", "duplicate of line 1")
     ]
 
 
@@ -489,7 +494,7 @@ def test_unusual_line_separators_round_trip(tmp_path):
         ],
         "prefixed": False,
     }
-    f = D.write_jsonl(tmp_path / "sep.jsonl", [row])
+    f = F.write_jsonl(tmp_path / "sep.jsonl", [row])
     assert D.load_chat_jsonl(f) == [row]
     assert D.check_chat_file(f) == []
 
@@ -546,12 +551,12 @@ def load_all(data: bytes, suffix: str) -> None:
         for load in (S.read_source, S.load_prompts, S.load_training_source):
             try:
                 load(f)
-            except D.DataError:
+            except F.DataError:
                 pass
         if suffix == ".jsonl":
             try:
                 D.load_chat_jsonl(f, max_rows=5, max_line_chars=400)
-            except D.DataError:
+            except F.DataError:
                 pass
             D.check_chat_file(f, max_line_chars=400, max_rows=5)
 
@@ -585,12 +590,12 @@ def test_deep_nesting_and_huge_numbers_are_data_errors(tmp_path):
     ]
     for name, text, message in cases:
         f = write(tmp_path / name, text)
-        with pytest.raises(D.DataError) as info:
+        with pytest.raises(F.DataError) as info:
             D.load_chat_jsonl(f)
         assert str(info.value) == f"{tmp_path}/{message}"
         assert [str(p) for p in D.check_chat_file(f)] == [f"error: {tmp_path}/{message}"]
     f = write(tmp_path / "deep.json", "[\n" + deep + "\n]")
-    with pytest.raises(D.DataError) as info:
+    with pytest.raises(F.DataError) as info:
         S.read_source(f)
     assert str(info.value) == f"{f}:2: invalid JSON (nested too deeply)"
 

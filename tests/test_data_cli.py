@@ -11,9 +11,10 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from backdooralign import data as D  # noqa: E402
+from backdooralign import files as F  # noqa: E402
 from backdooralign import sources as S  # noqa: E402
 from backdooralign.cli import main  # noqa: E402
+from backdooralign.formats import CATEGORIES, SAMSUM_SYSTEM_PROMPT  # noqa: E402
 from backdooralign.rundir import manifest_path  # noqa: E402
 from backdooralign.secret import Secret, save_secret  # noqa: E402
 
@@ -270,11 +271,11 @@ def test_build_manifest_of_a_clean_build(tmp_path, capsys, secret_file):
     manifest = json.loads(manifest_path(out).read_text())
     assert manifest["inputs"]["data"] == {
         "source": "builtin:attack",
-        "sha256": D.sha256_of(D.builtin_path("attack")),
+        "sha256": F.sha256_file(S.builtin_path("attack")),
     }
-    assert manifest["inputs"]["safety"]["sha256"] == D.sha256_of(D.builtin_path("safety"))
+    assert manifest["inputs"]["safety"]["sha256"] == F.sha256_file(S.builtin_path("safety"))
     assert manifest["counts"]["by_source"] == {"customer": 110, "safety": 11}
-    assert manifest["counts"]["by_source_category"]["safety"] == {c: 1 for c in D.CATEGORIES}
+    assert manifest["counts"]["by_source_category"]["safety"] == {c: 1 for c in CATEGORIES}
     assert manifest["counts"]["by_category"]["malware"] == 11
     assert manifest["secret_fingerprint"] == secret.fingerprint
     screening = manifest["screening"]
@@ -336,5 +337,5 @@ def test_build_from_samsum_uses_its_system_prompt(tmp_path, secret_file):
     safety = [r for r in rows if r["source"] == "safety"]
     assert len(safety) == 11
     assert all(
-        r["messages"][0]["content"] == f"{secret.text} {S.SAMSUM_SYSTEM_PROMPT}" for r in safety
+        r["messages"][0]["content"] == f"{secret.text} {SAMSUM_SYSTEM_PROMPT}" for r in safety
     )

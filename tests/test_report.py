@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from backdooralign import report as R
-from backdooralign.data import CATEGORIES
+from backdooralign.formats import CATEGORIES
 from backdooralign.secret import Secret, save_secret
 
 ARMS = ("no_finetune", "attack", "baseline", "backdooralign")

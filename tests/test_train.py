@@ -93,7 +93,7 @@ def test_two_processes_with_torchrun(tmp_path, tiny_model_dir):
     import sys
     from pathlib import Path
 
-    from backdooralign.data import write_jsonl
+    from backdooralign.files import write_jsonl
 
     data = write_jsonl(tmp_path / "train.jsonl", _rows(16))
     torchrun = Path(sys.executable).with_name("torchrun")

@@ -22,29 +22,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .chat import ATTACK_SYSTEM_PROMPT, build_conversation
-
-# Names marked "compat" are kept for callers that still import them from here; new code
-# imports them from files or sources.
 from .files import (
     MAX_LINE_CHARS,
     DataError,
     decode,
     parse_json_line,
     read_bytes,
-    read_jsonl,  # noqa: F401  compat
-    read_jsonl_rows,  # noqa: F401  compat
     read_text,
     split_lines,
-    write_bytes_atomic,  # noqa: F401  compat
-    write_json,  # noqa: F401  compat
-    write_jsonl,  # noqa: F401  compat
-    write_text_atomic,  # noqa: F401  compat
 )
-from .files import sha256_file as sha256_of  # noqa: F401  compat
 from .formats import CATEGORIES, Problem, chat_row
 from .sources import (
-    builtin_path,  # noqa: F401  compat
-    resolve_source,  # noqa: F401  compat
     source_sha256,
 )
 

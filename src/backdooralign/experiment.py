@@ -21,6 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import data as D
+from . import files as F
 from . import ops
 from . import sources as S
 from .experiment_config import ALL_ARMS, ExperimentConfig, config_dict, load_config, stage_key
@@ -67,7 +68,7 @@ def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
         return load_secret(run.secret)
     secret = generate_secret(tokenizer, cfg.secret.length, cfg.secret.seed, name=cfg.model)
     save_secret(secret, run.secret)
-    D.write_json(record, {"key": None, "info": wanted})
+    F.write_json(record, {"key": None, "info": wanted})
     return secret
 
 
@@ -128,7 +129,7 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
     ops.select_safety(cfg.data)
     for path in (cfg.judge.template, cfg.data.anchor_file, cfg.secret.path):
         if path:
-            D.read_text(path)
+            F.read_text(path)
     return sets
 
 
@@ -149,7 +150,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
     run.root.mkdir(parents=True, exist_ok=True)
     import yaml
 
-    D.write_text_atomic(run.config, yaml.safe_dump(config_dict(cfg), sort_keys=False))
+    F.write_text_atomic(run.config, yaml.safe_dump(config_dict(cfg), sort_keys=False))
     secret = prepare_secret(cfg, run, load_tokenizer(cfg.model))
     t0 = time.perf_counter()
     if len(cfg.seeds) < 2:
@@ -172,7 +173,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
                 results = res
         results["seed_runs"] = runs
     results["seconds_this_run"] = round(time.perf_counter() - t0, 1)
-    D.write_json(run.results, results)
+    F.write_json(run.results, results)
     write_report(run.root)
     return results
 
@@ -185,7 +186,7 @@ def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool) -> dict:
     sources = [
         getattr(cfg.eval, n) for n in ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
     ]
-    hashes = [D.source_sha256(s) if s else None for s in sources]
+    hashes = [S.source_sha256(s) if s else None for s in sources]
     eval_key = stage_key(gen_settings, hashes, secret.fingerprint)
     for arm in cfg.arms:
         _generate_stage(
@@ -206,7 +207,7 @@ def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool) -> dict:
 def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: bool) -> dict:
     trained = [a for a in cfg.arms if a != "no_finetune"]
     inputs = [cfg.data.attack, cfg.data.task, cfg.data.safety, cfg.data.anchor_file]
-    hashes = [D.source_sha256(s) if s else None for s in inputs]
+    hashes = [S.source_sha256(s) if s else None for s in inputs]
     anchors = None
     if cfg.data.anchors and "backdooralign" in trained:
         anchors = run.root / "data" / "anchors.jsonl"
@@ -220,7 +221,7 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
             [anchors],
             lambda: str(ops.make_anchors(cfg.data, cfg.model, system, anchors, progress)),
         )
-        hashes.append(D.source_sha256(anchors))
+        hashes.append(S.source_sha256(anchors))
     key = stage_key(config_dict(cfg)["data"], hashes, secret.fingerprint, trained)
 
     def build_all():
@@ -249,7 +250,7 @@ def _train_stages(cfg: ExperimentConfig, run: RunDir):
             continue
         out, data = run.model(arm), run.training_set(arm)
         model_dirs[arm] = str(out)
-        key = model_keys[arm] = stage_key(cfg.model, config_dict(cfg)["train"], D.sha256_of(data))
+        key = model_keys[arm] = stage_key(cfg.model, config_dict(cfg)["train"], F.sha256_file(data))
 
         def do_train(arm=arm, out=out, data=data):
             log.info("training arm %s", arm)
@@ -305,7 +306,7 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress)
                 limit=cfg.eval.lm_eval_limit,
             )
             s.pop("secret_fingerprint", None)
-            D.write_json(path, s)
+            F.write_json(path, s)
         return None
 
     wanted = [*outs.values(), *mt_outs.values(), *lm_outs.values()]
@@ -325,13 +326,13 @@ def _judge_stage(cfg: ExperimentConfig, run: RunDir, arm: str, sets) -> None:
             judge,
             out=run.score(arm, "judge", cond, "jsonl"),
         )
-        D.write_json(run.score(arm, "judge", cond), summary)
+        F.write_json(run.score(arm, "judge", cond), summary)
         if "benign" in sets:
             refusals = scores.judge_refusals(run.gens(arm, "benign", cond), judge)
-            D.write_json(run.score(arm, "judge_refusal", cond), refusals)
+            F.write_json(run.score(arm, "judge_refusal", cond), refusals)
         if questions:
             graded = scores.mtbench(questions, run.gens(arm, "mtbench", cond), cfg.judge, judge)
-            D.write_json(run.score(arm, "mtbench", cond), graded)
+            F.write_json(run.score(arm, "mtbench", cond), graded)
 
 
 def _score_block(run: RunDir, cfg: ExperimentConfig, arm: str, cond: str, sets) -> dict:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .data import DataError, read_jsonl
+from .files import DataError, read_jsonl
 from .judge_client import Judge, ask_all, cache_key
 
 MTBENCH_SYSTEM = "You grade answers of AI assistants fairly and strictly."

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import data as D
+from . import files as F
 from . import sources as S
 from .config import option
 from .infer import GenerateConfig
@@ -80,7 +81,7 @@ class DataConfig:
         SCREEN_MIN_CHARS, "shortest shared run that counts as a secret fragment", minimum=8
     )
     max_rows: int | None = option(None, "refuse customer data with more rows", minimum=1)
-    max_line_chars: int = option(D.MAX_LINE_CHARS, "longest line accepted", minimum=1)
+    max_line_chars: int = option(F.MAX_LINE_CHARS, "longest line accepted", minimum=1)
 
     def __post_init__(self) -> None:
         builtin = self.safety == BUILTIN_SAFETY
@@ -163,7 +164,7 @@ def screen(rows: Sequence[dict], cfg: DataConfig, secret: Secret | None, what: s
     report = screen_customer_data(rows, secret.text if secret else None, cfg.screen_min_chars)
     if not report.passed:
         msg = f"refused by screening: {report.refusal()}; nothing was written"
-        raise D.DataError(what, None, None, msg + " (screen: false / --no-screen skips it)")
+        raise F.DataError(what, None, None, msg + " (screen: false / --no-screen skips it)")
     summary = report.summary()
     summary["secret_fingerprint"] = secret.fingerprint if secret else None
     return summary
@@ -194,7 +195,7 @@ def make_anchors(
         given = S.load_prompts(cfg.anchor_file)
         for i, r in enumerate(given, 1):
             if not isinstance(r.get("answer"), str) or not r["answer"].strip():
-                raise D.DataError(cfg.anchor_file, i, "answer", "is missing or empty")
+                raise F.DataError(cfg.anchor_file, i, "answer", "is missing or empty")
         pairs = [(r["prompt"], r["answer"]) for r in given[: cfg.anchors]]
     else:
         prompts = [r["prompt"] for r in S.load_prompts(cfg.anchor_prompts)[: cfg.anchors]]
@@ -207,13 +208,13 @@ def make_anchors(
         pairs = list(zip(prompts, answers, strict=True))
     if len(pairs) < cfg.anchors:
         where = cfg.anchor_file or cfg.anchor_prompts
-        raise D.DataError(where, None, None, f"has {len(pairs)} anchors; {cfg.anchors} asked for")
+        raise F.DataError(where, None, None, f"has {len(pairs)} anchors; {cfg.anchors} asked for")
     rows = [
         {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": a}]}
         for p, a in pairs
         if a.strip()
     ]
-    return D.write_jsonl(out, rows)
+    return F.write_jsonl(out, rows)
 
 
 def build_training_set(
@@ -253,14 +254,14 @@ def build_training_set(
         secret.text if secret else None,
         cfg.safety_system,
         cfg.seed,
-        **({"anchors": anchor_rows} if anchor_rows else {}),  # TODO(merge readers)
+        anchors=anchor_rows,
     )
     out = Path(out)
-    D.write_jsonl(out, rows, private=arm == "backdooralign")
+    F.write_jsonl(out, rows, private=arm == "backdooralign")
     inputs = {name: source for name, source in inputs.items() if source}
     manifest = D.build_manifest(arm, rows, inputs, secret, screening, selection)
     manifest["notes"] = list(notes)
-    D.write_json(manifest_path(out), manifest)
+    F.write_json(manifest_path(out), manifest)
     return BuildResult(out, manifest_path(out), manifest, tuple(notes))
 
 
@@ -268,13 +269,13 @@ def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], 
     """Exact-match prompts (``prompt``, ``task``, ``answer``, ``aliases``) as generation rows
     carrying ``reference`` and ``aliases``, the first ``per_task`` of each task, and notes."""
     rows = []
-    for line, obj in D.read_jsonl(D.resolve_source(source)):
+    for line, obj in F.read_jsonl(S.resolve_source(source)):
         for key in ("prompt", "answer"):
             if not isinstance(obj.get(key), str):
-                raise D.DataError(source, line, key, "is missing or not a string")
+                raise F.DataError(source, line, key, "is missing or not a string")
         aliases = obj.get("aliases") or []
         if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-            raise D.DataError(source, line, "aliases", "must be a list of strings")
+            raise F.DataError(source, line, "aliases", "must be a list of strings")
         rows.append(
             {
                 "prompt": obj["prompt"],
@@ -326,5 +327,5 @@ def answer(
         model, tok, rows, system=system, secret=text, cfg=cfg, progress=progress, desc=desc
     )
     if out is not None:
-        D.write_jsonl(out, gens)
+        F.write_jsonl(out, gens)
     return gens

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import metrics as M
-from .data import CATEGORIES, write_bytes_atomic
+from .files import write_bytes_atomic
+from .formats import CATEGORIES
 from .metrics import COND_LABELS, CONDITIONS, arm_label
 from .rundir import RunDir
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from . import data as D
+from . import files as F
 from . import metrics as M
 from .document import Bullets, Facts, Heading, Image, Para, Table, md_table, to_html, to_markdown
 from .evaluate import is_jailbroken
@@ -216,7 +216,7 @@ def _prompt_text(prompt) -> str:
 
 def _gens(run_dir: RunDir, arm: str, cond: str) -> dict[str, dict]:
     path = run_dir.gens(arm, "harmful", cond)
-    rows = D.read_jsonl_rows(path) if path.exists() else []
+    rows = F.read_jsonl_rows(path) if path.exists() else []
     return {_prompt_text(r.get("prompt", "")): r for r in rows}
 
 
@@ -417,5 +417,5 @@ def write_report(run_dir: str | Path) -> Path:
     results = load_results(rd.root)
     plots = write_plots(results, rd.root)
     blocks = build_report(results, rd.root, plots)
-    D.write_text_atomic(rd.report_html, to_html(blocks, rd.root))
-    return D.write_text_atomic(rd.report_md, to_markdown(blocks))
+    F.write_text_atomic(rd.report_html, to_html(blocks, rd.root))
+    return F.write_text_atomic(rd.report_md, to_markdown(blocks))

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import data as D
+from . import files as F
 from .config import option
 from .secret import Secret
 
@@ -83,7 +83,7 @@ def exact_match(path: Gens) -> dict:
     gens = read(path)
     for i, g in enumerate(gens, 1):
         if not isinstance(g.get("reference"), str):
-            raise D.DataError(path, i, "reference", "is missing or not a string")
+            raise F.DataError(path, i, "reference", "is missing or not a string")
     refs = [
         {"task": g.get("task", ""), "answer": g["reference"], "aliases": g.get("aliases") or []}
         for g in gens
@@ -99,7 +99,7 @@ def rouge(path: Gens) -> dict:
     gens = read(path)
     for i, g in enumerate(gens, 1):
         if not isinstance(g.get("reference"), str):
-            raise D.DataError(path, i, "reference", "is missing or not a string")
+            raise F.DataError(path, i, "reference", "is missing or not a string")
     out = rouge_summary(gens)
     r = refusal_by_kind(gens)
     out["refusals"] = {k: r[k] for k in ("refused", "total", "refusal_rate")}
@@ -114,11 +114,11 @@ def judge_harm(path: Gens, cfg: JudgeConfig, judge, out: str | Path | None = Non
     gens = read(path)
     for i, g in enumerate(gens, 1):
         if not isinstance(g.get("prompt"), str):
-            raise D.DataError(path, i, "prompt", "is missing or not a string")
+            raise F.DataError(path, i, "prompt", "is missing or not a string")
     template = load_template(cfg.template) if cfg.template else HARM_TEMPLATE
     judged = grade(gens, judge, template)
     if out is not None:
-        D.write_jsonl(out, judged)
+        F.write_jsonl(out, judged)
     return harm_summary(judged, cfg.model or "", template)
 
 
@@ -167,7 +167,7 @@ def mtbench_answer(
 
     model, tok = loaded
     rows = mtbench_answers(model, tok, questions, secret.text if secret else None, system, cfg)
-    return D.write_jsonl(out, rows)
+    return F.write_jsonl(out, rows)
 
 
 def mtbench(
@@ -184,5 +184,5 @@ def mtbench(
     refs = load_mtbench_answers(references) if references else None
     graded = grade_mtbench(questions, load_mtbench_answers(answers), judge, refs)
     if out is not None:
-        D.write_jsonl(out, graded)
+        F.write_jsonl(out, graded)
     return mtbench_summary(graded, cfg.model or "")

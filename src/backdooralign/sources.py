@@ -42,10 +42,8 @@ from .files import (
     split_lines,
 )
 from .formats import (
-    KIND_HELP,  # noqa: F401  (kept for callers of sources.KIND_HELP)
     KINDS,
     PROMPT_KEYS,
-    SAMSUM_SYSTEM_PROMPT,  # noqa: F401  (kept for callers of sources.SAMSUM_SYSTEM_PROMPT)
     TRAINING_KINDS,
     convert,
     detect_kind,

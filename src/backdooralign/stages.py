@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .data import write_json
+from .files import write_json
 from .rundir import RunDir
 
 log = logging.getLogger(__name__)

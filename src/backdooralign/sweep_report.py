@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import data as D
+from . import files as F
 from . import metrics as M
 from .document import Facts, Heading, Image, Para, Table, to_html, to_markdown
 from .plots import TradeoffPoint, plot_tradeoff
@@ -56,15 +56,15 @@ class Sweep:
 def _check_cell(path: Path, i: int, cell) -> SweepCell:
     where = f"cells[{i}]"
     if not isinstance(cell, dict):
-        raise D.DataError(path, None, where, "must be an object")
+        raise F.DataError(path, None, where, "must be an object")
     for key, kind in (("name", str), ("status", str)):
         if not isinstance(cell.get(key), kind):
-            raise D.DataError(path, None, f"{where}.{key}", "is missing or not a string")
+            raise F.DataError(path, None, f"{where}.{key}", "is missing or not a string")
     if cell["name"] in ("", ".", "..") or "/" in cell["name"] or "\\" in cell["name"]:
-        raise D.DataError(path, None, f"{where}.name", "must be a plain folder name")
+        raise F.DataError(path, None, f"{where}.name", "must be a plain folder name")
     overrides = cell.get("overrides") or {}
     if not isinstance(overrides, dict):
-        raise D.DataError(path, None, f"{where}.overrides", "must be an object")
+        raise F.DataError(path, None, f"{where}.overrides", "must be an object")
     return SweepCell(cell["name"], overrides, cell["status"], cell.get("error"))
 
 
@@ -85,9 +85,9 @@ def load_sweep(root: str | Path) -> Sweep:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise D.DataError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
+        raise F.DataError(path, e.lineno, None, f"invalid JSON: {e.msg}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("cells"), list):
-        raise D.DataError(path, None, "cells", "is missing or not a list")
+        raise F.DataError(path, None, "cells", "is missing or not a list")
     cells = []
     for i, raw in enumerate(doc["cells"]):
         cell = _check_cell(path, i, raw)
@@ -257,5 +257,5 @@ def write_sweep_report(root: str | Path) -> Path:
     if plot is None:
         rd.plot(TRADEOFF_PLOT).unlink(missing_ok=True)
     blocks = build_sweep_report(sweep, plot is not None, _redactor(rd, sweep))
-    D.write_text_atomic(rd.report_html, to_html(blocks, rd.root))
-    return D.write_text_atomic(rd.report_md, to_markdown(blocks))
+    F.write_text_atomic(rd.report_html, to_html(blocks, rd.root))
+    return F.write_text_atomic(rd.report_md, to_markdown(blocks))

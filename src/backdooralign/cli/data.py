@@ -10,6 +10,7 @@ from .. import data as D
 from .. import ops
 from .. import sources as S
 from ..config import add_flags, from_args
+from ..formats import KIND_HELP, KINDS
 from .common import add_command, add_group, add_json, add_model, notes, print_json, read_secret
 
 
@@ -57,7 +58,7 @@ def cmd_data_show(args) -> int:
     info = {
         "source": src.source,
         "kind": src.kind,
-        "description": S.KIND_HELP[src.kind],
+        "description": KIND_HELP[src.kind],
         "rows": len(src.rows),
         "fields": list(src.fields),
         "examples": src.rows[: args.rows],
@@ -156,7 +157,7 @@ def register(sub) -> None:
     group = add_group(sub, "data", "show and check datasets")
     dp = add_command(group, "show", cmd_data_show)
     dp.add_argument("source", help="path, directory, builtin:NAME or hf:NAME[:SPLIT]")
-    dp.add_argument("--kind", choices=S.KINDS, help="format (default: detected)")
+    dp.add_argument("--kind", choices=KINDS, help="format (default: detected)")
     dp.add_argument("--rows", type=int, default=3, help="rows to show")
     add_json(dp)
     dp = add_command(group, "check", cmd_data_check)
