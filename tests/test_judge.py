@@ -9,6 +9,7 @@ import pytest
 from openai_stub import StubServer
 
 from backdooralign import judge as J
+from backdooralign import judge_client
 from backdooralign import mtbench as M
 from backdooralign.cli import main
 
@@ -24,7 +25,7 @@ def _env(monkeypatch):
 def _judge(server, tmp_path=None, **kw):
     cache = tmp_path / "cache.jsonl" if tmp_path is not None else None
     kw.setdefault("backoff", 0.01)
-    return J.make_judge(server.base_url, "judge-x", cache=cache, **kw)
+    return judge_client.make_judge(server.base_url, "judge-x", cache=cache, **kw)
 
 
 def _user_text(body: dict) -> str:
@@ -163,7 +164,7 @@ def test_cli_template_error_names_file(tmp_path, capsys):
         + ["--template", str(tpl)]
     )
     err = capsys.readouterr().err
-    assert rc == 2
+    assert rc == 1
     assert str(tpl) in err and "{question}" in err
 
 
@@ -271,7 +272,7 @@ def test_cache_second_run_makes_no_request(tmp_path):
         assert server.count == 4
         second = J.judge_harm(ROWS, _judge(server, tmp_path))
         assert server.count == 4  # zero new requests
-        other_model = J.make_judge(
+        other_model = judge_client.make_judge(
             server.base_url, "judge-y", cache=tmp_path / "cache.jsonl", backoff=0.01
         )
         J.judge_harm(ROWS[:1], other_model)
@@ -491,13 +492,3 @@ def test_mtbench_questions_validation(tmp_path):
     bad.write_text(json.dumps({"question_id": 1, "turns": "not a list"}) + "\n")
     with pytest.raises(ValueError, match="turns"):
         M.load_mtbench_questions(bad)
-
-
-def test_judge_module_reexports_client_and_mtbench():
-    from backdooralign import judge_client
-
-    assert J.make_judge is judge_client.make_judge and J.Judge is judge_client.Judge
-    assert J.grade_mtbench is M.grade_mtbench
-    assert J.load_mtbench_answers is M.load_mtbench_answers
-    assert J.load_mtbench_questions is M.load_mtbench_questions
-    assert J.mtbench_summary is M.mtbench_summary

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT
 from backdooralign.cli import main
-from backdooralign.data import write_jsonl
+from backdooralign.files import write_jsonl
 from backdooralign.rundir import RunDir
 
 FIXTURES = Path(__file__).parent / "fixtures"

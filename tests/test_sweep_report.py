@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from backdooralign import sweep_report as S
-from backdooralign.data import DataError
+from backdooralign.files import DataError
 from backdooralign.plots import TradeoffPoint
 from backdooralign.secret import Secret, save_secret
 

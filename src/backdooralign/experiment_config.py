@@ -157,7 +157,7 @@ def merge(base: dict, extra: dict) -> dict:
 
 def read_yaml(path: str | Path) -> dict:
     """A YAML mapping from a file (no aliases); errors name the file."""
-    from .data import read_text
+    from .files import read_text
 
     try:
         values = yaml.load(read_text(path), Loader=_NoAliasLoader)

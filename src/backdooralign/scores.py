@@ -91,6 +91,21 @@ def exact_match(path: Gens) -> dict:
     return score_exact_match(refs, [g["answer"] for g in gens])
 
 
+def exact_match_rows(gens: Gens) -> list[dict]:
+    """The generations, each with ``correct`` (its exact-match verdict)."""
+    from .utility import is_exact_match
+
+    return [
+        {
+            **g,
+            "correct": is_exact_match(
+                g["answer"], g["reference"], g.get("aliases") or (), g.get("task") == "sql"
+            ),
+        }
+        for g in read(gens)
+    ]
+
+
 def rouge(path: Gens) -> dict:
     """Mean ROUGE-1/2/L F against ``reference``, and the keyword refusals on these prompts."""
     from .tasks import rouge_summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import data as D
+from .. import files as F
 from .. import ops, scores
 from .. import sources as S
 from ..config import add_flags, from_args
@@ -127,13 +128,15 @@ def cmd_score_exact_match(args) -> int:
     gens = ops.answer(
         ops.load(args.model),
         rows,
-        args.out,
+        None,
         secret=read_secret(args.secret),
         system=args.system,
         cfg=from_args(GenerateConfig, args),
         desc="utility",
     )
     s = scores.exact_match(gens)
+    if args.out:
+        F.write_jsonl(args.out, scores.exact_match_rows(gens))
     if args.json:
         print_json(s)
         return 0
