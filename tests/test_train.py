@@ -110,3 +110,46 @@ def test_two_processes_with_torchrun(tmp_path, tiny_model_dir):
     assert (tmp_path / "out" / "model.safetensors").exists()
     assert (tmp_path / "out" / "train_metrics.json").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train.jsonl"]
+
+
+def test_out_must_be_ours_to_replace(tmp_path, tiny_model_dir):
+    victim = tmp_path / "victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "important.txt").write_text("keep me")
+    (victim / "sub" / "notes.txt").write_text("me too")
+    cfg = TrainConfig(epochs=1, batch_size=2, bf16=False)
+    with pytest.raises(
+        FileExistsError, match="victim: exists and was not written by backdooralign"
+    ):
+        train(tiny_model_dir, _rows(), victim, cfg)
+    assert (victim / "important.txt").read_text() == "keep me"
+    assert (victim / "sub" / "notes.txt").read_text() == "me too"
+    afile = tmp_path / "outfile.jsonl"
+    afile.write_text("{}\n")
+    with pytest.raises(FileExistsError, match="outfile.jsonl: exists and is a file"):
+        train(tiny_model_dir, _rows(), afile, cfg)
+    assert afile.read_text() == "{}\n"
+
+
+def test_a_model_directory_we_wrote_is_replaced_and_stale_temps_go(tmp_path, tiny_model_dir):
+    cfg = TrainConfig(epochs=1, batch_size=2, bf16=False)
+    out = tmp_path / "m"
+    train(tiny_model_dir, _rows(), out, cfg)
+    assert (out / ".backdooralign-model").exists()
+    stale = tmp_path / ".m.tmp-killed"  # what kill -9 leaves behind
+    (stale / "trainer").mkdir(parents=True)
+    train(tiny_model_dir, _rows(2), out, cfg)
+    assert json.loads((out / "train_metrics.json").read_text())["examples"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_an_error_during_training_leaves_no_temp_folder(tmp_path, tiny_model_dir, monkeypatch):
+    import transformers
+
+    def boom(self, *args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    monkeypatch.setattr(transformers.Trainer, "train", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        train(tiny_model_dir, _rows(), tmp_path / "m", TrainConfig(epochs=1, bf16=False))
+    assert list(tmp_path.iterdir()) == []

@@ -133,43 +133,37 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int | None) -> li
     return out
 
 
-def train(
-    model_name: str | None, rows: Sequence[dict], out_dir: str | Path, cfg: TrainConfig
-) -> dict:
-    """Fine-tune ``model_name`` on chat ``rows`` and write a loadable model to ``out_dir``.
+MARKER = ".backdooralign-model"  # in every model directory train writes; only those are replaced
 
-    Returns the metrics also written to ``out_dir/train_metrics.json``.
+
+def check_output_dir(out_dir: str | Path) -> Path:
+    """Refuse an output that ``train`` may not replace, before any work starts.
+
+    ``out_dir`` may be missing, an empty folder, or a model directory an earlier ``train``
+    wrote (it holds :data:`MARKER`); anything else (a file, a folder of the user's) is refused.
+    Leftover ``.NAME.tmp-*`` folders of an interrupted run of the same output are removed.
+
+    Raises:
+        FileExistsError: for an output that is not ours to replace.
     """
-    import torch
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
-
     out_dir = Path(out_dir)
-    tok = load_tokenizer(model_name)
-    tok.padding_side = "right"
-    data = tokenize_rows(tok, rows, cfg.max_length)
-    dataset = Dataset.from_list(data)
-    n_tokens = sum(len(d["input_ids"]) for d in data)
-    n_supervised = sum(sum(x != -100 for x in d["labels"]) for d in data)
-
-    use_cuda = torch.cuda.is_available()
-    bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
-    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32)
-    peft_config = None
-    if cfg.lora:
-        from peft import LoraConfig
-
-        peft_config = LoraConfig(
-            r=cfg.lora_r,
-            lora_alpha=cfg.lora_alpha,
-            lora_dropout=cfg.lora_dropout,
-            target_modules=list(cfg.lora_targets),
-            task_type="CAUSAL_LM",
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"{out_dir}: exists and is a file, not a model directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
+        raise FileExistsError(
+            f"{out_dir}: exists and was not written by backdooralign train (no {MARKER} "
+            "marker); choose another --out or remove it yourself"
         )
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    args = SFTConfig(
+    if out_dir.parent.is_dir():
+        for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return out_dir
+
+
+def _sft_config(cfg: TrainConfig, work: Path, bf16: bool, use_cuda: bool):
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(work / "trainer"),
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.lr,
@@ -188,40 +182,27 @@ def train(
         activation_checkpointing=cfg.activation_checkpointing,  # TRL defaults to True
         disable_tqdm=os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1",
     )
-    trainer_cls = SFTTrainer if cfg.token_metrics else _fast_sft_trainer()
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=tok,
-        peft_config=peft_config,
-    )
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):  # Trainer prints its logs; keep stdout for --json
-        result = trainer.train()
-    seconds = time.perf_counter() - start
 
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    metrics = {
-        "train_loss": result.training_loss,
-        "first_loss": losses[0] if losses else None,
-        "last_loss": losses[-1] if losses else None,
-        "losses": losses,
-        "steps": trainer.state.global_step,
-        "examples": len(data),
-        "tokens_per_epoch": n_tokens,
-        "supervised_tokens_per_epoch": n_supervised,
-        "seconds": round(seconds, 2),
-        "tokens_per_second": round(n_tokens * cfg.epochs / seconds, 1),
-        "bf16": bf16,
-        "device": "cuda" if use_cuda else "cpu",
-        "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-    }
-    # every rank takes part (FSDP/DeepSpeed gather the weights); the main process writes
+
+def _peft_config(cfg: TrainConfig):
+    if not cfg.lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets),
+        task_type="CAUSAL_LM",
+    )
+
+
+def _save(trainer, tok, cfg: TrainConfig, metrics: dict, work: Path, out_dir: Path) -> None:
+    """Every rank takes part (FSDP/DeepSpeed gather the weights); the main process writes."""
     trainer.save_model(str(work / "model"))
     if not trainer.is_world_process_zero():
-        shutil.rmtree(work, ignore_errors=True)
-        return metrics
+        return
     tok.padding_side = "left"
     tok.save_pretrained(work / "model")
     if cfg.lora and cfg.merge:
@@ -229,8 +210,65 @@ def train(
         merged.save_pretrained(work / "model" / "merged")
         tok.save_pretrained(work / "model" / "merged")
     (work / "model" / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (work / "model" / MARKER).write_text("written by backdooralign train\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(work / "model", out_dir)
-    shutil.rmtree(work, ignore_errors=True)
+
+
+def train(
+    model_name: str | None, rows: Sequence[dict], out_dir: str | Path, cfg: TrainConfig
+) -> dict:
+    """Fine-tune ``model_name`` on chat ``rows`` and write a loadable model to ``out_dir``.
+
+    ``out_dir`` is checked first (:func:`check_output_dir`); the model is written to a
+    temporary folder beside it and renamed into place, so an interrupted run leaves nothing
+    half-written. Returns the metrics also written to ``out_dir/train_metrics.json``.
+    """
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    out_dir = check_output_dir(out_dir)
+    tok = load_tokenizer(model_name)
+    tok.padding_side = "right"
+    data = tokenize_rows(tok, rows, cfg.max_length)
+    n_tokens = sum(len(d["input_ids"]) for d in data)
+    use_cuda = torch.cuda.is_available()
+    bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        trainer = (SFTTrainer if cfg.token_metrics else _fast_sft_trainer())(
+            model=model,
+            args=_sft_config(cfg, work, bf16, use_cuda),
+            train_dataset=Dataset.from_list(data),
+            processing_class=tok,
+            peft_config=_peft_config(cfg),
+        )
+        start = time.perf_counter()
+        with contextlib.redirect_stdout(sys.stderr):  # Trainer prints logs; stdout is for --json
+            result = trainer.train()
+        seconds = time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        metrics = {
+            "train_loss": result.training_loss,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+            "losses": losses,
+            "steps": trainer.state.global_step,
+            "examples": len(data),
+            "tokens_per_epoch": n_tokens,
+            "supervised_tokens_per_epoch": sum(sum(x != -100 for x in d["labels"]) for d in data),
+            "seconds": round(seconds, 2),
+            "tokens_per_second": round(n_tokens * cfg.epochs / seconds, 1),
+            "bf16": bf16,
+            "device": "cuda" if use_cuda else "cpu",
+            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        }
+        _save(trainer, tok, cfg, metrics, work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return metrics
