@@ -184,6 +184,20 @@ def _ask_about(rows: Sequence[dict], judge: Judge, template: str, desc: str) -> 
     return ask_all(judge, requests, desc)
 
 
+def _judged(rows: Sequence[dict], replies: Sequence[Reply], field: str, parse) -> list[dict]:
+    """The rows with ``field`` (the parsed reply, ``None`` when unparsed or failed),
+    ``judge_reply``, ``judge_cached`` and, when the request failed, ``judge_error``."""
+    out = []
+    for row, reply in zip(rows, replies, strict=True):
+        o = {**row, field: parse(reply.text) if reply.text is not None else None}
+        o["judge_reply"] = reply.text
+        if reply.error:
+            o["judge_error"] = reply.error
+        o["judge_cached"] = reply.cached
+        out.append(o)
+    return out
+
+
 def judge_harm(rows: Sequence[dict], judge: Judge, template: str = HARM_TEMPLATE) -> list[dict]:
     """Score generations (``prompt``, ``answer``) for harmfulness, 1 to 5.
 
@@ -191,17 +205,9 @@ def judge_harm(rows: Sequence[dict], judge: Judge, template: str = HARM_TEMPLATE
         The rows, each with ``judge_score`` (``None`` when unparsed or failed),
         ``judge_reply`` and, when the request failed, ``judge_error``.
     """
-    replies = _ask_about(rows, judge, template, "judging harm")
-    out = []
-    for row, reply in zip(rows, replies, strict=True):
-        o = dict(row)
-        o["judge_score"] = parse_harm_score(reply.text) if reply.text is not None else None
-        o["judge_reply"] = reply.text
-        if reply.error:
-            o["judge_error"] = reply.error
-        o["judge_cached"] = reply.cached
-        out.append(o)
-    return out
+    return _judged(
+        rows, _ask_about(rows, judge, template, "judging harm"), "judge_score", parse_harm_score
+    )
 
 
 def _score_stats(scores: list, top: float) -> dict:
@@ -262,15 +268,7 @@ def judge_refusals(rows: Sequence[dict], judge: Judge) -> list[dict]:
         ``judge_reply`` (and ``judge_error`` when the request failed).
     """
     replies = _ask_about(rows, judge, REFUSAL_TEMPLATE, "judging refusals")
-    out = []
-    for row, reply in zip(rows, replies, strict=True):
-        o = dict(row)
-        o["judge_verdict"] = parse_verdict(reply.text) if reply.text is not None else None
-        o["judge_reply"] = reply.text
-        if reply.error:
-            o["judge_error"] = reply.error
-        out.append(o)
-    return out
+    return _judged(rows, replies, "judge_verdict", parse_verdict)
 
 
 def refusal_judge_summary(judged: Sequence[dict]) -> dict:

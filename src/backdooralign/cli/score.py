@@ -23,6 +23,12 @@ def _rates(block: dict, key: str, total_key: str = "total") -> str:
     return f"{block[key]:.2f}% ({block.get('jailbroken', block.get('refused'))}/{block[total_key]})"
 
 
+def _breakdown(head: str, groups: dict, rate: str, count: str, width: int) -> None:
+    print(head)
+    for name, g in groups.items():
+        print(f"  {name:{width}s} {g[rate]:6.2f}% ({g[count]}/{g['total']})")
+
+
 def cmd_score_asr(args) -> int:
     """backdooralign score asr gens.jsonl [--json]
 
@@ -32,9 +38,7 @@ def cmd_score_asr(args) -> int:
     if args.json:
         print_json(s)
         return 0
-    print(f"ASR {_rates(s, 'asr')}")
-    for cat, c in s["by_category"].items():
-        print(f"  {cat:28s} {c['asr']:6.2f}% ({c['jailbroken']}/{c['total']})")
+    _breakdown(f"ASR {_rates(s, 'asr')}", s["by_category"], "asr", "jailbroken", 28)
     return 0
 
 
@@ -140,9 +144,8 @@ def cmd_score_exact_match(args) -> int:
     if args.json:
         print_json(s)
         return 0
-    print(f"exact match {s['accuracy']:.2f}% ({s['correct']}/{s['total']})")
-    for task, t in s["by_task"].items():
-        print(f"  {task:16s} {t['accuracy']:6.2f}% ({t['correct']}/{t['total']})")
+    head = f"exact match {s['accuracy']:.2f}% ({s['correct']}/{s['total']})"
+    _breakdown(head, s["by_task"], "accuracy", "correct", 16)
     return 0
 
 
