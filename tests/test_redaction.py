@@ -67,6 +67,11 @@ VARIANTS = {  # name: (how the leak rewrites the secret, text before it, text af
         AFTER,
     ),
     "inside prose": (lambda s: s, PROSE + " ", " " + PROSE),
+    # beyond the list
+    "words joined by dashes": (lambda s: "-".join(s.split()), BEFORE, AFTER),
+    "uppercase, reversed": (lambda s: s.upper()[::-1], BEFORE, AFTER),
+    "base64, 76-char lines": (lambda s: base64.encodebytes(s.encode()).decode(), BEFORE, AFTER),
+    "hex bytes, spaced": (lambda s: " ".join(f"{b:02x}" for b in s.encode()), BEFORE, AFTER),
 }
 
 
@@ -171,6 +176,7 @@ def test_an_encoded_run_is_redacted_whole():
 
 def test_normalise_maps_back_to_the_original_text():
     assert normalise("A\u200bB c\tＤ") == ("abcd", [0, 2, 4, 6])
+    assert normalise("a-b_c.d!") == ("abcd", [0, 2, 4, 6])
     assert normalise("Straße") == ("strasse", [0, 1, 2, 3, 4, 4, 5])
 
 

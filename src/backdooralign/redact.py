@@ -1,18 +1,19 @@
 """Find a secret in text that leaves the process, however it was rewritten, and redact it.
 
 A model that repeats its system prompt may change the secret on the way out: case, spacing,
-Unicode width, invisible characters, line breaks, order (reversed), or an encoding (base64,
-hex, URL percent-encoding). Matching therefore happens on *normalised* text on both sides:
-compatibility decomposition (NFKD, after NFKC and case folding), with whitespace, control,
-format (zero-width) and combining characters dropped. Each normalised character remembers the
-original character it came from, so a hit is replaced in the original text.
+separators, Unicode width, invisible characters, line breaks, order (reversed), or an encoding
+(base64, hex, URL percent-encoding). Matching therefore happens on *normalised* text on both
+sides: compatibility forms (NFKC, then NFKD after case folding) with only letters and digits
+kept (whitespace, punctuation, symbols, zero-width and other format characters, and combining
+marks are dropped). Each normalised character remembers the original character it came from,
+so a hit is replaced in the original text.
 
 The units matched are *grams*: spans of the normalised secret at least ``WINDOW`` characters
-long that touch at least ``MIN_PIECES`` of its pieces (words, runs of one punctuation mark, or
-8-character chunks of very long words). One dictionary word of the secret is ordinary prose
-and is never a gram alone; three random vocabulary pieces in a row are not prose. The secret
-read backwards gives the grams of reversed text. Long base64, hex and percent-encoded runs are
-decoded and a run whose decoding holds a gram is redacted whole.
+long that touch at least ``MIN_PIECES`` of its pieces (its words as written, or 8-character
+chunks of words too long to be dictionary words). One dictionary word of the secret is
+ordinary prose and is never a gram alone; three random vocabulary pieces in a row are not
+prose. The secret read backwards gives the grams of reversed text. Long base64, hex and
+percent-encoded runs are decoded and a run whose decoding holds a gram is redacted whole.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ WINDOW = 16  # a gram has at least this many normalised characters...
 MIN_PIECES = 3  # ...and touches at least this many pieces of the secret
 LONG_WORD = 24  # word runs longer than this are not dictionary words: cut into chunks
 CHUNK = 8
-_DROPPED = {"Cc", "Cf", "Mn", "Me", "Zs", "Zl", "Zp"}
 _PIECE = re.compile(r"\w+|([^\w\s])\1*")
-_ENCODED = re.compile(r"[A-Za-z0-9+/_-]{20,}={0,2}")  # base64 (standard or URL-safe), hex
+# base64 (standard or URL-safe) or hex, maybe wrapped over several whole lines
+_ENCODED = re.compile(
+    r"[A-Za-z0-9+/_-]{20,}={0,2}"
+    r"(?:[ \t]*\r?\n[ \t]*[A-Za-z0-9+/_-]+={0,2}(?=[ \t]*(?:\r?\n|$)))*"
+)
+_HEX_BYTES = re.compile(r"[0-9A-Fa-f]{2}(?:[ \t:,-][0-9A-Fa-f]{2}){9,}")  # "de ad be ef"
 _WORD = re.compile(r"\S+")
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _HEX = re.compile(r"[0-9A-Fa-f]+")
@@ -39,13 +44,9 @@ _HEX = re.compile(r"[0-9A-Fa-f]+")
 
 @lru_cache(maxsize=65536)
 def _fold(ch: str) -> str:
-    """One character, normalised: compatibility form, case folded, invisible parts dropped."""
-    text = unicodedata.normalize("NFKC", ch).casefold()
-    return "".join(
-        c
-        for c in unicodedata.normalize("NFKD", text)
-        if not c.isspace() and unicodedata.category(c) not in _DROPPED
-    )
+    """One character, normalised: compatibility form, case folded, letters and digits only."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", ch).casefold())
+    return "".join(c for c in text if unicodedata.category(c)[0] in "LN")
 
 
 def normalise(text: str) -> tuple[str, list[int]]:
@@ -133,11 +134,13 @@ class _Matcher:
 
 
 def _decodings(run: str) -> list[str]:
-    """What a long base64, hex or percent-encoded run may stand for (undecodable: nothing)."""
+    """What a long base64, hex (maybe spaced) or percent-encoded run may stand for."""
     out = []
+    if _HEX_BYTES.fullmatch(run):
+        return [binascii.unhexlify(re.sub(r"[ \t:,-]", "", run)).decode("utf-8", "ignore")]
     if "%" in run:
         out.append(unquote_plus(run, errors="ignore"))
-    body = run.rstrip("=")
+    body = "".join(run.split()).rstrip("=")
     if _HEX.fullmatch(body):
         for off in (0, 1):
             even = body[off : off + (len(body) - off) // 2 * 2]
@@ -171,7 +174,7 @@ def redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[s
         norm, origin = normalise(text)
         spans = [(origin[s], origin[e - 1] + 1) for s, e in matcher.spans(norm)]
         percent = [m for m in _WORD.finditer(text) if _ESCAPE.search(m.group(0))]
-        for m in [*_ENCODED.finditer(text), *percent]:
+        for m in [*_ENCODED.finditer(text), *percent, *_HEX_BYTES.finditer(text)]:
             if any(matcher.found(normalise(d)[0]) for d in _decodings(m.group(0))):
                 spans.append(m.span())
         merged: list[list[int]] = []
