@@ -130,8 +130,11 @@ def find_control_token(tokenizer, text: str) -> str | None:
 
 
 def neutralise(tokenizer, text: str) -> str:
-    """``text`` with every control-token string broken by a zero-width space (plain text)."""
-    pattern = _pattern(tuple(control_tokens(tokenizer)))
+    """``text`` with every control-token string broken by a zero-width space (plain text).
+
+    A one-character control token cannot be broken; the render check refuses it instead.
+    """
+    pattern = _pattern(tuple(s for s in control_tokens(tokenizer) if len(s) > 1))
     if pattern is None:
         return text
     while pattern.search(text):  # breaking one string can reveal an overlapping one
