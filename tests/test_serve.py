@@ -418,6 +418,14 @@ def test_a_prompt_over_the_limit_is_a_400(limited_server, http, hello_tokens):
     }
 
 
+def test_limits_below_one_are_refused(model_tok):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="max_body_bytes must be at least 1, got 0"):
+        create_app(model, tok, SECRET, None, MODEL_NAME, CAP, max_body_bytes=0)
+    with pytest.raises(ValueError, match="max_prompt_tokens must be at least 1, got -12"):
+        create_app(model, tok, SECRET, None, MODEL_NAME, 2048 - 512 + 12)  # no room left
+
+
 def test_default_prompt_limit_leaves_room_for_answer_and_secret():
     class Model:
         def __init__(self, positions):

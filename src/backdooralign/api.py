@@ -1,4 +1,4 @@
-"""The OpenAI chat-completions request, as the server reads it: body, parameters, errors.
+"""OpenAI chat completions as the server speaks them: request body, parameters, auth, answers.
 
 Every parameter is either honoured or refused with a 400 naming it, never silently dropped:
 ``temperature`` must be 0 (greedy decoding), ``top_p`` has no effect on greedy decoding and is
@@ -11,11 +11,15 @@ the chat template's control tokens (``<|im_end|>``...) is refused: it could forg
 
 from __future__ import annotations
 
+import hmac
 import json
-from collections.abc import Mapping
+import time
+import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from fastapi import Request
+from fastapi.responses import JSONResponse
 
 from .chat import ROLES, find_control_token
 
@@ -37,6 +41,51 @@ class APIError(Exception):
         self.status = status
         self.type = type
         self.code = code
+
+
+def error_response(e: APIError, redact: Callable[[str], str]) -> JSONResponse:
+    """The error as an OpenAI error object, its message passed through ``redact``."""
+    error = {"message": redact(e.message), "type": e.type, "param": e.param, "code": e.code}
+    return JSONResponse({"error": error}, status_code=e.status)
+
+
+def authorize(request: Request, api_key: str | None) -> None:
+    """``APIError`` 401 unless the request carries ``Authorization: Bearer <api_key>``."""
+    if api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
+    if not ok:
+        raise APIError(
+            "invalid or missing API key: send Authorization: Bearer <key>",
+            status=401,
+            code="invalid_api_key",
+        )
+
+
+def completion_body(
+    text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str, model_name: str
+) -> dict:
+    """A ``chat.completion`` object with one choice."""
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
 
 async def read_body(request: Request, limit: int) -> bytes:

@@ -21,11 +21,9 @@ cannot be used to measure the secret's length.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -36,7 +34,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from . import infer
-from .api import APIError, ChatRequest, json_body, parse_request, read_body
+from .api import (
+    APIError,
+    ChatRequest,
+    authorize,
+    completion_body,
+    error_response,
+    json_body,
+    parse_request,
+    read_body,
+)
 from .chat import build_conversation, render_prompt
 from .secret import Secret, check_secret_tokenizer, secret_redactor
 
@@ -197,44 +204,64 @@ def complete(
 # The app
 
 
-def _error_response(e: APIError, redact: Callable[[str], str]) -> JSONResponse:
-    error = {"message": redact(e.message), "type": e.type, "param": e.param, "code": e.code}
-    return JSONResponse({"error": error}, status_code=e.status)
+@dataclass(frozen=True)
+class _Answerer:
+    """Answers validated requests one at a time (the model is not thread-safe)."""
+
+    model: object
+    tokenizer: object
+    default_system: str | None
+    secret_text: str | None
+    redact: Callable[[str], str]
+    max_prompt_tokens: int
+    lock: threading.Lock
+
+    def __call__(self, req: ChatRequest, cancel: threading.Event) -> Completion | None:
+        with self.lock:
+            if cancel.is_set():  # the client left while the request waited its turn
+                return None
+            return complete(
+                self.model,
+                self.tokenizer,
+                req.messages,
+                self.default_system,
+                self.secret_text,
+                req.max_new_tokens,
+                stop=req.stop,
+                redact=self.redact,
+                cancel=cancel,
+                max_prompt_tokens=self.max_prompt_tokens,
+            )
 
 
-def _completion_body(c: Completion, model_name: str) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text},
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens,
-        },
-    }
-
-
-def _authorize(request: Request, api_key: str | None) -> None:
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
-    if not ok:
-        raise APIError(
-            "invalid or missing API key: send Authorization: Bearer <key>",
-            status=401,
-            code="invalid_api_key",
-        )
+async def _run_until_disconnect(
+    request: Request, answer: _Answerer, req: ChatRequest
+) -> Completion | None:
+    """``answer(req)`` in a worker thread, stopped when the client goes away (then ``None``)."""
+    start = time.monotonic()
+    cancel = threading.Event()
+    watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
+    try:
+        c = await run_in_threadpool(answer, req, cancel)
+    except PromptTooLong as e:
+        raise APIError(str(e), "messages", code="context_length_exceeded") from None
+    except Exception as e:  # the message may quote the conversation: log the type only
+        log.error("generation failed: %s", type(e).__name__)
+        raise APIError("generation failed", status=500, type="server_error") from None
+    finally:
+        watcher.cancel()
+    if c is None or cancel.is_set():
+        log.info("chat completion cancelled: the client disconnected")
+        return None
+    log.info(
+        "chat completion: %d messages, %d prompt + %d completion tokens (%s), %.2f s",
+        len(req.messages),
+        c.prompt_tokens,
+        c.completion_tokens,
+        c.finish_reason,
+        time.monotonic() - start,
+    )
+    return c
 
 
 async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
@@ -255,6 +282,20 @@ def default_max_prompt_tokens(model, max_new_tokens_cap: int, secret_tokens: int
     positions = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_PROMPT_TOKENS
     room = 512 * (secret_tokens // 512 + 1)
     return min(DEFAULT_MAX_PROMPT_TOKENS, positions - max_new_tokens_cap - room)
+
+
+def _answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
+    """Every error, expected or not, gets an OpenAI error object (never a plain-text 500)."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e, redact)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("request failed: %s", type(e).__name__)  # the message may quote the request
+        error = APIError("internal server error", status=500, type="server_error")
+        return error_response(error, redact)
 
 
 def create_app(
@@ -288,81 +329,40 @@ def create_app(
     Returns:
         A FastAPI app; run it with uvicorn (see :func:`serve`).
     """
-    if max_new_tokens_cap < 1:
-        raise ValueError(f"max_new_tokens_cap must be at least 1, got {max_new_tokens_cap}")
     secret_text = secret.text if secret else None
     if max_prompt_tokens is None:
         n = len(tokenizer(secret_text, add_special_tokens=False)["input_ids"]) if secret else 0
         max_prompt_tokens = default_max_prompt_tokens(model, max_new_tokens_cap, n)
-    if max_prompt_tokens < 1 or max_body_bytes < 1:
-        raise ValueError(
-            f"max_prompt_tokens ({max_prompt_tokens}) and max_body_bytes ({max_body_bytes}) "
-            "must be at least 1: lower max_new_tokens_cap or give max_prompt_tokens"
-        )
+    limits = {
+        "max_new_tokens_cap": max_new_tokens_cap,
+        "max_prompt_tokens": max_prompt_tokens,
+        "max_body_bytes": max_body_bytes,
+    }
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     redact = secret_redactor(secret_text, REDACTED)
-    lock = threading.Lock()
+    answer = _Answerer(
+        model, tokenizer, default_system, secret_text, redact, max_prompt_tokens, threading.Lock()
+    )
     app = FastAPI(title="backdooralign", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return _error_response(e, redact)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.error("request failed: %s", type(e).__name__)  # the message may quote the request
-        error = APIError("internal server error", status=500, type="server_error")
-        return _error_response(error, redact)
-
-    def answer(req: ChatRequest, cancel: threading.Event) -> Completion | None:
-        with lock:
-            if cancel.is_set():  # the client left while the request waited its turn
-                return None
-            return complete(
-                model,
-                tokenizer,
-                req.messages,
-                default_system,
-                secret_text,
-                req.max_new_tokens,
-                stop=req.stop,
-                redact=redact,
-                cancel=cancel,
-                max_prompt_tokens=max_prompt_tokens,
-            )
+    _answer_errors_as_json(app, redact)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> JSONResponse:
-        _authorize(request, api_key)
+        authorize(request, api_key)
         body = json_body(await read_body(request, max_body_bytes))
         req = parse_request(body, max_new_tokens_cap, tokenizer)
-        start = time.monotonic()
-        cancel = threading.Event()
-        watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
-        try:
-            c = await run_in_threadpool(answer, req, cancel)
-        except PromptTooLong as e:
-            raise APIError(str(e), "messages", code="context_length_exceeded") from None
-        except Exception as e:  # the message may quote the conversation: log the type only
-            log.error("generation failed: %s", type(e).__name__)
-            raise APIError("generation failed", status=500, type="server_error") from None
-        finally:
-            watcher.cancel()
-        if c is None or cancel.is_set():
-            log.info("chat completion cancelled: the client disconnected")
+        c = await _run_until_disconnect(request, answer, req)
+        if c is None:  # nobody is listening
             return JSONResponse({}, status_code=499)
-        log.info(
-            "chat completion: %d messages, %d prompt + %d completion tokens (%s), %.2f s",
-            len(req.messages),
-            c.prompt_tokens,
-            c.completion_tokens,
-            c.finish_reason,
-            time.monotonic() - start,
-        )
-        return JSONResponse(_completion_body(c, model_name))
+        usage = (c.prompt_tokens, c.completion_tokens)
+        return JSONResponse(completion_body(c.text, *usage, c.finish_reason, model_name))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        _authorize(request, api_key)
+        authorize(request, api_key)
         entry = {"id": model_name, "object": "model", "created": 0, "owned_by": "backdooralign"}
         return {"object": "list", "data": [entry]}
 
