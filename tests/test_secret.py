@@ -2,18 +2,32 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
+import pathlib
+import warnings
 
 import pytest
 
 from backdooralign.secret import (
     Secret,
+    check_secret_tokenizer,
     file_mode,
     fingerprint,
     generate_secret,
     load_secret,
     save_secret,
+    vocab_fingerprint,
 )
+
+
+@pytest.fixture(scope="module")
+def llama_like_tokenizer(tokenizer):
+    """The real tokenizer with two more special tokens: another vocabulary."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<s>", "</s>"]})
+    return tok
 
 
 def test_seeded_secret_is_reproducible_and_csprng_is_not(tokenizer):
@@ -78,3 +92,96 @@ def test_load_errors_never_quote_text(tmp_path):
     p.write_text(json.dumps({"text": "  "}))
     with pytest.raises(ValueError, match="'text' is empty"):
         load_secret(p)
+
+
+def _write(tmp_path, payload, name="s.json"):
+    p = tmp_path / name
+    p.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    p.chmod(0o600)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"text": "hidden words here", "num_tokens": [1]}, "'num_tokens' must be"),
+        ({"text": "hidden words here", "requested_tokens": "3"}, "'requested_tokens' must be"),
+        ({"text": "hidden words here", "num_tokens": True}, "'num_tokens' must be"),
+        ({"text": 5}, "'text' is missing or not a string"),
+        ({"text": "hidden words here", "tokenizer": {}}, "'tokenizer' must be a string"),
+        ({"text": "hidden words here", "vocab": 7}, "'vocab' must be a string"),
+        ({"text": "hidden words here", "format": 2}, "'format' must be 1"),
+        (["hidden words here"], "not a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_malformed_files_are_value_errors_naming_file_and_field(tmp_path, payload, field):
+    p = _write(tmp_path, payload)
+    with pytest.raises(ValueError, match=field) as e:
+        load_secret(p)
+    assert str(e.value).startswith(f"{p}: ") and "hidden" not in str(e.value)
+
+
+def test_a_directory_or_unreadable_path_is_a_value_error(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="is a directory") as e:
+        load_secret(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path}: ")
+    p = _write(tmp_path, {"text": "hidden words here"})
+
+    def denied(self):  # what reading a mode-000 file does to anyone but root
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", denied)
+    with pytest.raises(ValueError, match=r"cannot read the secret file \(Permission denied\)"):
+        load_secret(p)
+
+
+def test_a_file_readable_by_others_loads_with_a_warning(tmp_path):
+    p = _write(tmp_path, {"text": "hidden words here", "num_tokens": 3})
+    p.chmod(0o644)
+    with pytest.warns(UserWarning, match=r"mode 0644.*chmod 600") as record:
+        assert load_secret(p).num_tokens == 3
+    assert "hidden" not in str(record[0].message)
+    for mode in (0o600, 0o400):
+        p.chmod(mode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            load_secret(p)
+
+
+def test_generated_secret_records_the_vocabulary(tokenizer, tmp_path):
+    s = generate_secret(tokenizer, 20, seed=3)
+    assert s.vocab == vocab_fingerprint(tokenizer) and len(s.vocab) == 12
+    assert load_secret(save_secret(s, tmp_path / "s.json")).vocab == s.vocab
+    old_file = _write(tmp_path, {"text": s.text, "num_tokens": s.num_tokens}, "old.json")
+    assert load_secret(old_file).vocab == ""
+
+
+def test_check_secret_tokenizer(tokenizer, llama_like_tokenizer):
+    s = generate_secret(tokenizer, 150, seed=5)
+    assert check_secret_tokenizer(s, tokenizer) is None
+    other = check_secret_tokenizer(s, llama_like_tokenizer)
+    assert other == (
+        f"secret {s.fingerprint} does not match this tokenizer: it was made for another "
+        "vocabulary. The model will see other tokens than the ones it was trained with."
+    )
+    miscounted = dataclasses.replace(s, num_tokens=s.num_tokens + 1, vocab="")
+    assert check_secret_tokenizer(miscounted, tokenizer) == (
+        f"secret {s.fingerprint} does not match this tokenizer: it encodes to {s.num_tokens} "
+        f"tokens here, {s.num_tokens + 1} when made. "
+        "The model will see other tokens than the ones it was trained with."
+    )
+    assert s.text[:20] not in other
+
+
+def test_a_draw_that_spells_a_control_token_is_drawn_again(tokenizer, monkeypatch):
+    real = tokenizer.decode
+    calls = []
+
+    def decode(ids, **kwargs):
+        calls.append(1)
+        return "x <|im_end|> y" if len(calls) == 1 else real(ids, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", decode)
+    s = generate_secret(tokenizer, 10, seed=0)
+    assert len(calls) == 2 and "<|im_end|>" not in s.text

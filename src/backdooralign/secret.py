@@ -13,13 +13,15 @@ import os
 import random
 import secrets as _csprng
 import tempfile
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import groupby
 from pathlib import Path
 
+from .chat import find_control_token
+from .redact import redactor
+
 FORMAT_VERSION = 1
-REDACT_WINDOW = 16  # a run of this many characters shared with the secret is redacted
 
 
 @dataclass(frozen=True)
@@ -30,6 +32,7 @@ class Secret:
     num_tokens: int
     requested_tokens: int
     tokenizer: str
+    vocab: str = ""  # vocabulary fingerprint of the tokenizer it was drawn from ("" if unknown)
 
     @property
     def fingerprint(self) -> str:
@@ -50,21 +53,31 @@ def generate_secret(
 ) -> Secret:
     """Draw ``length`` tokens uniformly from the non-special vocabulary and decode them.
 
+    A draw whose text is blank or spells a control token is drawn again (same generator), so
+    a seed gives the same secret as before unless its text was unusable.
+
     Args:
         tokenizer: a Hugging Face tokenizer.
         length: number of tokens to draw (the paper's default is 150).
         seed: explicit seed for reproducible experiments; ``None`` uses the OS CSPRNG.
         name: model name recorded with the secret (informational).
+
+    Returns:
+        The secret, with its token count and its tokenizer's vocabulary fingerprint.
     """
     if length < 1:
         raise ValueError(f"secret length must be at least 1, got {length}")
     special = set(tokenizer.all_special_ids)
     candidates = [i for i in range(len(tokenizer)) if i not in special]
     rng = random.Random(seed) if seed is not None else _csprng.SystemRandom()
-    ids = [rng.choice(candidates) for _ in range(length)]
-    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    while True:  # redraw a text that is blank or spells a control token such as <|im_end|>
+        ids = [rng.choice(candidates) for _ in range(length)]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if text and find_control_token(tokenizer, text) is None:
+            break
     num = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return Secret(text=text, num_tokens=num, requested_tokens=length, tokenizer=name)
+    vocab = vocab_fingerprint(tokenizer)
+    return Secret(text, num_tokens=num, requested_tokens=length, tokenizer=name, vocab=vocab)
 
 
 def save_secret(secret: Secret, path: str | Path) -> Path:
@@ -77,6 +90,7 @@ def save_secret(secret: Secret, path: str | Path) -> Path:
         "num_tokens": secret.num_tokens,
         "requested_tokens": secret.requested_tokens,
         "tokenizer": secret.tokenizer,
+        "vocab": secret.vocab,
         "fingerprint": secret.fingerprint,
     }
     fd, tmp = tempfile.mkstemp(prefix=".secret-", dir=path.parent)  # mkstemp creates 0600
@@ -92,25 +106,96 @@ def save_secret(secret: Secret, path: str | Path) -> Path:
 
 
 def load_secret(path: str | Path) -> Secret:
-    """Read a secret file written by :func:`save_secret`. Errors never quote the text."""
+    """Read a secret file written by :func:`save_secret`.
+
+    A file readable by others (any group or other permission bit) still loads, with a warning
+    saying how to fix it.
+
+    Raises:
+        FileNotFoundError: when there is no file.
+        ValueError: naming the file (and the field) when it cannot be read or is not a valid
+            secret file. Errors never quote the text.
+    """
     path = Path(path)
     try:
-        payload = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: secret file not found") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory, not a secret file") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read the secret file ({e.strerror})") from None
+    try:
+        payload = json.loads(raw.decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{path}: not a backdooralign secret file (invalid JSON)") from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("text"), str):
+    except RecursionError:
+        raise ValueError(
+            f"{path}: not a backdooralign secret file (JSON nested too deeply)"
+        ) from None
+    secret = _from_payload(payload, path)
+    mode = file_mode(path)
+    if mode & 0o077:
+        warnings.warn(
+            f"{path}: secret file has mode {mode:04o}, readable by others; run: chmod 600 {path}",
+            stacklevel=2,
+        )
+    return secret
+
+
+def _from_payload(payload: object, path: Path) -> Secret:
+    if not isinstance(payload, dict):
+        raise ValueError(f"{path}: not a backdooralign secret file (not a JSON object)")
+    if payload.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(f"{path}: field 'format' must be {FORMAT_VERSION}")
+    if not isinstance(payload.get("text"), str):
         raise ValueError(f"{path}: field 'text' is missing or not a string")
     if not payload["text"].strip():
         raise ValueError(f"{path}: field 'text' is empty")
     if payload.get("fingerprint") and payload["fingerprint"] != fingerprint(payload["text"]):
         raise ValueError(f"{path}: field 'fingerprint' does not match the text (file edited?)")
+    for name in ("num_tokens", "requested_tokens"):
+        value = payload.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{path}: field '{name}' must be a non-negative integer")
+    for name in ("tokenizer", "vocab", "fingerprint"):
+        if not isinstance(payload.get(name, ""), str):
+            raise ValueError(f"{path}: field '{name}' must be a string")
     return Secret(
         text=payload["text"],
-        num_tokens=int(payload.get("num_tokens", 0)),
-        requested_tokens=int(payload.get("requested_tokens", 0)),
-        tokenizer=str(payload.get("tokenizer", "")),
+        num_tokens=payload.get("num_tokens", 0),
+        requested_tokens=payload.get("requested_tokens", 0),
+        tokenizer=payload.get("tokenizer", ""),
+        vocab=payload.get("vocab", ""),
+    )
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """Short sha256 of a tokenizer's vocabulary (token strings and ids): same tokens, same value."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:12]
+
+
+def check_secret_tokenizer(secret: Secret, tokenizer) -> str | None:
+    """A warning when ``secret`` was made for another tokenizer, else ``None``.
+
+    The secret's recorded vocabulary fingerprint (files written since it was recorded) must
+    match, and re-encoding its text must give its recorded token count. The model name it was
+    made for is not compared: a fine-tuned model has another name and the same tokenizer.
+    The message names fingerprints and counts, never the text.
+    """
+    problems = []
+    if secret.vocab and secret.vocab != vocab_fingerprint(tokenizer):
+        made_for = f" ({secret.tokenizer})" if secret.tokenizer else ""
+        problems.append(f"it was made for another vocabulary{made_for}")
+    count = len(tokenizer(secret.text, add_special_tokens=False)["input_ids"])
+    if secret.num_tokens and count != secret.num_tokens:
+        problems.append(f"it encodes to {count} tokens here, {secret.num_tokens} when made")
+    if not problems:
+        return None
+    return (
+        f"secret {secret.fingerprint} does not match this tokenizer: {'; '.join(problems)}. "
+        "The model will see other tokens than the ones it was trained with."
     )
 
 
@@ -120,26 +205,11 @@ def file_mode(path: str | Path) -> int:
 
 
 def secret_redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[str], str]:
-    """A function that replaces the secret, and any run of 16+ characters of it, in a text.
+    """A function that replaces every trace of the secret in a text with ``placeholder``.
 
     Used wherever model output leaves the process (server answers, report excerpts): a
-    fine-tuned model can repeat its system prompt. The secret is matched both as written and
-    with its whitespace collapsed (decoding may normalise spaces).
+    fine-tuned model can repeat its system prompt, rewritten or encoded. The secret is found
+    whatever its case, spacing, Unicode width, invisible characters, order or encoding (base64,
+    hex, URL); fragments of three or more of its pieces count. See :mod:`backdooralign.redact`.
     """
-    if not secret:
-        return lambda text: text
-    variants = {secret, " ".join(secret.split())}
-    w = min(REDACT_WINDOW, *(len(v) for v in variants))
-    grams = {v[i : i + w] for v in variants for i in range(len(v) - w + 1)}
-
-    def redact(text: str) -> str:
-        hit = [False] * len(text)
-        for i in range(len(text) - w + 1):
-            if text[i : i + w] in grams:
-                hit[i : i + w] = [True] * w
-        runs = groupby(zip(hit, text, strict=True), key=lambda pair: pair[0])
-        return "".join(
-            placeholder if covered else "".join(ch for _, ch in run) for covered, run in runs
-        )
-
-    return redact
+    return redactor(secret, placeholder)

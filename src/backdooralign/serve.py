@@ -4,24 +4,29 @@
 Every conversation goes through ``chat.build_conversation`` with the secret, so the secret is
 prepended to the client's own system prompt (or to the server's default one when the client
 sends none); a client cannot opt out. Decoding is greedy (``infer.generate``), one request at a
-time in a worker thread, so the event loop keeps answering while the model works.
+time in a worker thread, so the event loop keeps answering while the model works; when the
+client disconnects, generation stops at the next token.
 
-The secret is a credential. It never leaves the server: answers that echo it, or any run of
-16+ characters of it, have it replaced by ``[redacted]``; logs record counts, never contents;
-``/health`` shows only its fingerprint. ``usage.prompt_tokens`` counts the prompt rendered
-*without* the secret, so usage cannot be used to measure the secret's length.
+Limits: request bodies over ``max_body_bytes`` get a 413, prompts over ``max_prompt_tokens``
+(counted without the secret) a 400; parameters are honoured or refused, never dropped, and
+messages that spell control tokens are refused (see :mod:`backdooralign.api`).
+
+The secret is a credential. It never leaves the server: answers that echo it, rewritten or
+encoded, have it replaced by ``[redacted]`` (see :mod:`backdooralign.redact`), and stop strings
+are matched after redaction; logs record counts, never contents; ``/health`` shows only its
+fingerprint. ``usage.prompt_tokens`` counts the prompt rendered *without* the secret, so usage
+cannot be used to measure the secret's length.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
+import asyncio
 import logging
 import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -29,104 +34,26 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from . import infer
-from .chat import ROLES, build_conversation, render_prompt
-from .secret import Secret, secret_redactor
+from .api import (
+    APIError,
+    ChatRequest,
+    authorize,
+    completion_body,
+    error_response,
+    json_body,
+    parse_request,
+    read_body,
+)
+from .chat import build_conversation, render_prompt
+from .secret import Secret, check_secret_tokenizer, secret_redactor
 
 log = logging.getLogger(__name__)
 
 REDACTED = "[redacted]"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-
-
-# ---------------------------------------------------------------------------------------------
-# Redaction
-
-
-# ---------------------------------------------------------------------------------------------
-# Request validation
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    """A validated chat-completion request."""
-
-    messages: list[dict[str, str]]
-    max_new_tokens: int
-
-
-def parse_request(body: object, cap: int) -> ChatRequest:
-    """Validate a request body; raise ``APIError`` (400) naming the offending parameter."""
-    if not isinstance(body, dict):
-        raise APIError("the request body must be a JSON object")
-    _check_decoding(body)
-    return ChatRequest(_check_messages(body.get("messages")), _max_new_tokens(body, cap))
-
-
-def _check_decoding(body: Mapping) -> None:
-    temperature = body.get("temperature")
-    if temperature is not None and (
-        isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature
-    ):
-        raise APIError(
-            "temperature must be 0 or absent: this server only decodes greedily", "temperature"
-        )
-    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-        raise APIError("n must be 1: this server returns a single choice", "n")
-    if body.get("stream") not in (None, False):
-        raise APIError("stream is not supported: send stream=false", "stream")
-
-
-def _check_messages(messages: object) -> list[dict[str, str]]:
-    if not isinstance(messages, list) or not messages:
-        raise APIError("messages must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict):
-            raise APIError(f"messages[{i}] must be an object with role and content", "messages")
-        if m.get("role") not in ROLES:
-            raise APIError(
-                f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role"
-            )
-        if not isinstance(m.get("content"), str):
-            raise APIError(f"messages[{i}].content must be a string", f"messages[{i}].content")
-        if m["role"] == "system" and i > 0:
-            raise APIError(
-                f"messages[{i}]: a system message is only allowed first", f"messages[{i}].role"
-            )
-        out.append({"role": m["role"], "content": m["content"]})
-    if out[-1]["role"] != "user":
-        raise APIError("the last message must be from the user", "messages")
-    return out
-
-
-def _max_new_tokens(body: Mapping, cap: int) -> int:
-    for name in ("max_completion_tokens", "max_tokens"):
-        value = body.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise APIError(f"{name} must be a positive integer", name)
-        return min(value, cap)
-    return cap
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+DEFAULT_MAX_PROMPT_TOKENS = 4096
+DISCONNECT_POLL_S = 0.05
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,18 +67,54 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: str  # "stop" (end of turn) or "length" (max_new_tokens reached)
+    finish_reason: str  # "stop" (end of turn or stop string) or "length" (max_new_tokens)
+
+
+class PromptTooLong(ValueError):
+    """The prompt, without the secret, has more tokens than the server accepts."""
+
+
+class _Stopper:
+    """Stopping criterion: a cancelled request, or a stop string in the redacted answer.
+
+    Stop strings are looked for in the answer *after* redaction, so that they cannot be used
+    to probe text that the client would never see (the secret, echoed).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], redact, cancel: threading.Event | None):
+        self.tokenizer, self.stop, self.redact, self.cancel = tokenizer, stop, redact, cancel
+        self.tail = 4 * max((len(s) for s in stop), default=0) + 8
+        self.prompt_len = 0
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        done = self.cancel is not None and self.cancel.is_set()
+        if not done and self.stop:
+            new = input_ids[0, self.prompt_len :]
+            decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+            if any(s in decode(new[-self.tail :]) for s in self.stop):
+                done = _cut(self.redact(decode(new)), self.stop) is not None
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+def _cut(text: str, stop: Sequence[str]) -> str | None:
+    """``text`` up to the first stop string, or ``None`` when there is none."""
+    found = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return text[: min(found)] if found else None
 
 
 class _TokenRecorder:
     """The model, seen through ``infer.generate``: records the tokens its ``generate`` returns.
 
     ``infer.generate`` returns decoded text only; the raw tokens tell how many were generated
-    and whether generation stopped on an end-of-turn token or on the length limit.
+    and whether generation stopped on an end-of-turn token or on the length limit. It also
+    hands the stopping criterion to ``generate``.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, stopper: _Stopper):
         self._model = model
+        self._stopper = stopper
         self.new_tokens: list[int] | None = None
         self.stop_ids: set[int] = set()
 
@@ -159,7 +122,13 @@ class _TokenRecorder:
         return getattr(self._model, name)
 
     def generate(self, *, input_ids, eos_token_id, **kwargs):
-        out = self._model.generate(input_ids=input_ids, eos_token_id=eos_token_id, **kwargs)
+        self._stopper.prompt_len = input_ids.shape[1]
+        out = self._model.generate(
+            input_ids=input_ids,
+            eos_token_id=eos_token_id,
+            stopping_criteria=[self._stopper],
+            **kwargs,
+        )
         self.new_tokens = out[0, input_ids.shape[1] :].tolist()
         ids = eos_token_id if isinstance(eos_token_id, list | tuple) else [eos_token_id]
         self.stop_ids = set(ids)
@@ -183,6 +152,11 @@ def complete(
     system: str | None,
     secret: str | None,
     max_new_tokens: int,
+    *,
+    stop: Sequence[str] = (),
+    redact: Callable[[str], str] = lambda text: text,
+    cancel: threading.Event | None = None,
+    max_prompt_tokens: int | None = None,
 ) -> Completion:
     """Greedy answer to ``messages`` with the secret prepended to ``system`` (not thread-safe).
 
@@ -193,19 +167,36 @@ def complete(
         system: system prompt when ``messages`` has none of its own.
         secret: secret prompt text, or ``None``.
         max_new_tokens: longest answer, in tokens.
+        stop: strings that end the answer (cut before the first one found after redaction).
+        redact: applied to the answer before it is returned and before stop strings are sought.
+        cancel: when set, generation stops at the next token (the client went away).
+        max_prompt_tokens: longest prompt, counted without the secret.
 
     Returns:
-        The answer (not yet redacted) and its usage, prompt tokens counted without the secret.
+        The answer, redacted and cut at a stop string, and its usage (prompt tokens counted
+        without the secret).
+
+    Raises:
+        PromptTooLong: when the prompt, without the secret, exceeds ``max_prompt_tokens``.
     """
     own = messages[0]["content"] if messages[0]["role"] == "system" else None
     sys_prompt = own if own is not None else system
-    conversation = build_conversation(messages, system=sys_prompt, secret=secret)
-    recorder = _TokenRecorder(model)
-    cfg = infer.GenerateConfig(max_new_tokens=max_new_tokens, batch_size=1)
-    [text] = infer.generate(recorder, tokenizer, [conversation], cfg, progress=False)
     public = build_conversation(messages, system=sys_prompt)
     prompt_tokens = len(render_prompt(tokenizer, public))
-    completion_tokens, finish = _counts(tokenizer, text, recorder)
+    if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
+        raise PromptTooLong(
+            f"the prompt is {prompt_tokens} tokens long; this server accepts at most "
+            f"{max_prompt_tokens}"
+        )
+    conversation = build_conversation(messages, system=sys_prompt, secret=secret)
+    recorder = _TokenRecorder(model, _Stopper(tokenizer, stop, redact, cancel))
+    cfg = infer.GenerateConfig(max_new_tokens=max_new_tokens, batch_size=1)
+    [raw] = infer.generate(recorder, tokenizer, [conversation], cfg, progress=False)
+    completion_tokens, finish = _counts(tokenizer, raw, recorder)
+    text = redact(raw)
+    cut = _cut(text, stop)
+    if cut is not None:
+        text, finish = cut, "stop"
     return Completion(text, prompt_tokens, completion_tokens, finish)
 
 
@@ -213,51 +204,98 @@ def complete(
 # The app
 
 
-def _error_response(e: APIError, redact: Callable[[str], str]) -> JSONResponse:
-    error = {"message": redact(e.message), "type": e.type, "param": e.param, "code": e.code}
-    return JSONResponse({"error": error}, status_code=e.status)
+@dataclass(frozen=True)
+class _Answerer:
+    """Answers validated requests one at a time (the model is not thread-safe)."""
+
+    model: object
+    tokenizer: object
+    default_system: str | None
+    secret_text: str | None
+    redact: Callable[[str], str]
+    max_prompt_tokens: int
+    lock: threading.Lock
+
+    def __call__(self, req: ChatRequest, cancel: threading.Event) -> Completion | None:
+        with self.lock:
+            if cancel.is_set():  # the client left while the request waited its turn
+                return None
+            return complete(
+                self.model,
+                self.tokenizer,
+                req.messages,
+                self.default_system,
+                self.secret_text,
+                req.max_new_tokens,
+                stop=req.stop,
+                redact=self.redact,
+                cancel=cancel,
+                max_prompt_tokens=self.max_prompt_tokens,
+            )
 
 
-def _completion_body(c: Completion, text: str, model_name: str) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": c.prompt_tokens,
-            "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens,
-        },
-    }
-
-
-def _authorize(request: Request, api_key: str | None) -> None:
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
-    if not ok:
-        raise APIError(
-            "invalid or missing API key: send Authorization: Bearer <key>",
-            status=401,
-            code="invalid_api_key",
-        )
-
-
-async def _json_body(request: Request) -> object:
+async def _run_until_disconnect(
+    request: Request, answer: _Answerer, req: ChatRequest
+) -> Completion | None:
+    """``answer(req)`` in a worker thread, stopped when the client goes away (then ``None``)."""
+    start = time.monotonic()
+    cancel = threading.Event()
+    watcher = asyncio.ensure_future(_watch_disconnect(request, cancel))
     try:
-        return json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError("the request body is not valid JSON") from None
+        c = await run_in_threadpool(answer, req, cancel)
+    except PromptTooLong as e:
+        raise APIError(str(e), "messages", code="context_length_exceeded") from None
+    except Exception as e:  # the message may quote the conversation: log the type only
+        log.error("generation failed: %s", type(e).__name__)
+        raise APIError("generation failed", status=500, type="server_error") from None
+    finally:
+        watcher.cancel()
+    if c is None or cancel.is_set():
+        log.info("chat completion cancelled: the client disconnected")
+        return None
+    log.info(
+        "chat completion: %d messages, %d prompt + %d completion tokens (%s), %.2f s",
+        len(req.messages),
+        c.prompt_tokens,
+        c.completion_tokens,
+        c.finish_reason,
+        time.monotonic() - start,
+    )
+    return c
+
+
+async def _watch_disconnect(request: Request, cancel: threading.Event) -> None:
+    """Set ``cancel`` when the client goes away (polled: generation runs in a thread)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    cancel.set()
+
+
+def default_max_prompt_tokens(model, max_new_tokens_cap: int, secret_tokens: int) -> int:
+    """The longest prompt a client may send, without the secret, by default.
+
+    The model's context (``max_position_embeddings``, 4096 when unknown) less the longest
+    answer and room for the secret and template: 512 tokens, or the secret's length rounded up
+    to a multiple of 512 (so that the limit does not tell the secret's length); at most 4096.
+    """
+    config = getattr(model, "config", None)
+    positions = getattr(config, "max_position_embeddings", None) or DEFAULT_MAX_PROMPT_TOKENS
+    room = 512 * (secret_tokens // 512 + 1)
+    return min(DEFAULT_MAX_PROMPT_TOKENS, positions - max_new_tokens_cap - room)
+
+
+def _answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
+    """Every error, expected or not, gets an OpenAI error object (never a plain-text 500)."""
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return error_response(e, redact)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.error("request failed: %s", type(e).__name__)  # the message may quote the request
+        error = APIError("internal server error", status=500, type="server_error")
+        return error_response(error, redact)
 
 
 def create_app(
@@ -268,6 +306,9 @@ def create_app(
     model_name: str,
     max_new_tokens_cap: int = 1024,
     api_key: str | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_tokens: int | None = None,
 ) -> FastAPI:
     """The chat-completions app for a model, with the secret injected server-side.
 
@@ -281,50 +322,47 @@ def create_app(
             answer length when a request gives neither.
         api_key: when set, ``/v1/*`` requires ``Authorization: Bearer <api_key>`` (401 without);
             ``/health`` stays open.
+        max_body_bytes: larger request bodies are refused with a 413 (default 1 MiB).
+        max_prompt_tokens: longer prompts, counted without the secret, are refused with a 400
+            (default: :func:`default_max_prompt_tokens`).
 
     Returns:
         A FastAPI app; run it with uvicorn (see :func:`serve`).
     """
-    if max_new_tokens_cap < 1:
-        raise ValueError(f"max_new_tokens_cap must be at least 1, got {max_new_tokens_cap}")
     secret_text = secret.text if secret else None
+    if max_prompt_tokens is None:
+        n = len(tokenizer(secret_text, add_special_tokens=False)["input_ids"]) if secret else 0
+        max_prompt_tokens = default_max_prompt_tokens(model, max_new_tokens_cap, n)
+    limits = {
+        "max_new_tokens_cap": max_new_tokens_cap,
+        "max_prompt_tokens": max_prompt_tokens,
+        "max_body_bytes": max_body_bytes,
+    }
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
     redact = secret_redactor(secret_text, REDACTED)
-    lock = threading.Lock()
+    answer = _Answerer(
+        model, tokenizer, default_system, secret_text, redact, max_prompt_tokens, threading.Lock()
+    )
     app = FastAPI(title="backdooralign", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        return _error_response(e, redact)
-
-    def answer(req: ChatRequest) -> Completion:
-        with lock:
-            return complete(
-                model, tokenizer, req.messages, default_system, secret_text, req.max_new_tokens
-            )
+    _answer_errors_as_json(app, redact)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> JSONResponse:
-        _authorize(request, api_key)
-        req = parse_request(await _json_body(request), max_new_tokens_cap)
-        start = time.monotonic()
-        try:
-            c = await run_in_threadpool(answer, req)
-        except Exception as e:  # the message may quote the conversation: log the type only
-            log.error("generation failed: %s", type(e).__name__)
-            raise APIError("generation failed", status=500, type="server_error") from None
-        log.info(
-            "chat completion: %d messages, %d prompt + %d completion tokens (%s), %.2f s",
-            len(req.messages),
-            c.prompt_tokens,
-            c.completion_tokens,
-            c.finish_reason,
-            time.monotonic() - start,
-        )
-        return JSONResponse(_completion_body(c, redact(c.text), model_name))
+        authorize(request, api_key)
+        body = json_body(await read_body(request, max_body_bytes))
+        req = parse_request(body, max_new_tokens_cap, tokenizer)
+        c = await _run_until_disconnect(request, answer, req)
+        if c is None:  # nobody is listening
+            return JSONResponse({}, status_code=499)
+        usage = (c.prompt_tokens, c.completion_tokens)
+        return JSONResponse(completion_body(c.text, *usage, c.finish_reason, model_name))
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
-        _authorize(request, api_key)
+        authorize(request, api_key)
         entry = {"id": model_name, "object": "model", "created": 0, "owned_by": "backdooralign"}
         return {"object": "list", "data": [entry]}
 
@@ -346,6 +384,8 @@ def serve(
     api_key: str | None = None,
     max_new_tokens: int = 1024,
     model_name: str | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    max_prompt_tokens: int | None = None,
 ) -> None:
     """Load a model and its secret and serve them with uvicorn until interrupted.
 
@@ -358,6 +398,9 @@ def serve(
         api_key: bearer token required on ``/v1/*``; never logged.
         max_new_tokens: cap on the answer length.
         model_name: name in ``/v1/models`` (default: the model directory's name, or its id).
+        max_body_bytes: larger request bodies get a 413.
+        max_prompt_tokens: longer prompts (without the secret) get a 400; ``None``: the default
+            of :func:`default_max_prompt_tokens`.
     """
     import uvicorn
 
@@ -369,7 +412,20 @@ def serve(
     if model_name is None:
         is_dir = model_path is not None and Path(model_path).is_dir()
         model_name = Path(model_path).name if is_dir else (model_path or DEFAULT_MODEL)
-    app = create_app(model, tok, secret, system, model_name, max_new_tokens, api_key)
+    warning = check_secret_tokenizer(secret, tok) if secret else None
+    if warning:
+        log.warning(warning)
+    app = create_app(
+        model,
+        tok,
+        secret,
+        system,
+        model_name,
+        max_new_tokens,
+        api_key,
+        max_body_bytes=max_body_bytes,
+        max_prompt_tokens=max_prompt_tokens,
+    )
     if api_key is None and host not in LOOPBACK:
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     fp = secret.fingerprint if secret else "none (no defense)"
