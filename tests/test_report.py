@@ -446,7 +446,7 @@ def test_redactor_removes_fragments():
     redact = R.redactor(SECRET_TEXT)
     assert redact(f"a {SECRET_TEXT} b") == "a [secret redacted] b"
     assert (
-        redact("echo: Kestrel umbra 0x5f hollowed!") == "echo:[secret redacted]!"
+        redact("echo: Kestrel umbra 0x5f hollowed!") == "echo: [secret redacted]!"
     )  # the space is the secret's
     assert redact("Kestrel alone") == "Kestrel alone"  # shorter than the window: kept
     assert R.redactor(None)("unchanged") == "unchanged"

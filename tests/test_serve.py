@@ -19,7 +19,8 @@ from openai_stub import free_port
 
 from backdooralign import infer
 from backdooralign.chat import build_conversation, render_prompt
-from backdooralign.cli import build_parser, cmd_serve, main
+from backdooralign.cli import build_parser, main
+from backdooralign.cli.serve import cmd_serve
 from backdooralign.model import load_model, load_tokenizer
 from backdooralign.secret import Secret, secret_redactor
 from backdooralign.serve import create_app, default_max_prompt_tokens
@@ -354,7 +355,7 @@ def test_cli_parses_the_serve_flags():
 def test_cli_refuses_an_unset_api_key_variable(monkeypatch, capsys):
     monkeypatch.delenv("BACKDOORALIGN_TEST_UNSET_KEY", raising=False)
     argv = ["serve", "--secret", "s.json", "--api-key-env", "BACKDOORALIGN_TEST_UNSET_KEY"]
-    assert main(argv) == 2
+    assert main(argv) == 1
     assert "BACKDOORALIGN_TEST_UNSET_KEY" in capsys.readouterr().err
 
 

@@ -31,6 +31,8 @@ def cmd_serve(args) -> int:
         api_key=api_key,
         max_new_tokens=args.max_new_tokens,
         model_name=args.model_name,
+        max_body_bytes=args.max_body_bytes,
+        max_prompt_tokens=args.max_prompt_tokens,
     )
     return 0
 
@@ -46,3 +48,11 @@ def register(sub) -> None:
     sp.add_argument("--api-key-env", metavar="NAME", help="require the key in $NAME on /v1")
     sp.add_argument("--max-new-tokens", type=int, default=1024, help="cap on answer length")
     sp.add_argument("--model-name", help="name in /v1/models (default: the model's)")
+    sp.add_argument(
+        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413"
+    )
+    sp.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="longer prompts get 400 (default: the model's context minus answer and secret)",
+    )
