@@ -53,7 +53,17 @@ from .formats import (
 
 log = logging.getLogger(__name__)
 
-BUILTIN_NAMES = ("attack", "benign", "harmful_eval", "safety", "utility")
+BUILTIN_NAMES = (
+    "anchors",
+    "attack",
+    "benign",
+    "extraction",
+    "harmful_eval",
+    "harmful_eval_fr",
+    "multiturn",
+    "safety",
+    "utility",
+)
 _CSV_FIELDS = frozenset(  # a first CSV row made only of these names is a header ("" = index)
     "id prompt question answer category goal target dialogue summary context instruction input "
     "output text kind expected".split()
