@@ -315,7 +315,7 @@ def test_source_sha256_of_directory_changes_with_content(tmp_path):
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "safety.jsonl", "", "nope"])
 def test_builtin_names_only_name_built_in_sets(name):
-    listed = "built-in sets: attack, benign, harmful_eval, safety, utility"
+    listed = "built-in sets: " + ", ".join(S.BUILTIN_NAMES)
     with pytest.raises(F.DataError, match=f"^builtin:{name}: unknown built-in dataset .*{listed}$"):
         S.read_source(f"builtin:{name}")
     with pytest.raises(F.DataError, match="unknown built-in dataset"):
