@@ -50,7 +50,12 @@ def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
             or ``secret.seed`` than the config now asks for (re-key with a new run directory).
     """
     if cfg.secret.path:
-        return load_secret(cfg.secret.path)
+        secret = load_secret(cfg.secret.path)
+        from .secret import check_secret_tokenizer
+
+        if warning := check_secret_tokenizer(secret, tokenizer):
+            log.warning("%s: %s", cfg.secret.path, warning)
+        return secret
     wanted = {"length": cfg.secret.length, "seed": cfg.secret.seed}
     record = run.stage("secret")
     if run.secret.exists():

@@ -311,3 +311,47 @@ def write_json(path: str | Path, obj: Any, private: bool = False) -> Path:
 
 def _escape(text: str) -> str:
     return _UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guards run before any work
+
+
+def check_outputs(
+    inputs: Iterable[str | Path | None], outputs: Iterable[str | Path | None]
+) -> None:
+    """Refuse outputs that would overwrite an input or each other, or cannot be written.
+
+    Checked before any expensive work: an output may not resolve to an input file (``--out``
+    equal to ``--data`` would replace the customer's file), two outputs may not be the same
+    file, and an output may not be an existing directory or sit under a file.
+
+    Raises:
+        DataError: naming the output and what it collides with.
+    """
+    given = {
+        Path(p).resolve(): str(p)
+        for p in inputs
+        if p and not str(p).startswith(("builtin:", "hf:"))
+    }
+    seen: dict[Path, str] = {}
+    for out in outputs:
+        if not out:
+            continue
+        resolved = Path(out).resolve()
+        if resolved in given:
+            raise DataError(
+                out, None, None, f"is also an input ({given[resolved]}); refusing to overwrite it"
+            )
+        if resolved in seen:
+            raise DataError(
+                out, None, None, f"is written twice by this command (also as {seen[resolved]})"
+            )
+        seen[resolved] = str(out)
+        if resolved.is_dir():
+            raise DataError(out, None, None, "is a directory, expected a file")
+        for parent in resolved.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    raise DataError(out, None, None, f"cannot write: {parent} is not a folder")
+                break

@@ -237,6 +237,8 @@ def build_training_set(
     """
     if arm == "backdooralign" and secret is None:
         raise ValueError("arm 'backdooralign' needs a secret")
+    sources = [cfg.attack, cfg.task, cfg.safety, cfg.anchor_file, anchors]
+    F.check_outputs(sources, [out, manifest_path(out)])
     customer, notes = load_customer(cfg)
     screening = screen(customer, cfg, secret, cfg.attack)
     safety, selection, safety_notes = select_safety(cfg)

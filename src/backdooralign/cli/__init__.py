@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from . import data, run, score, secret, serve, train
 
@@ -36,6 +37,10 @@ def _message(e: BaseException) -> str:
     return str(e) or type(e).__name__
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -44,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.showwarning = _show_warning
     try:
         return args.fn(args)
     except EXPECTED_ERRORS as e:

@@ -7,6 +7,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 MODEL_HELP = "Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)"
 
@@ -57,7 +58,53 @@ def read_secret(path: str | None):
     return load_secret(path)
 
 
+def warn_if_other_tokenizer(secret, tokenizer) -> None:
+    """Warn on stderr when the secret was made for another tokenizer."""
+    from ..secret import check_secret_tokenizer
+
+    if secret is not None and (warning := check_secret_tokenizer(secret, tokenizer)):
+        print(f"warning: {warning}", file=sys.stderr)
+
+
 def notes(lines: Iterable[str]) -> None:
     """Tell the user on stderr what was left out (fewer rows used than given, ...)."""
     for line in lines:
         print(f"note: {line}", file=sys.stderr)
+
+
+def secret_masker(data_file: str | Path, secret=None) -> tuple[Callable[[str], str], list[str]]:
+    """A function that shows the secret in a text as ``⟨secret FINGERPRINT⟩``, and notes.
+
+    The secret is recognised by its text (``--secret``) or, without it, by the fingerprint in
+    the manifest beside ``data_file``: a leading part of a text whose fingerprint matches is
+    the secret. A text that starts with a long random-looking run but matches neither is hidden
+    whole, and the notes say why.
+    """
+    from ..files import read_json
+    from ..rundir import manifest_path
+    from ..screen import looks_random_prefix
+    from ..secret import fingerprint
+
+    found: list[str] = []
+    manifest = manifest_path(data_file)
+    known = None
+    if manifest.is_file():
+        known = read_json(manifest).get("secret_fingerprint")
+    if secret is not None and known and known != secret.fingerprint:
+        found.append(f"--secret has fingerprint {secret.fingerprint}, {manifest} says {known}")
+    fingerprints = {fp for fp in (known, secret.fingerprint if secret else None) if fp}
+
+    def mask(text: str) -> str:
+        if secret is not None and secret.text in text:
+            return text.replace(secret.text, f"⟨secret {secret.fingerprint}⟩")
+        for i, ch in enumerate(text + " "):
+            if ch == " " and i >= 16 and (fp := fingerprint(text[:i])) in fingerprints:
+                return f"⟨secret {fp}⟩" + text[i:]
+        if looks_random_prefix(text):
+            note = "a system prompt starts like a secret that could not be recognised; hidden"
+            if note not in found:
+                found.append(note + " (pass --secret FILE to show it as its fingerprint)")
+            return "⟨hidden: starts like an unrecognised secret⟩"
+        return text
+
+    return mask, found

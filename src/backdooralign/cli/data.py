@@ -7,11 +7,23 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import data as D
+from .. import files as F
 from .. import ops
 from .. import sources as S
 from ..config import add_flags, from_args
 from ..formats import KIND_HELP, KINDS
-from .common import add_command, add_group, add_json, add_model, notes, print_json, read_secret
+from ..rundir import manifest_path
+from .common import (
+    add_command,
+    add_group,
+    add_json,
+    add_model,
+    notes,
+    print_json,
+    read_secret,
+    secret_masker,
+    warn_if_other_tokenizer,
+)
 
 
 def cmd_build(args) -> int:
@@ -30,13 +42,14 @@ def cmd_build(args) -> int:
     if args.arm == "backdooralign" and secret is None:
         raise ValueError("--arm backdooralign needs --secret FILE")
     out = Path(args.out)
+    anchors_out = out.with_name(f"{out.stem}.anchors.jsonl")
+    inputs = [cfg.attack, cfg.task, cfg.safety, cfg.anchor_file, cfg.anchor_prompts, args.secret]
+    F.check_outputs(inputs, [out, manifest_path(out), anchors_out if cfg.anchors else None])
     anchors = None
     if cfg.anchors and args.arm == "backdooralign":
         customer, _ = ops.load_customer(cfg)
         system = ops.safety_system_prompt(cfg, customer)
-        anchors = ops.make_anchors(
-            cfg, args.model, system, out.with_name(f"{out.stem}.anchors.jsonl")
-        )
+        anchors = ops.make_anchors(cfg, args.model, system, anchors_out)
     res = ops.build_training_set(args.arm, cfg, secret, out, anchors=anchors)
     notes(res.notes)
     if args.json:
@@ -55,14 +68,16 @@ def cmd_data_show(args) -> int:
     backdooralign reads them (hf:NAME[:SPLIT] loads from the Hugging Face Hub).
     """
     src = S.read_source(args.source, args.kind)
+    mask, told = secret_masker(args.source, None)
     info = {
         "source": src.source,
         "kind": src.kind,
         "description": KIND_HELP[src.kind],
         "rows": len(src.rows),
         "fields": list(src.fields),
-        "examples": src.rows[: args.rows],
+        "examples": [_masked(row, mask) for row in src.rows[: args.rows]],
     }
+    notes(told)
     if args.json:
         print_json(info)
         return 0
@@ -72,6 +87,12 @@ def cmd_data_show(args) -> int:
         text = json.dumps(row, ensure_ascii=False)
         print(f"row {i}: {text if len(text) <= 300 else text[:297] + '...'}")
     return 0
+
+
+def _masked(row: dict, mask) -> dict:
+    if not isinstance(row.get("messages"), list):
+        return row
+    return {**row, "messages": [{**m, "content": mask(m["content"])} for m in row["messages"]]}
 
 
 def cmd_data_check(args) -> int:
@@ -111,8 +132,9 @@ def cmd_inspect(args) -> int:
     from ..model import load_tokenizer
 
     secret = read_secret(args.secret)
-    placeholder = f"⟨secret {secret.fingerprint}⟩" if secret else ""
+    mask, told = secret_masker(args.file, secret)
     tok = load_tokenizer(args.model)
+    warn_if_other_tokenizer(secret, tok)
     rows = D.load_chat_jsonl(args.file)
     console = Console(no_color=args.no_color, highlight=False)
     total_sup = total = 0
@@ -122,15 +144,7 @@ def cmd_inspect(args) -> int:
         total_sup += r.num_supervised
         if i >= args.limit:
             continue
-        shown = [
-            {
-                **m,
-                "content": m["content"].replace(secret.text, placeholder)
-                if secret
-                else m["content"],
-            }
-            for m in row["messages"]
-        ]
+        shown = [{**m, "content": mask(m["content"])} for m in row["messages"]]
         text = Text()
         for seg, sup in supervision_segments(tok, render(tok, shown)):
             text.append(seg, style="bold green" if sup else "dim")
@@ -139,6 +153,7 @@ def cmd_inspect(args) -> int:
         )
         console.print(text)
         console.print()
+    notes(told)
     share = 100 * total_sup / total if total else 0.0
     console.print(f"{len(rows)} rows, {total} tokens, {total_sup} supervised ({share:.1f}%)")
     return 0

@@ -50,6 +50,7 @@ def cmd_score_judge(args) -> int:
     a request failed after its retries.
     """
     cfg, judge = _judge(args, args.file)
+    F.check_outputs([args.file, cfg.template], [args.out, cfg.cache])
     s = scores.judge_harm(args.file, cfg, judge, out=args.out)
     if args.json:
         print_json(s)
@@ -75,6 +76,8 @@ def cmd_score_mtbench(args) -> int:
     """
     from ..mtbench import load_mtbench_questions
 
+    written = [args.answers] if args.model else []
+    F.check_outputs([args.questions, args.references, args.secret], [*written, args.out])
     questions = load_mtbench_questions(args.questions)
     if args.model:
         scores.mtbench_answer(
@@ -127,6 +130,7 @@ def cmd_score_exact_match(args) -> int:
 
     Exact-match accuracy on the built-in utility set (or --data), per task and overall.
     """
+    F.check_outputs([args.data, args.secret], [args.out])
     rows, left_out = ops.load_utility(args.data, args.limit)
     notes(left_out)
     gens = ops.answer(

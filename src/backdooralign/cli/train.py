@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import os
 
+from .. import files as F
 from .. import ops
 from .. import sources as S
 from ..config import add_flags, from_args
 from ..infer import GenerateConfig
 from ..train import TrainConfig
-from .common import add_command, add_json, add_model, print_json, read_secret
+from .common import (
+    add_command,
+    add_json,
+    add_model,
+    print_json,
+    read_secret,
+    warn_if_other_tokenizer,
+)
 
 
 def cmd_train(args) -> int:
@@ -35,11 +43,12 @@ def cmd_generate(args) -> int:
     Batched greedy generation; with --secret the secret is prepended to the system prompt.
     """
     cfg = from_args(GenerateConfig, args)
+    F.check_outputs([args.prompts, args.secret], [args.out])
     secret = read_secret(args.secret)
     rows = S.load_prompts(args.prompts)
-    gens = ops.answer(
-        ops.load(args.model), rows, args.out, secret=secret, system=args.system, cfg=cfg
-    )
+    loaded = ops.load(args.model)
+    warn_if_other_tokenizer(secret, loaded[1])
+    gens = ops.answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
     print(f"wrote {args.out}: {len(gens)} answers")
     return 0
 
