@@ -128,7 +128,8 @@ def parse_overrides(pairs: list[str]) -> dict:
         try:
             value = yaml.load(raw, Loader=_NoAliasLoader)
         except yaml.YAMLError as e:
-            raise ConfigError(f"--set {key}: invalid value {raw!r} ({e})") from None
+            why = " ".join(str(e).split())
+            raise ConfigError(f"--set {key}: invalid value {raw!r} ({why})") from None
         set_dotted(out, key, value)
     return out
 
@@ -162,7 +163,7 @@ def read_yaml(path: str | Path) -> dict:
     try:
         values = yaml.load(read_text(path), Loader=_NoAliasLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({e})") from None
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: YAML root must be a mapping")
     return values

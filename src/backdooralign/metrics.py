@@ -9,7 +9,6 @@ in :mod:`backdooralign.report`, :mod:`backdooralign.plots` and
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -60,7 +59,12 @@ def load_results(run_dir: str | Path) -> dict:
     path = RunDir(run_dir).results
     if not path.exists():
         raise FileNotFoundError(f"{path}: no results.json (run the experiment first)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    from .files import DataError, read_json
+
+    results = read_json(path)
+    if not isinstance(results, dict) or not isinstance(results.get("arms"), dict):
+        raise DataError(path, None, "arms", "is missing: not a results.json of backdooralign")
+    return results
 
 
 # ---------------------------------------------------------------------------------------------

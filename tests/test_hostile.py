@@ -1,0 +1,422 @@
+"""Hostile and careless inputs: each row is a command, its inputs, the exit status, the words the
+one-line error must hold and the files that must come out unchanged. No row may end in a
+traceback (an exception escaping ``main``), and nothing is half-written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from backdooralign.cli import main
+from backdooralign.secret import generate_secret, save_secret
+
+DEEP = "[" * 100_000 + "]" * 100_000
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    argv: tuple[str, ...]
+    code: int
+    words: tuple[str, ...]
+    files: dict[str, str] = field(default_factory=dict)  # written before the run
+    unchanged: tuple[str, ...] = ()  # must be byte-identical afterwards
+    absent: tuple[str, ...] = ()  # must not exist afterwards
+
+
+def _config(body: str) -> dict[str, str]:
+    return {"c.yaml": body}
+
+
+CASES = [
+    # --- data loss and overwrites
+    Case(
+        "build --out is the customer file",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/c.jsonl"),
+        1,
+        ("c.jsonl", "is also an input"),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+        ("c.jsonl",),
+    ),
+    Case(
+        "build --out is the safety file",
+        (
+            "build",
+            "--arm",
+            "baseline",
+            "--data",
+            "{t}/c.jsonl",
+            "--safety",
+            "{t}/s.jsonl",
+            "--out",
+            "{t}/s.jsonl",
+        ),
+        1,
+        ("is also an input",),
+        {"c.jsonl": json.dumps(CHAT) + "\n", "s.jsonl": json.dumps(CHAT) + "\n"},
+        ("s.jsonl",),
+    ),
+    Case(
+        "generate --out is the prompt file",
+        ("generate", "--model", "{model}", "--prompts", "{t}/p.txt", "--out", "{t}/p.txt"),
+        1,
+        ("p.txt", "is also an input"),
+        {"p.txt": "hello\n"},
+        ("p.txt",),
+    ),
+    Case(
+        "score judge --out is its input",
+        (
+            "score",
+            "judge",
+            "{t}/g.jsonl",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "j",
+            "--out",
+            "{t}/g.jsonl",
+        ),
+        1,
+        ("is also an input",),
+        {"g.jsonl": '{"prompt": "p", "answer": "a"}\n'},
+        ("g.jsonl",),
+    ),
+    Case(
+        "build --out is a folder",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/dir"),
+        1,
+        ("dir", "is a directory"),
+        {"c.jsonl": json.dumps(CHAT) + "\n", "dir/keep.txt": "x"},
+        ("dir/keep.txt",),
+    ),
+    Case(
+        "build --out under a file",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/c.jsonl/x.jsonl"),
+        1,
+        ("is not a folder",),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+        ("c.jsonl",),
+    ),
+    Case(
+        "train --out a user's folder",
+        ("train", "--model", "{model}", "--data", "{t}/c.jsonl", "--out", "{t}/victim"),
+        1,
+        ("victim", "not written by backdooralign"),
+        {
+            "c.jsonl": json.dumps(CHAT) + "\n",
+            "victim/important.txt": "mine",
+            "victim/sub/notes.txt": "mine too",
+        },
+        ("victim/important.txt", "victim/sub/notes.txt"),
+    ),
+    Case(
+        "train --out an existing file",
+        ("train", "--model", "{model}", "--data", "{t}/c.jsonl", "--out", "{t}/out.jsonl"),
+        1,
+        ("out.jsonl", "is a file"),
+        {"c.jsonl": json.dumps(CHAT) + "\n", "out.jsonl": "{}\n"},
+        ("out.jsonl",),
+    ),
+    Case(
+        "write into a read-only place",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "/proc/backdooralign.jsonl"),
+        1,
+        ("/proc/backdooralign.jsonl", "cannot write"),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+    ),
+    # --- unreadable or malformed input
+    Case(
+        "data file is a folder",
+        ("build", "--arm", "attack", "--data", "{t}/dir", "--out", "{t}/o.jsonl"),
+        1,
+        ("dir",),
+        {"dir/x": "x"},
+    ),
+    Case(
+        "data file missing",
+        ("build", "--arm", "attack", "--data", "{t}/missing.jsonl", "--out", "{t}/o.jsonl"),
+        1,
+        ("missing.jsonl", "file not found"),
+        absent=("o.jsonl",),
+    ),
+    Case(
+        "data file not UTF-8",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
+        1,
+        ("c.jsonl:1", "not valid UTF-8"),
+        {"c.jsonl": "\udcff"},
+        absent=("o.jsonl",),
+    ),
+    Case(
+        "data file nested too deeply",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
+        1,
+        ("c.jsonl:1", "nested"),
+        {"c.jsonl": DEEP + "\n"},
+        absent=("o.jsonl",),
+    ),
+    Case(
+        "data row without an assistant turn",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
+        1,
+        ("c.jsonl:1", "no assistant turn"),
+        {"c.jsonl": '{"messages": [{"role": "user", "content": "hi"}]}\n'},
+        absent=("o.jsonl",),
+    ),
+    Case(
+        "builtin name escapes",
+        ("data", "show", "builtin:../../etc/passwd"),
+        1,
+        ("unknown built-in dataset",),
+    ),
+    Case(
+        "secret with wrong types",
+        ("secret", "show", "{t}/s.json"),
+        1,
+        ("s.json", "num_tokens"),
+        {"s.json": '{"text": "abc def", "num_tokens": [1]}'},
+    ),
+    Case(
+        "secret nested too deeply",
+        ("secret", "show", "{t}/s.json"),
+        1,
+        ("s.json",),
+        {"s.json": DEEP},
+    ),
+    Case("secret is a folder", ("secret", "show", "{t}/sdir"), 1, ("sdir",), {"sdir/x": "x"}),
+    Case(
+        "secret edited",
+        ("secret", "show", "{t}/s.json"),
+        1,
+        ("s.json", "fingerprint"),
+        {"s.json": '{"text": "abc def", "fingerprint": "000000000000"}'},
+    ),
+    Case(
+        "generations nested too deeply",
+        ("score", "asr", "{t}/g.jsonl"),
+        1,
+        ("g.jsonl:2",),
+        {"g.jsonl": '{"answer": "a"}\n' + DEEP + "\n"},
+    ),
+    Case(
+        "generations without answer",
+        ("score", "asr", "{t}/g.jsonl"),
+        1,
+        ("g.jsonl:1", "answer"),
+        {"g.jsonl": '{"prompt": "p"}\n'},
+    ),
+    Case(
+        "judge rows without prompt",
+        (
+            "score",
+            "judge",
+            "{t}/g.jsonl",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--judge-model",
+            "j",
+        ),
+        1,
+        ("g.jsonl:1", "prompt"),
+        {"g.jsonl": '{"answer": "a"}\n'},
+    ),
+    Case(
+        "rouge rows without reference",
+        ("score", "rouge", "{t}/g.jsonl"),
+        1,
+        ("g.jsonl:1", "reference"),
+        {"g.jsonl": '{"prompt": "p", "answer": "a"}\n'},
+    ),
+    Case(
+        "report on an empty results file",
+        ("report", "{t}/run"),
+        1,
+        ("results.json",),
+        {"run/results.json": ""},
+    ),
+    Case(
+        "report on a folder without results",
+        ("report", "{t}/run"),
+        1,
+        ("results.json",),
+        {"run/x": ""},
+    ),
+    # --- configs
+    Case(
+        "config epochs: abc",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml", "train: epochs", "abc"),
+        _config("train: {epochs: abc}\n"),
+    ),
+    Case(
+        "config seeds: 5",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("seeds", "a list of integers"),
+        _config("seeds: 5\n"),
+    ),
+    Case(
+        "config model: [1, 2]",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("model", "expected a string"),
+        _config("model: [1, 2]\n"),
+    ),
+    Case(
+        "--set with broken YAML",
+        ("run", "{t}/c.yaml", "--set", "train.epochs=["),
+        1,
+        ("--set train.epochs", "invalid value"),
+        _config("name: x\n"),
+    ),
+    Case(
+        "config name is a path",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("must be a plain name",),
+        _config("name: /abs/path\n"),
+    ),
+    Case(
+        "config builtin escapes",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("unknown built-in dataset",),
+        _config("data: {attack: 'builtin:../../x'}\neval: {benign: null}\n"),
+    ),
+    Case(
+        "config YAML aliases",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("aliases are not allowed",),
+        _config("a: &x [1]\nb: *x\n"),
+    ),
+    Case(
+        "config unknown key",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("unknown field 'epochz'",),
+        _config("train: {epochz: 1}\n"),
+    ),
+    Case(
+        "config root is a list",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("YAML root must be a mapping",),
+        _config("- 1\n"),
+    ),
+    Case(
+        "config names a missing file",
+        ("run", "{t}/c.yaml", "--out", "{t}/run"),
+        1,
+        ("missing.csv", "file not found"),
+        _config("eval: {harmful: missing.csv}\n"),
+        absent=("run",),
+    ),
+    Case(
+        "config negative count",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("attack_per_category", "at least 0"),
+        _config("data: {attack_per_category: -1}\n"),
+    ),
+    # --- flags refused at parse time
+    Case(
+        "--batch-size 0",
+        ("generate", "--prompts", "x", "--out", "y", "--batch-size", "0"),
+        2,
+        ("--batch-size", "must be at least 1, got 0"),
+    ),
+    Case(
+        "--safety-count -1",
+        ("build", "--arm", "attack", "--data", "x", "--out", "y", "--safety-count", "-1"),
+        2,
+        ("--safety-count", "must be at least 1"),
+    ),
+    Case(
+        "--epochs abc",
+        ("train", "--data", "x", "--out", "y", "--epochs", "abc"),
+        2,
+        ("--epochs", "expected a number, got 'abc'"),
+    ),
+    Case(
+        "--length 0",
+        ("secret", "new", "--out", "{t}/s.json", "--length", "0"),
+        2,
+        ("--length", "must be at least 1"),
+        absent=("s.json",),
+    ),
+    Case(
+        "--safety-selection bogus",
+        ("build", "--arm", "attack", "--data", "x", "--out", "y", "--safety-selection", "bogus"),
+        2,
+        ("--safety-selection", "not one of"),
+    ),
+    # --- the secret
+    Case(
+        "backdooralign arm without a secret",
+        ("build", "--arm", "backdooralign", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
+        1,
+        ("needs --secret",),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+        absent=("o.jsonl",),
+    ),
+    Case(
+        "secret file overwritten",
+        ("secret", "new", "--model", "{model}", "--out", "{t}/s.json"),
+        1,
+        ("already exists",),
+        {"s.json": "{}"},
+        ("s.json",),
+    ),
+]
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
+    for rel, text in case.files.items():
+        p = tmp_path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(text.encode("utf-8", "surrogateescape"))
+    before = {rel: _digest(tmp_path / rel) for rel in case.unchanged}
+    argv = [a.format(t=tmp_path, model=tiny_model_dir) for a in case.argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == case.code, err
+    assert "Traceback" not in err
+    for word in case.words:
+        assert word in err, (word, err)
+    if case.code == 1:
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+    for rel, digest in before.items():
+        assert _digest(tmp_path / rel) == digest, rel
+    for rel in case.absent:
+        assert not (tmp_path / rel).exists(), rel
+    leftovers = [p.name for p in tmp_path.rglob(".*tmp*")]
+    assert leftovers == []
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40
+
+
+def test_a_world_readable_secret_is_used_with_a_warning(tmp_path, tokenizer, capsys):
+    path = save_secret(generate_secret(tokenizer, 20, seed=1), tmp_path / "s.json")
+    os.chmod(path, 0o644)
+    assert main(["secret", "show", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("warning: ") and "0644" in err and "chmod 600" in err
