@@ -9,6 +9,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -54,3 +57,23 @@ def make_tiny_model_dir(path, tokenizer, seed: int = 0):
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """Path of a tiny random model directory (session-wide, never modified by tests)."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), tokenizer)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless chromium with a throwaway profile (for the report screenshot checks)."""
+    profile = tmp_path / "chromium-profile"
+    cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)

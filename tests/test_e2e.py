@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, run_chromium
 from openai_stub import StubServer
-from test_report import CHROMIUM, _chromium
 
 from backdooralign.cli import main
 from backdooralign.secret import load_secret
@@ -83,7 +83,7 @@ judge: {{base_url: "{judge.base_url}", model: stub-judge}}
         assert secret.text not in path.read_text()
     # the real run's report renders in a headless browser: both tables and all three plots
     if CHROMIUM.exists():
-        dom = _chromium(tmp_path, "--dump-dom", (run_dir / "report.html").resolve().as_uri())
+        dom = run_chromium(tmp_path, "--dump-dom", (run_dir / "report.html").resolve().as_uri())
         assert dom.returncode == 0, dom.stderr[-2000:]
         assert dom.stdout.count("<table") >= 2 and dom.stdout.count("<img") == 3
         assert "data:image/png;base64," in dom.stdout

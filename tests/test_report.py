@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from conftest import CHROMIUM, run_chromium
 
 from backdooralign import report as R
 from backdooralign.formats import CATEGORIES
@@ -520,26 +520,7 @@ def test_missing_results_is_a_clear_error(tmp_path):
         R.write_report(tmp_path)
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-
-
-def _chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / "chromium-profile"
-    cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-
-
-def test_report_renders_in_headless_chromium(full_run, tmp_path):
+def test_report_renders_in_headlessrun_chromium(full_run, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("chromium not installed")
     import numpy as np
@@ -548,12 +529,12 @@ def test_report_renders_in_headless_chromium(full_run, tmp_path):
     R.write_report(full_run)
     url = (full_run / "report.html").resolve().as_uri()
     t0 = time.perf_counter()
-    dom = _chromium(tmp_path, "--dump-dom", url)
+    dom = run_chromium(tmp_path, "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "<table" in dom.stdout and dom.stdout.count("<img") == 3
     assert "12.7% (7/55)" in dom.stdout
     shot = tmp_path / "report.png"
-    res = _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
+    res = run_chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2000", url)
     assert res.returncode == 0, res.stderr[-2000:]
     print(f"chromium: {time.perf_counter() - t0:.1f} s for dump-dom + screenshot")
     with Image.open(shot) as img:
