@@ -54,6 +54,21 @@ def make_tiny_model_dir(path, tokenizer, seed: int = 0):
 
 
 @pytest.fixture(scope="session")
+def talking_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random model whose greedy answers are visible text: the newline token, which
+    random models repeat forever, is silenced (its embedding row zeroed)."""
+    import torch
+
+    model = make_tiny_model(tokenizer)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.convert_tokens_to_ids("Ċ")] = 0
+    path = tmp_path_factory.mktemp("talking-model")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """Path of a tiny random model directory (session-wide, never modified by tests)."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny-model"), tokenizer)

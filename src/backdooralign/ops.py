@@ -192,11 +192,13 @@ def make_anchors(
     from .chat import build_conversation
 
     if cfg.anchor_file:
-        given = S.load_prompts(cfg.anchor_file)
-        for i, r in enumerate(given, 1):
-            if not isinstance(r.get("answer"), str) or not r["answer"].strip():
-                raise F.DataError(cfg.anchor_file, i, "answer", "is missing or empty")
-        pairs = [(r["prompt"], r["answer"]) for r in given[: cfg.anchors]]
+        pairs = []
+        for line, obj in F.read_jsonl(cfg.anchor_file):
+            for key in ("prompt", "answer"):
+                if not isinstance(obj.get(key), str) or not obj[key].strip():
+                    raise F.DataError(cfg.anchor_file, line, key, "is missing or empty")
+            pairs.append((obj["prompt"], obj["answer"]))
+        pairs = pairs[: cfg.anchors]
     else:
         prompts = [r["prompt"] for r in S.load_prompts(cfg.anchor_prompts)[: cfg.anchors]]
         loaded = load(model)
@@ -214,6 +216,15 @@ def make_anchors(
         for p, a in pairs
         if a.strip()
     ]
+    if not rows:
+        where = cfg.anchor_file or cfg.anchor_prompts
+        raise F.DataError(where, None, None, "the model gave no usable answer (all were empty)")
+    if len(rows) < len(pairs):
+        log.warning(
+            "anchors: %d of %d answers were empty and are left out",
+            len(pairs) - len(rows),
+            len(pairs),
+        )
     return F.write_jsonl(out, rows)
 
 
@@ -249,6 +260,8 @@ def build_training_set(
         anchor_rows = D.load_chat_jsonl(anchors)
         screen(anchor_rows, cfg, secret, str(anchors))
         inputs["anchors"] = str(anchors)
+        if not cfg.anchor_file:
+            inputs["anchor_prompts"] = cfg.anchor_prompts
     rows = D.build_training_set(
         arm,
         customer,
@@ -263,6 +276,12 @@ def build_training_set(
     inputs = {name: source for name, source in inputs.items() if source}
     manifest = D.build_manifest(arm, rows, inputs, secret, screening, selection)
     manifest["notes"] = list(notes)
+    if anchor_rows:
+        manifest["anchors"] = {
+            "count": len(anchor_rows),
+            "answers": "given (anchor_file)" if cfg.anchor_file else "the base model's own",
+            "source": cfg.anchor_file or cfg.anchor_prompts,
+        }
     F.write_json(manifest_path(out), manifest)
     return BuildResult(out, manifest_path(out), manifest, tuple(notes))
 
