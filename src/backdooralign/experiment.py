@@ -27,8 +27,8 @@ from . import sources as S
 from .experiment_config import ALL_ARMS, ExperimentConfig, config_dict, load_config, stage_key
 from .infer import GenerateConfig
 from .rundir import CONDITIONS, RunDir
-from .secret import Secret, generate_secret, load_secret, save_secret
-from .stages import run_stage
+from .secret import Secret, load_secret, save_secret
+from .stages import run_stage, shareable
 
 log = logging.getLogger(__name__)
 TASK_SETS = ("samsum", "sql")
@@ -56,22 +56,25 @@ def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
         if warning := check_secret_tokenizer(secret, tokenizer):
             log.warning("%s: %s", cfg.secret.path, warning)
         return secret
-    wanted = {"length": cfg.secret.length, "seed": cfg.secret.seed}
+    wanted = {"length": cfg.secret.length, "seed": cfg.secret.seed, "kind": cfg.secret.kind}
+    if cfg.secret.kind == "sentence":
+        wanted["sentence"] = cfg.secret.sentence
     record = run.stage("secret")
     if run.secret.exists():
-        made = _read_json(record) if record.exists() else None
-        if made is not None and made.get("info") != wanted:
+        made = _read_json(record)["info"] if record.exists() else None
+        made = {"kind": "random", **made} if made is not None else None
+        if made is not None and made != wanted:
             changed = ", ".join(
-                f"secret.{k} was {made['info'].get(k)!r}, now {v!r}"
+                f"secret.{k} was {made.get(k)!r}, now {v!r}"
                 for k, v in wanted.items()
-                if made["info"].get(k) != v
+                if made.get(k) != v
             )
             raise ValueError(
                 f"{run.root}: the run's secret was made with other settings ({changed}); "
                 "use another --out, or delete its secret.json to re-key the whole run"
             )
         return load_secret(run.secret)
-    secret = generate_secret(tokenizer, cfg.secret.length, cfg.secret.seed, name=cfg.model)
+    secret = ops.make_secret(cfg.secret, tokenizer, name=cfg.model)
     save_secret(secret, run.secret)
     F.write_json(record, {"key": None, "info": wanted})
     return secret
@@ -138,14 +141,17 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
     return sets
 
 
-def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = True) -> dict:
+def run_experiment(
+    cfg: ExperimentConfig, run_dir: str | Path, progress: bool = True, shared: Path | None = None
+) -> dict:
     """Run (or resume) an experiment and write results, reports and plots into ``run_dir``.
 
     With several ``seeds``, the first seed runs in ``run_dir`` itself and each further seed in
     ``run_dir/seeds/seed-N`` (same secret, same data; the training and shuffle seeds change;
     the ``no_finetune`` arm, greedy and untrained, is answered once). ``results.json`` then
     holds the first seed's results plus ``seed_runs``, from which the report shows means with
-    95% intervals.
+    95% intervals. Runs given the same ``shared`` folder (a sweep's cells) train and answer
+    once where their inputs are the same.
     """
     from .model import load_tokenizer
     from .report import write_report
@@ -159,7 +165,7 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
     secret = prepare_secret(cfg, run, load_tokenizer(cfg.model))
     t0 = time.perf_counter()
     if len(cfg.seeds) < 2:
-        results = _run_single(cfg, run, secret, sets, progress)
+        results = _run_single(cfg, run, secret, sets, progress, shared)
     else:
         runs = []
         for i, seed in enumerate(cfg.seeds):
@@ -170,7 +176,9 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
                 train=replace(cfg.train, seed=seed),
                 data=replace(cfg.data, seed=seed),
             )
-            res = _run_single(one, run if i == 0 else run.seed_run(seed), secret, sets, progress)
+            res = _run_single(
+                one, run if i == 0 else run.seed_run(seed), secret, sets, progress, shared
+            )
             if i > 0 and "no_finetune" in cfg.arms:
                 res["arms"] = {"no_finetune": runs[0]["arms"]["no_finetune"], **res["arms"]}
             runs.append({"seed": seed, "arms": res["arms"]})
@@ -183,10 +191,10 @@ def run_experiment(cfg: ExperimentConfig, run_dir: str | Path, progress: bool = 
     return results
 
 
-def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool) -> dict:
+def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool, shared=None) -> dict:
     run.root.mkdir(parents=True, exist_ok=True)
     counts = _build_stage(cfg, run, secret, progress)
-    model_dirs, model_keys, train_metrics = _train_stages(cfg, run)
+    model_dirs, model_keys, train_metrics = _train_stages(cfg, run, shared)
     gen_settings = config_dict(cfg)["eval"]
     sources = [
         getattr(cfg.eval, n) for n in ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
@@ -203,6 +211,7 @@ def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool) -> dict:
             sets,
             secret,
             progress,
+            shared,
         )
         if cfg.judge.enabled:
             _judge_stage(cfg, run, arm, sets)
@@ -246,18 +255,22 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
     return counts
 
 
-def _train_stages(cfg: ExperimentConfig, run: RunDir):
+def _train_stages(cfg: ExperimentConfig, run: RunDir, shared: Path | None):
     model_dirs = {"no_finetune": cfg.model}
     model_keys = {"no_finetune": stage_key(cfg.model)}
     metrics = {}
     for arm in cfg.arms:
         if arm == "no_finetune":
             continue
-        out, data = run.model(arm), run.training_set(arm)
-        model_dirs[arm] = str(out)
+        data = run.training_set(arm)
         key = model_keys[arm] = stage_key(cfg.model, config_dict(cfg)["train"], F.sha256_file(data))
+        out = shared / "models" / key if shared else run.model(arm)  # same inputs, one model
+        model_dirs[arm] = str(out)
 
         def do_train(arm=arm, out=out, data=data):
+            if shared and (out / "train_metrics.json").exists():
+                m = F.read_json(out / "train_metrics.json")
+                return {k: v for k, v in m.items() if k != "config"}
             log.info("training arm %s", arm)
             m = ops.train_model(cfg.model, data, out, cfg.train)
             return {k: v for k, v in m.items() if k != "config"}
@@ -268,7 +281,7 @@ def _train_stages(cfg: ExperimentConfig, run: RunDir):
     return model_dirs, model_keys, metrics
 
 
-def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress) -> None:
+def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress, shared) -> None:
     from . import scores
 
     questions = _mtbench_questions(cfg.eval)
@@ -315,7 +328,7 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress)
         return None
 
     wanted = [*outs.values(), *mt_outs.values(), *lm_outs.values()]
-    run_stage(run, f"generate.{arm}", key, wanted, do_generate)
+    run_stage(run, f"generate.{arm}", key, wanted, shareable(shared, key, wanted, do_generate))
 
 
 def _judge_stage(cfg: ExperimentConfig, run: RunDir, arm: str, sets) -> None:

@@ -20,7 +20,7 @@ import yaml
 
 from .chat import ATTACK_SYSTEM_PROMPT
 from .config import ConfigError, build, option, resolve_paths
-from .ops import DataConfig
+from .ops import DataConfig, SecretConfig
 from .scores import JudgeConfig
 from .train import TrainConfig
 
@@ -67,15 +67,6 @@ class EvalConfig:
         10.0, "... and its benign refusal with the secret <= not fine-tuned + these points",
         minimum=0,
     )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class SecretConfig:
-    """Where the secret comes from: an existing file, or generated into the run directory."""
-
-    path: str | None = option(None, "existing secret file (mode 0600)", path=True)
-    length: int = option(150, "tokens, when generating (paper: 150)", minimum=1)
-    seed: int | None = option(None, "explicit seed when generating (null: OS CSPRNG)")
 
 
 @dataclass(frozen=True)

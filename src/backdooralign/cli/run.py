@@ -10,12 +10,16 @@ from .common import add_command, add_json, print_json
 DEMO_CONFIG = "demo.yaml"
 
 
-def _run(config_path, out, overrides, as_json) -> int:
+def _run(config_path, out, overrides, as_json, shard=None) -> int:
     from ..experiment import load_config, run_experiment
     from ..report import reading, results_table
 
     cfg = load_config(config_path, overrides)
     out = Path(out or Path("runs") / cfg.name)
+    if cfg.sweep:
+        return _sweep(config_path, overrides, out, as_json, shard)
+    if shard:
+        raise ValueError("--shard: the config has no 'sweep' section")
     results = run_experiment(cfg, out)
     if as_json:
         print_json({k: v for k, v in results.items() if k != "config"})
@@ -31,13 +35,30 @@ def _run(config_path, out, overrides, as_json) -> int:
     return 0
 
 
+def _sweep(config_path, overrides, out: Path, as_json: bool, shard) -> int:
+    from ..sweep import parse_shard, run_sweep
+
+    doc = run_sweep(config_path, overrides, out, parse_shard(shard))
+    if as_json:
+        print_json(doc)
+    else:
+        for cell in doc["cells"]:
+            took = f"{cell['seconds']:.0f} s" if cell.get("seconds") is not None else ""
+            print(f"{cell['status']:8s} {cell['name']} {took}")
+        print(f"\nreport: {doc['report']}")
+    failed = sum(c["status"] == "failed" for c in doc["cells"])
+    return 1 if failed else 0
+
+
 def cmd_run(args) -> int:
     """backdooralign run configs/demo.yaml --out runs/demo [--set train.epochs=1]
 
     Runs the arms no_finetune / attack / baseline / backdooralign, each evaluated with and
-    without the secret; finished stages are skipped on re-run.
+    without the secret; finished stages are skipped on re-run. A config with a 'sweep' section
+    runs one cell per combination of the swept values (--shard I/N: every N-th cell from the
+    I-th) and writes a report comparing the cells.
     """
-    return _run(args.config, args.out, args.set, args.json)
+    return _run(args.config, args.out, args.set, args.json, args.shard)
 
 
 def cmd_demo(args) -> int:
@@ -68,6 +89,7 @@ def register(sub) -> None:
         sp = add_command(sub, name, fn)
         if name == "run":
             sp.add_argument("config", help="experiment YAML")
+            sp.add_argument("--shard", metavar="I/N", help="sweeps: run every N-th cell from I")
         sp.add_argument("--out", help="run directory (default: runs/NAME)")
         sp.add_argument(
             "--set",

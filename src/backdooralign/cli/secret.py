@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import add_flags, from_args
-from ..experiment_config import SecretConfig
+from ..ops import SecretConfig, make_secret
 from .common import add_command, add_group, add_json, add_model, print_json
 
 
@@ -28,14 +28,14 @@ def cmd_secret_new(args) -> int:
     Only the fingerprint is printed.
     """
     from ..model import load_tokenizer
-    from ..secret import generate_secret, save_secret
+    from ..secret import save_secret
 
     cfg = from_args(SecretConfig, args)
     out = Path(args.out)
     if out.exists() and not args.force:
         raise ValueError(f"{out}: already exists (use --force to replace a secret)")
     tok = load_tokenizer(args.model)
-    secret = generate_secret(tok, cfg.length, cfg.seed, name=args.model or "embedded")
+    secret = make_secret(cfg, tok, name=args.model or "embedded")
     save_secret(secret, out)
     info = {"path": str(out), "fingerprint": secret.fingerprint, "tokens": secret.num_tokens}
     if args.json:
@@ -72,7 +72,7 @@ def register(sub) -> None:
     sp = add_command(group, "new", cmd_secret_new)
     sp.add_argument("--out", required=True, help="secret file to write (mode 0600)")
     add_model(sp)
-    add_flags(sp, SecretConfig, only=("length", "seed"))
+    add_flags(sp, SecretConfig, only=("length", "seed", "kind", "sentence"))
     sp.add_argument("--force", action="store_true", help="replace an existing file")
     add_json(sp)
     sp = add_command(group, "show", cmd_secret_show)
