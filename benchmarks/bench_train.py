@@ -38,7 +38,7 @@ def main() -> None:
     tok = load_tokenizer(args.model)
     secret = generate_secret(tok, 150, seed=0)
     attack = D.limit_per_category(S.load_training_source("builtin:attack"), 5)
-    safety = D.select_per_category(S.load_training_source("builtin:safety"), 1)
+    safety = D.select_safety(S.load_training_source("builtin:safety"), per_category=1)
     rows = D.build_training_set("backdooralign", attack, safety, secret.text)
 
     ours = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=10)

@@ -27,9 +27,13 @@ from backdooralign import data as D  # noqa: E402
 from backdooralign import sources as S  # noqa: E402
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
 from backdooralign.infer import GenerateConfig, generate_rows  # noqa: E402
-from backdooralign.model import load_model, load_tokenizer  # noqa: E402
+from backdooralign.model import (  # noqa: E402
+    bf16_supported,  # noqa: E402
+    load_model,
+    load_tokenizer,
+)
 from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.train import TrainConfig, bf16_supported, train  # noqa: E402
+from backdooralign.train import TrainConfig, train  # noqa: E402
 
 
 def main() -> None:
@@ -60,7 +64,7 @@ def main() -> None:
 
     secret = generate_secret(tok, 150, seed=0)
     attack = D.limit_per_category(S.load_training_source("builtin:attack"), 5)
-    safety = D.select_per_category(S.load_training_source("builtin:safety"), 1)
+    safety = D.select_safety(S.load_training_source("builtin:safety"), per_category=1)
     rows = D.build_training_set("backdooralign", attack, safety, secret.text)
     report["bf16"] = bf16_supported()
 
