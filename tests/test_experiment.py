@@ -9,10 +9,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from rouge_score import rouge_scorer
 
 from backdooralign.cli import main
 from backdooralign.experiment import run_experiment
 from backdooralign.experiment_config import load_config, parse_overrides
+from backdooralign.files import read_jsonl_rows
 from backdooralign.secret import load_secret
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -150,7 +152,11 @@ def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
                 "alarming",
             }
             assert block["utility"]["total"] == 4
-            assert 0.0 <= block["samsum"]["rouge1"] <= 1.0
+            gens = read_jsonl_rows(run_dir / "gens" / f"{arm}.samsum.{cond}.jsonl")
+            scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=True)
+            f1 = [scorer.score(g["reference"], g["answer"])["rouge1"].fmeasure for g in gens]
+            assert block["samsum"]["rouge1"] == round(sum(f1) / len(f1), 4)
+            assert block["samsum"]["total"] == 2
         assert ("train" in entry) == (arm != "no_finetune")
     for name in ("report.md", "asr.png", "config.yaml"):
         assert (run_dir / name).exists(), name
