@@ -85,7 +85,19 @@ def generate(
     return answers
 
 
-KEPT_FIELDS = ("category", "id", "kind", "expected", "task", "reference", "aliases")
+KEPT_FIELDS = (
+    "category",
+    "id",
+    "kind",
+    "expected",
+    "task",
+    "reference",
+    "aliases",
+    "shape",
+    "source_id",
+    "language",
+    "technique",
+)
 
 
 def generate_rows(
