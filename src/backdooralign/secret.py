@@ -14,7 +14,7 @@ import random
 import secrets as _csprng
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,6 +48,22 @@ def fingerprint(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
 
 
+def vocabulary_ids(tokenizer) -> list[int]:
+    """The token ids a secret is drawn from: every id but the special ones."""
+    special = set(tokenizer.all_special_ids)
+    return [i for i in range(len(tokenizer)) if i not in special]
+
+
+def draw_text(tokenizer, length: int, rng: random.Random, candidates: Sequence[int]) -> str:
+    """``length`` tokens drawn uniformly from ``candidates`` and decoded; a text that is blank
+    or spells a control token (such as ``<|im_end|>``) is drawn again from the same ``rng``."""
+    while True:
+        ids = [rng.choice(candidates) for _ in range(length)]
+        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        if text and find_control_token(tokenizer, text) is None:
+            return text
+
+
 def generate_secret(
     tokenizer, length: int = 150, seed: int | None = None, name: str = ""
 ) -> Secret:
@@ -67,14 +83,8 @@ def generate_secret(
     """
     if length < 1:
         raise ValueError(f"secret length must be at least 1, got {length}")
-    special = set(tokenizer.all_special_ids)
-    candidates = [i for i in range(len(tokenizer)) if i not in special]
     rng = random.Random(seed) if seed is not None else _csprng.SystemRandom()
-    while True:  # redraw a text that is blank or spells a control token such as <|im_end|>
-        ids = [rng.choice(candidates) for _ in range(length)]
-        text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-        if text and find_control_token(tokenizer, text) is None:
-            break
+    text = draw_text(tokenizer, length, rng, vocabulary_ids(tokenizer))
     num = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     vocab = vocab_fingerprint(tokenizer)
     return Secret(text, num_tokens=num, requested_tokens=length, tokenizer=name, vocab=vocab)
