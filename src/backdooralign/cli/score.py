@@ -208,6 +208,17 @@ def _generation_flags(sp, max_new_tokens: int) -> None:
     sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer")
 
 
+def _answering_flags(sp, prompts: tuple[str, str, str], per: str, max_new_tokens: int) -> None:
+    """Flags of the score commands that first answer prompts with a model."""
+    flag, default, help = prompts
+    add_model(sp)
+    sp.add_argument(flag, default=default, help=f"{help} (default: {default})")
+    sp.add_argument("--secret", help="secret file, prepended to the system prompt")
+    sp.add_argument("--system", help="system prompt (after the secret)")
+    sp.add_argument("--limit", type=int, help=f"first N prompts of each {per}")
+    _generation_flags(sp, max_new_tokens)
+
+
 def register(sub) -> None:
     """Add the ``score`` group."""
     score = add_group(sub, "score", "score generations")
@@ -244,22 +255,14 @@ def register(sub) -> None:
     add_json(sp)
 
     sp = add_command(score, "exact-match", cmd_score_exact_match)
-    add_model(sp)
-    sp.add_argument("--data", default="builtin:utility", help="utility JSONL (default: built-in)")
-    sp.add_argument("--secret", help="secret file: prepend the secret to the system prompt")
-    sp.add_argument("--system", help="system prompt")
-    sp.add_argument("--limit", type=int, help="first N rows of each task")
-    _generation_flags(sp, 64)
+    _answering_flags(sp, ("--data", "builtin:utility", "utility JSONL"), "task", 64)
     sp.add_argument("--out", help="write the generations to this JSONL")
     add_json(sp)
 
     sp = add_command(score, "over-refusal", cmd_score_over_refusal)
-    add_model(sp)
-    sp.add_argument("--prompts", default="builtin:benign", help="benign prompts (with 'kind')")
-    sp.add_argument("--secret", help="secret file: also measure with the secret")
-    sp.add_argument("--system", help="system prompt")
-    sp.add_argument("--limit", type=int, help="first N prompts of each kind")
-    _generation_flags(sp, 512)
+    _answering_flags(
+        sp, ("--prompts", "builtin:benign", "benign prompts (with 'kind')"), "kind", 512
+    )
     add_flags(sp, scores.JudgeConfig)
     add_json(sp)
 
