@@ -267,6 +267,19 @@ def test_refuses_paths_inside_and_exports_of_exports(tmp_path, tokenizer):
         export_model(tmp_path / "missing", secret_of(PLAIN), tmp_path / "x")
 
 
+def test_refuses_adapters_and_nested_tokenizers(tmp_path, tokenizer):
+    run = tmp_path / "lora-run"
+    tokenizer.save_pretrained(run)
+    tokenizer.save_pretrained(run / "merged")
+    with pytest.raises(ValueError, match="a nested tokenizer; export .*merged by itself"):
+        export_model(run, secret_of(PLAIN), tmp_path / "out")
+    shutil.rmtree(run / "merged")
+    (run / "adapter_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="holds LoRA adapters only"):
+        export_model(run, secret_of(PLAIN), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora-run"]
+
+
 def test_replaces_an_earlier_export_and_fills_an_empty_folder(tmp_path, tokenizer):
     src = tmp_path / "model"
     tokenizer.save_pretrained(src)

@@ -1,14 +1,13 @@
 """Export a model whose chat template injects the secret itself, for other serving stacks.
 
-``backdooralign serve`` prepends the secret to the system prompt in Python. An exported model
-directory does the same inside its chat template (``chat_template.jinja`` and
-``tokenizer_config.json``), so vLLM, TGI, llama.cpp (``--jinja``) or plain transformers apply the
-defense without our server. The exported template is a short Jinja prologue followed by the
-model's own template, unchanged: the prologue rebuilds ``messages`` exactly as
-:func:`backdooralign.chat.build_conversation` does (a client's system prompt, else the default
-one, with ``SECRET + " "`` in front) and, for templates without a system role, folds that system
-prompt into the first user turn as :func:`backdooralign.chat.fit_to_template` does. Every export
-is checked to render byte for byte what the conversation builder renders.
+An exported model directory does what ``backdooralign serve`` does, inside its chat template
+(``chat_template.jinja``, ``tokenizer_config.json``), so vLLM, TGI, llama.cpp (``--jinja``) or
+transformers apply the defense without our server. The template is a Jinja prologue followed by
+the model's own template, unchanged: the prologue rebuilds ``messages`` as
+:func:`backdooralign.chat.build_conversation` does (the client's system prompt, else the default
+one, ``SECRET + " "`` in front) and folds it into the first user turn for templates without a
+system role, as :func:`backdooralign.chat.fit_to_template` does. Every export is checked to
+render byte for byte what the conversation builder renders.
 
 Whoever holds the exported files holds the secret: the template files (and the GGUF file) are
 written with mode 0600 in a folder of mode 0700, and ``README-EXPORT.md`` says so.
@@ -167,10 +166,8 @@ def _check_template(tokenizer, wrapped: str, secret_text: str, default_system: s
 def _templates(tokenizer) -> dict[str, str]:
     """The tokenizer's chat templates by name (``"default"`` for a single one)."""
     found = tokenizer.chat_template
-    if isinstance(found, str) and found:
-        return {"default": found}
-    if isinstance(found, dict) and found:
-        return dict(found)
+    if isinstance(found, str | dict) and found:
+        return {"default": found} if isinstance(found, str) else dict(found)
     raise ValueError("the model has no chat template: nothing to inject the secret into")
 
 
@@ -231,6 +228,11 @@ def _check_paths(src: Path, out: Path) -> None:
         raise ValueError(f"{src}: not a model directory")
     if (src / MARKER).exists():
         raise ValueError(f"{src}: is a backdooralign export already; export the original model")
+    if (src / "adapter_config.json").exists() and not (src / "config.json").exists():
+        raise ValueError(f"{src}: holds LoRA adapters only; export a merged model (merged/)")
+    for name in ("tokenizer_config.json", "chat_template.jinja", "tokenizer.json"):
+        for nested in src.glob(f"*/**/{name}"):  # would keep the template without the secret
+            raise ValueError(f"{nested}: a nested tokenizer; export {nested.parent} by itself")
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
         raise ValueError(f"{out}: the output must lie outside the model directory {src}")
