@@ -310,3 +310,35 @@ def test_gguf_refuses_other_architectures(tmp_path, tiny_model_dir):
     with pytest.raises(ValueError, match="GGUF export handles Llama models only"):
         export_model(src, secret_of(PLAIN), tmp_path / "out", gguf=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_export_command(tmp_path, tiny_model_dir, tokenizer, capsys):
+    from transformers import AutoTokenizer
+
+    from backdooralign.cli import main
+    from backdooralign.secret import generate_secret, save_secret
+
+    secret = generate_secret(tokenizer, 20, seed=9)
+    path = save_secret(secret, tmp_path / "s.json")
+    argv = [
+        "export",
+        "--model",
+        tiny_model_dir,
+        "--secret",
+        str(path),
+        "--out",
+        str(tmp_path / "exp"),
+        "--system",
+        "Be kind.",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert secret.fingerprint in out.out and secret.text not in out.out + out.err
+    exported = AutoTokenizer.from_pretrained(tmp_path / "exp")
+    text = exported.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+    assert f"{secret.text} Be kind." in text
+    assert main(argv) == 0  # an export we wrote is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "x.txt").write_text("keep")
+    assert main([*argv[:-4], "--out", str(tmp_path / "mine")]) == 1
+    assert (tmp_path / "mine" / "x.txt").read_text() == "keep"

@@ -1,4 +1,4 @@
-"""``backdooralign serve``."""
+"""``backdooralign serve`` and ``export``."""
 
 from __future__ import annotations
 
@@ -37,8 +37,29 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    """backdooralign export --model models/defended --secret secret.json --out exported [--gguf]
+
+    Writes a copy of the model whose chat template injects the secret itself (in
+    chat_template.jinja and tokenizer_config.json), so vLLM, TGI or plain transformers apply the
+    defense without our server; --system is the system prompt used when a client sends none.
+    --gguf also writes model.gguf with the same template for llama.cpp (run it with --jinja).
+    Whoever holds the exported files holds the secret.
+    """
+    from ..export import export_model
+    from ..model import resolve_model
+    from ..secret import load_secret
+
+    secret = load_secret(args.secret)
+    out = export_model(
+        resolve_model(args.model), secret, args.out, default_system=args.system, gguf=args.gguf
+    )
+    print(f"wrote {out}: chat template with secret {secret.fingerprint} (files mode 0600)")
+    return 0
+
+
 def register(sub) -> None:
-    """Add ``serve``."""
+    """Add ``serve`` and ``export``."""
     sp = add_command(sub, "serve", cmd_serve)
     add_model(sp)
     sp.add_argument("--secret", required=True, help="secret file, prepended server-side")
@@ -56,3 +77,10 @@ def register(sub) -> None:
         type=int,
         help="longer prompts get 400 (default: the model's context minus answer and secret)",
     )
+
+    sp = add_command(sub, "export", cmd_export)
+    add_model(sp)
+    sp.add_argument("--secret", required=True, help="secret file, injected by the template")
+    sp.add_argument("--system", help="system prompt (after the secret) when a client sends none")
+    sp.add_argument("--out", required=True, help="model directory to write")
+    sp.add_argument("--gguf", action="store_true", help="also write model.gguf (llama.cpp)")
