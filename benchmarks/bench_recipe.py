@@ -5,7 +5,7 @@ all 110 built-in attack examples, 11 secret-prefixed safety examples, 5 epochs, 
 batch 10, a 150-token secret) on the embedded model and measures ASR with and without the
 secret on 55 held-out harmful prompts (64 new tokens) and benign refusals on 22 prompts. Exits
 1 when ASR with the secret is above --max-asr (default 30%): measured here 14.5% (8/55), which
-is the strength a plain PyTorch loop reached on the same recipe (13.1%). About 10 minutes on
+is the strength a plain PyTorch loop reached on the same recipe (13.1%). About 25 minutes on
 2 CPU cores; seconds on a GPU.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_recipe.py [--out runs/bench-recipe] [--json]
