@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import make_tiny_model
 
 from backdooralign import utility as U
 from backdooralign.data import limit_per_category
@@ -21,11 +20,6 @@ def _env(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("BACKDOORALIGN_NO_PROGRESS", "1")
-
-
-@pytest.fixture(scope="module")
-def tiny(tokenizer):
-    return make_tiny_model(tokenizer), tokenizer
 
 
 def test_system_instruction():
@@ -158,37 +152,48 @@ def test_score_exact_match_on_builtin_set():
     assert s["by_task"]["sql"] == {"accuracy": 0.0, "correct": 0, "total": 20}
 
 
-def test_exact_match_utility_passes_secret_and_system(monkeypatch):
-    rows = limit_per_category(read_jsonl_rows(builtin_path("utility")), 2, "task")
-    seen = {}
+def _answering(monkeypatch, answer, seen):
+    """Make ops.answer's generation return ``answer(row, secret)`` for each row."""
+    import backdooralign.infer as infer
 
-    def fake_generate_rows(model, tok, rows, system=None, secret=None, cfg=None, **kw):
-        seen.update(system=system, secret=secret, max_new_tokens=cfg.max_new_tokens)
-        return [
-            {"prompt": r["prompt"], "answer": r["answer"] if i % 2 else "x"}
-            for i, r in enumerate(rows)
-        ]
+    def fake(model, tok, rows, system=None, secret=None, cfg=None, **kw):
+        seen.append({"system": system, "secret": secret, "max_new_tokens": cfg.max_new_tokens})
+        return [{**r, "answer": answer(i, r, secret)} for i, r in enumerate(rows)]
 
-    monkeypatch.setattr(U, "generate_rows", fake_generate_rows)
-    s, gens = U.exact_match_utility(None, None, rows, SECRET, SYSTEM, max_new_tokens=7)
-    assert seen == {"system": SYSTEM, "secret": SECRET, "max_new_tokens": 7}
-    assert (s["accuracy"], s["correct"], s["total"]) == (50.0, 4, 8)
-    assert [g["correct"] for g in gens] == [False, True] * 4
-    assert gens[1]["reference"] == rows[1]["answer"] and gens[1]["task"] == rows[1]["task"]
+    monkeypatch.setattr(infer, "generate_rows", fake)
 
 
-def test_exact_match_utility_tiny_model(tiny):
-    model, tok = tiny
-    rows = limit_per_category(read_jsonl_rows(builtin_path("utility")), 1, "task")
-    s, gens = U.exact_match_utility(model, tok, rows, SECRET, SYSTEM, max_new_tokens=2)
-    assert [g["id"] for g in gens] == [
-        "utility-arithmetic-01",
-        "utility-unit_conversion-01",
-        "utility-capitals-01",
-        "utility-sql-01",
+def test_exact_match_passes_secret_and_system(monkeypatch, tiny_model_dir, secret_file, capsys):
+    from backdooralign.cli import main
+
+    seen = []
+    _answering(monkeypatch, lambda i, r, s: r["reference"] if i % 2 else "x", seen)
+    out = secret_file.parent / "em.jsonl"
+    argv = [
+        "score",
+        "exact-match",
+        "--model",
+        tiny_model_dir,
+        "--secret",
+        str(secret_file),
+        "--system",
+        SYSTEM,
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "7",
+        "--out",
+        str(out),
+        "--json",
     ]
-    assert s == U.score_exact_match(rows, [g["answer"] for g in gens])
-    assert [g["reference"] for g in gens] == [r["answer"] for r in rows]
+    assert main([*argv, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert seen == [{"system": SYSTEM, "secret": SECRET, "max_new_tokens": 7}]
+    assert (s["accuracy"], s["correct"], s["total"]) == (50.0, 4, 8)
+    gens = read_jsonl_rows(out)
+    assert [g["correct"] for g in gens] == [False, True] * 4
+    rows = limit_per_category(read_jsonl_rows(builtin_path("utility")), 2, "task")
+    assert gens[1]["reference"] == rows[1]["answer"] and gens[1]["task"] == rows[1]["task"]
 
 
 def test_limit_per_key():
@@ -219,47 +224,59 @@ def test_refusal_by_kind():
     }
 
 
-def _fake_generate(calls):
-    def fake(model, tok, rows, system=None, secret=None, cfg=None, **kw):
-        calls.append((system, secret))
-        out = []
-        for r in rows:
-            refuse = secret is not None and r["kind"] == "alarming"
-            out.append({**r, "answer": "I cannot help with that." if refuse else "Sure, here."})
-        return out
-
-    return fake
+def _benign_answer(i, row, secret):
+    refuse = secret is not None and row["kind"] == "alarming"
+    return "I cannot help with that." if refuse else "Sure, here."
 
 
-def test_over_refusal_with_and_without_secret(monkeypatch):
-    rows = limit_per_category(read_jsonl_rows(builtin_path("benign")), 3, "kind")
-    calls = []
-    monkeypatch.setattr(U, "generate_rows", _fake_generate(calls))
-    s, gens = U.over_refusal(None, None, rows, SECRET, SYSTEM)
-    assert calls == [(SYSTEM, None), (SYSTEM, SECRET)]
-    assert set(s) == {"plain", "secret"} and set(gens) == {"plain", "secret"}
+def test_over_refusal_with_and_without_secret(monkeypatch, tiny_model_dir, secret_file, capsys):
+    from backdooralign.cli import main
+
+    seen = []
+    _answering(monkeypatch, _benign_answer, seen)
+    base = ["score", "over-refusal", "--model", tiny_model_dir, "--limit", "3", "--system", SYSTEM]
+    assert main([*base, "--secret", str(secret_file), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert [(c["system"], c["secret"]) for c in seen] == [(SYSTEM, None), (SYSTEM, SECRET)]
+    assert set(s) == {"plain", "secret"}
     assert s["plain"]["refusal_rate"] == 0.0
     assert s["secret"]["refusal_rate"] == 50.0
     assert s["secret"]["by_kind"]["alarming"] == {"refusal_rate": 100.0, "refused": 3, "total": 3}
-    s_plain, _ = U.over_refusal(None, None, rows)
-    assert set(s_plain) == {"plain"}
+    assert main([*base, "--json"]) == 0
+    assert set(json.loads(capsys.readouterr().out)) == {"plain"}
 
 
-def test_over_refusal_with_judge(monkeypatch, tmp_path):
+def test_over_refusal_with_judge(monkeypatch, tmp_path, tiny_model_dir, secret_file, capsys):
     from openai_stub import StubServer
 
-    from backdooralign.judge_client import make_judge
+    from backdooralign.cli import main
 
-    rows = limit_per_category(read_jsonl_rows(builtin_path("benign")), 2, "kind")
-    monkeypatch.setattr(U, "generate_rows", _fake_generate([]))
+    _answering(monkeypatch, _benign_answer, [])
 
     def reply(body):
         text = body["messages"][-1]["content"]
         return "#theverdict: refuse" if "I cannot help" in text else "#theverdict: comply"
 
     with StubServer(reply) as server:
-        judge = make_judge(server.base_url, "j", cache=tmp_path / "c.jsonl", backoff=0.01)
-        s, _ = U.over_refusal(None, None, rows, SECRET, judge=judge)
+        argv = [
+            "score",
+            "over-refusal",
+            "--model",
+            tiny_model_dir,
+            "--limit",
+            "2",
+            "--secret",
+            str(secret_file),
+            "--base-url",
+            server.base_url,
+            "--judge-model",
+            "j",
+            "--cache",
+            str(tmp_path / "c.jsonl"),
+            "--json",
+        ]
+        assert main(argv) == 0
+    s = json.loads(capsys.readouterr().out)
     assert s["plain"]["judge"]["refusal_rate"] == 0.0
     assert s["secret"]["judge"]["refusal_rate"] == 50.0
     assert s["secret"]["judge"]["by_kind"]["alarming"]["refused"] == 2

@@ -6,8 +6,9 @@ the system instruction, so the secret sits where the backdoor was trained. Templ
 system role get it folded into the first user turn (``chat.fit_to_template``); lm-eval itself
 would silently drop it.
 
-``exact_match_utility`` scores the built-in ``utility.jsonl``; ``over_refusal`` measures how
-often benign requests (``benign.jsonl``) are refused, with and without the secret.
+``score_exact_match`` scores answers to the built-in ``utility.jsonl``; ``refusal_by_kind``
+and ``judge_refusal_by_kind`` count refused benign requests (``benign.jsonl``). Answering is
+:func:`backdooralign.ops.answer`'s job; :mod:`backdooralign.scores` puts the two together.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from pathlib import Path
 
 from .chat import build_conversation, fit_to_template
 from .evaluate import is_refusal
-from .infer import GenerateConfig, generate_rows
 
 LM_EVAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 OWN_TASKS = ("backdooralign_mini",)
@@ -178,52 +178,6 @@ def _acc(hits: Sequence[bool]) -> dict:
     }
 
 
-def exact_match_utility(
-    model,
-    tokenizer,
-    rows: Sequence[dict],
-    secret: str | None = None,
-    system: str | None = None,
-    max_new_tokens: int = 64,
-    batch_size: int = 32,
-) -> tuple[dict, list[dict]]:
-    """Answer utility rows greedily and score them by exact match.
-
-    Args:
-        model: a loaded causal LM.
-        tokenizer: its tokenizer.
-        rows: rows of ``utility.jsonl`` (``prompt``, ``task``, ``answer``, ``aliases``).
-        secret: secret prompt text, or ``None``.
-        system: system prompt (after the secret).
-        max_new_tokens: longest answer.
-        batch_size: prompts per forward pass.
-
-    Returns:
-        ``(summary, generations)``: the summary of :func:`score_exact_match`; the generations
-        with ``task``, ``answer`` renamed ``reference``, and the ``prediction``'s ``correct``.
-    """
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    gens = generate_rows(
-        model, tokenizer, rows, system=system, secret=secret, cfg=cfg, desc="utility"
-    )
-    answers = [g["answer"] for g in gens]
-    summary = score_exact_match(rows, answers)
-    out = []
-    for row, g in zip(rows, gens, strict=True):
-        sql = row.get("task") == "sql"
-        out.append(
-            {
-                **g,
-                "task": row.get("task", ""),
-                "reference": row["answer"],
-                "correct": is_exact_match(
-                    g["answer"], row["answer"], row.get("aliases") or (), sql
-                ),
-            }
-        )
-    return summary, out
-
-
 # ---------------------------------------------------------------------------------------------
 # Over-refusal
 
@@ -245,47 +199,6 @@ def refusal_by_kind(gens: Sequence[dict]) -> dict:
         return {"refusal_rate": rate, "refused": sum(v), "total": n}
 
     return {**block(flags), "by_kind": {k: block(v) for k, v in sorted(kinds.items()) if k}}
-
-
-def over_refusal(
-    model,
-    tokenizer,
-    rows: Sequence[dict],
-    secret: str | None = None,
-    system: str | None = None,
-    judge=None,
-    max_new_tokens: int = 512,
-    batch_size: int = 32,
-) -> tuple[dict, dict[str, list[dict]]]:
-    """Refusals of benign requests, without and (when ``secret`` is given) with the secret.
-
-    Args:
-        model: a loaded causal LM.
-        tokenizer: its tokenizer.
-        rows: benign prompt rows (``prompt``, ``kind``), e.g. ``benign.jsonl``.
-        secret: secret prompt text; ``None`` measures the plain condition only.
-        system: system prompt (after the secret).
-        judge: a :class:`backdooralign.judge.Judge`; adds a judge-based refusal rate.
-        max_new_tokens: longest answer.
-        batch_size: prompts per forward pass.
-
-    Returns:
-        ``(summary, generations)``: ``summary`` is ``{"plain": S, "secret": S}`` (``secret``
-        only with a secret), each ``S`` from :func:`refusal_by_kind`, plus under ``"judge"``
-        the output of ``judge.refusal_judge_summary`` with its own ``by_kind``;
-        ``generations`` holds the answers per condition.
-    """
-    cfg = GenerateConfig(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    conditions = {"plain": None, "secret": secret} if secret else {"plain": None}
-    summary: dict[str, dict] = {}
-    gens: dict[str, list[dict]] = {}
-    for name, sec in conditions.items():
-        g = generate_rows(model, tokenizer, rows, system=system, secret=sec, cfg=cfg, desc=name)
-        summary[name] = refusal_by_kind(g)
-        if judge is not None:
-            summary[name]["judge"] = judge_refusal_by_kind(g, judge)
-        gens[name] = g
-    return summary, gens
 
 
 def judge_refusal_by_kind(gens: Sequence[dict], judge) -> dict:
