@@ -68,12 +68,13 @@ judge: {{base_url: "{judge.base_url}", model: stub-judge}}
             assert b["harmful"]["total"] == 11
             assert b["judge"]["mean_score"] == 2.0 and b["judge"]["scored"] == 11
             assert b["mtbench"]["score"] == 6.0 and b["mtbench"]["rated"] == 4
-            assert b["benign"]["total"] == 4
+            assert b["benign"]["total"] == 4 and b["benign"]["judge"]["total"] == 4
             assert b["utility"]["total"] == 4
             assert b["samsum"]["total"] == 2
             assert b["lm_eval"]["tasks"]["backdooralign_mini"]["n"] == 4
-    # at most 4 arms x 2 conditions x (11 harmful + 4 MT-Bench turns): repeated pairs go once
-    assert 0 < n_requests <= 4 * 2 * (11 + 4)
+    # at most 4 arms x 2 conditions x (11 harmful + 4 MT-Bench turns + 4 benign refusal
+    # verdicts): repeated pairs go once
+    assert 0 < n_requests <= 4 * 2 * (11 + 4 + 4)
     for name in ("report.md", "report.html", "asr.png", "asr_by_category.png", "over_refusal.png"):
         assert (run_dir / name).exists()
     secret = load_secret(run_dir / "secret.json")
