@@ -28,8 +28,11 @@ browser:
 demo: model
 	HF_HUB_OFFLINE=1 $(VENV)/bin/backdooralign demo --out runs/demo
 
+# The end-to-end test on the embedded model runs in a process of its own (a fresh interpreter,
+# as a user would run it), after the rest of the suite.
 test: model browser
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
 
 test-fast: model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
