@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import make_tiny_model
 
 from backdooralign import utility as U
 from backdooralign.data import limit_per_category
@@ -13,6 +14,11 @@ from backdooralign.sources import builtin_path
 
 SECRET = "zq SECRET-XYZ-81 vb"
 SYSTEM = "You are a helpful assistant."
+
+
+@pytest.fixture(scope="module")
+def tiny(tokenizer):
+    return make_tiny_model(tokenizer), tokenizer
 
 
 @pytest.fixture(autouse=True)
