@@ -29,10 +29,11 @@ demo: model
 	HF_HUB_OFFLINE=1 $(VENV)/bin/backdooralign demo --out runs/demo
 
 # The end-to-end test on the embedded model runs in a process of its own (a fresh interpreter,
-# as a user would run it), after the rest of the suite.
+# as a user would run it), after the rest of the suite, without output capture: under capture
+# a background thread of this test once wrote to the closed captured stderr and killed pytest.
 test: model browser
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m slow
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m slow
 
 test-fast: model
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
