@@ -36,12 +36,6 @@ TASK_SETS = ("samsum", "sql")
 __all__ = ["ALL_ARMS", "EvalSet", "ExperimentConfig", "load_config", "run_experiment"]
 
 
-def _read_json(path: Path):
-    import json
-
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
 def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
     """Load the configured secret, or generate it once into the run directory (0600).
 
@@ -61,7 +55,7 @@ def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
         wanted["sentence"] = cfg.secret.sentence
     record = run.stage("secret")
     if run.secret.exists():
-        made = _read_json(record)["info"] if record.exists() else None
+        made = F.read_json(record)["info"] if record.exists() else None
         made = {"kind": "random", **made} if made is not None else None
         if made is not None and made != wanted:
             changed = ", ".join(
@@ -361,7 +355,7 @@ def _score_block(run: RunDir, cfg: ExperimentConfig, arm: str, cond: str, sets) 
         block["benign"] = scores.refusals(run.gens(arm, "benign", cond))
         judged = run.score(arm, "judge_refusal", cond)
         if cfg.judge.enabled and judged.exists():
-            block["benign"]["judge"] = _read_json(judged)
+            block["benign"]["judge"] = F.read_json(judged)
     if "utility" in sets:
         block["utility"] = scores.exact_match(run.gens(arm, "utility", cond))
     for name in TASK_SETS:
@@ -370,7 +364,7 @@ def _score_block(run: RunDir, cfg: ExperimentConfig, arm: str, cond: str, sets) 
     for kind in ("judge", "mtbench", "lm_eval"):
         path = run.score(arm, kind, cond)
         if path.exists() and (kind == "lm_eval" or cfg.judge.enabled):
-            block[kind] = _read_json(path)
+            block[kind] = F.read_json(path)
     return block
 
 
