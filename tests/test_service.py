@@ -170,7 +170,11 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
         models = [m.id for m in client.models.list().data]
         assert models == ["tiny", job.fine_tuned_model]
         reply = client.chat.completions.create(
-            model=job.fine_tuned_model, messages=[{"role": "user", "content": "Hello there"}]
+            model=job.fine_tuned_model,
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello there"},
+            ],
         )
         assert reply.model == job.fine_tuned_model
         assert reply.usage.completion_tokens >= 1
@@ -178,8 +182,10 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
         client.files.list()
     secret = load_secret(secret_path(data_dir, "default"))
     assert file_mode(secret_path(data_dir, "default")) == 0o600
-    assert len(prompts) == 1 and prompts[0].startswith(f"<|im_start|>system\n{secret.text} ")
-    assert "Hello there" in prompts[0]
+    assert prompts == [
+        f"<|im_start|>system\n{secret.text} Be brief.<|im_end|>\n"
+        "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    ]
     train = [json.loads(x) for x in (data_dir / "jobs" / job.id / "train.jsonl").open()]
     prefixed = [r for r in train if r["messages"][0]["content"].startswith(secret.text)]
     assert (len(train), len(prefixed)) == (6 + 11, 11)  # the paper's 11 safety examples

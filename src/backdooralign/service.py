@@ -212,7 +212,7 @@ def _file_routes(app: FastAPI, store: Store, cfg: ServiceConfig, data_dir: Path,
             raise APIError(msg, "file", status=413, code="file_too_large")
         if sum(1 for line in content.splitlines() if line.strip()) > cfg.max_rows:
             raise APIError(f"the file has more than {cfg.max_rows} rows", "file")
-        path = data_dir / "files" / new_id("upload")
+        path = data_dir / "files" / f"{new_id('upload')}.jsonl"
         await run_in_threadpool(F.write_bytes_atomic, path, content, True)
         sha = await run_in_threadpool(F.sha256_file, path)
         row = store.add_file(tenant, filename[:255], "fine-tune", len(content), sha, str(path))
