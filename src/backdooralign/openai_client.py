@@ -11,6 +11,7 @@ and resumes: rows already in the output file are not asked again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -24,6 +25,25 @@ from .infer import KEPT_FIELDS, conversation_for
 from .secret import Secret
 
 FINAL = ("succeeded", "failed", "cancelled")
+
+
+class EndpointError(ValueError):
+    """The endpoint refused a request or kept failing after the retries."""
+
+
+@contextlib.contextmanager
+def endpoint_errors(what: str):
+    """Turn the SDK's errors into an :class:`EndpointError` naming ``what`` and the status
+    (not the server's message, which may quote the request's headers)."""
+    import openai
+
+    try:
+        yield
+    except openai.APIStatusError as e:
+        code = e.body.get("code") if isinstance(e.body, dict) else None
+        raise EndpointError(f"{what}: HTTP {e.status_code} ({code or type(e).__name__})") from None
+    except openai.APIError as e:
+        raise EndpointError(f"{what}: {type(e).__name__}") from None
 
 
 def make_client(base_url: str | None, api_key_env: str = "OPENAI_API_KEY", max_retries: int = 5):
@@ -71,7 +91,7 @@ def finetune(
     out_dir = Path(out_dir)
     built = ops.build_training_set(arm, data, secret, out_dir / "train.jsonl")
     sha = F.sha256_file(built.path)
-    with open(built.path, "rb") as f:
+    with endpoint_errors("upload"), open(built.path, "rb") as f:
         upload = client.files.create(file=(built.path.name, f), purpose="fine-tune")
     show(f"uploaded {built.path} as {upload.id} (sha256 {sha[:12]})")
     extra: dict = {}
@@ -79,9 +99,11 @@ def finetune(
         extra["method"] = {"type": "supervised", "supervised": {"hyperparameters": hyperparameters}}
     if suffix:
         extra["suffix"] = suffix
-    job = client.fine_tuning.jobs.create(model=model, training_file=upload.id, **extra)
+    with endpoint_errors("create the fine-tuning job"):
+        job = client.fine_tuning.jobs.create(model=model, training_file=upload.id, **extra)
     show(f"created job {job.id} ({job.status})")
-    job = follow(client, job.id, show, poll_s)
+    with endpoint_errors(f"follow job {job.id}"):
+        job = follow(client, job.id, show, poll_s)
     manifest = {
         "base_url": str(client.base_url),
         "base_model": model,
@@ -154,7 +176,12 @@ def generate(
         o.update({k: row[k] for k in KEPT_FIELDS if k in row})
         return o
 
-    with open(out, "a", encoding="utf-8") as f, ThreadPoolExecutor(concurrency) as pool:
+    failed = f"chat completions with {model} (answers so far are kept in {out}; rerun to resume)"
+    with (
+        endpoint_errors(failed),
+        open(out, "a", encoding="utf-8") as f,
+        ThreadPoolExecutor(concurrency) as pool,
+    ):
         for n, fut in enumerate(as_completed([pool.submit(ask, r) for r in todo]), 1):
             row = fut.result()
             done[_key(row)] = row
