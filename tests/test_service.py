@@ -391,3 +391,33 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, config_file, http)
         proc.wait(timeout=30)
     assert (job.status, job.error.code) == ("failed", "service_restarted")
     assert events[:2] == ["The job was interrupted by a restart", "Fine-tuning job started"]
+
+
+def test_store_final_states_are_not_undone_and_survive_a_reopen(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    f = store.add_file("t", "a.jsonl", "fine-tune", 3, "ab", "/x")
+    first = store.add_job("t", "tiny", f["id"], hyperparameters={"n_epochs": 1}, seed=7)
+    second = store.add_job("t", "tiny", f["id"])
+    assert store.claim_next()["id"] == first["id"]
+    assert store.set_status(first["id"], "queued", ("validating_files",))
+    assert store.claim_next()["id"] == second["id"]  # validation before the queue
+    assert store.set_status(first["id"], "running", ("queued",), pid=123)
+    assert store.set_status(first["id"], "cancelled", ("queued", "running"))
+    assert not store.set_status(first["id"], "succeeded", ("running",), fine_tuned_model="m")
+    store.add_event(first["id"], "two")
+    store.close()
+    again = Store(tmp_path / "db.sqlite3")
+    job = again.get_job(first["id"])
+    assert (job["status"], job["fine_tuned_model"], job["pid"], job["seed"]) == (
+        "cancelled",
+        None,
+        123,
+        7,
+    )
+    assert job["hyperparameters"] == {"n_epochs": 1}
+    assert [e["message"] for e in again.list_events(first["id"])] == [
+        "two",
+        f"Created fine-tuning job: {first['id']}",
+    ]
+    assert again.get_job(first["id"], tenant="other") is None
+    assert [j["id"] for j in again.list_jobs("t")] == [second["id"], first["id"]]

@@ -41,6 +41,7 @@ CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq);
 """
 
 _JSON_COLUMNS = ("hyperparameters", "error", "evaluation")
+_INSERT_EVENT = "INSERT INTO events (id, job_id, created_at, level, message) VALUES (?, ?, ?, ?, ?)"
 
 
 def new_id(prefix: str) -> str:
@@ -121,24 +122,34 @@ class Store:
     def add_job(self, tenant: str, model: str, training_file: str, **fields) -> dict:
         """A new job in ``validating_files``; ``fields``: ``suffix``, ``hyperparameters``,
         ``seed``, ``validation_file``."""
-        jid = new_id("ftjob")
-        self._write(
-            "INSERT INTO jobs (id, tenant, model, training_file, validation_file, suffix, "
-            "hyperparameters, seed, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                jid,
-                tenant,
-                model,
-                training_file,
-                fields.get("validation_file"),
-                fields.get("suffix"),
-                json.dumps(fields.get("hyperparameters", {})),
-                fields.get("seed", 0),
-                "validating_files",
-                int(time.time()),
-            ),
+        jid, now = new_id("ftjob"), int(time.time())
+        row = (
+            jid,
+            tenant,
+            model,
+            training_file,
+            fields.get("validation_file"),
+            fields.get("suffix"),
+            json.dumps(fields.get("hyperparameters", {})),
+            fields.get("seed", 0),
+            "validating_files",
+            now,
         )
-        self.add_event(jid, f"Created fine-tuning job: {jid}")
+        event = (new_id("ftevent"), jid, now, "info", f"Created fine-tuning job: {jid}")
+        with self._lock:  # the job and its first event together: the worker may start at once
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO jobs (id, tenant, model, training_file, validation_file, "
+                    "suffix, hyperparameters, seed, status, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                self._db.execute(_INSERT_EVENT, event)
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
         return self.get_job(jid)
 
     def get_job(self, job_id: str, tenant: str | None = None) -> dict | None:
@@ -207,10 +218,7 @@ class Store:
 
     def add_event(self, job_id: str, message: str, level: str = "info") -> None:
         """Append an event to a job (what the customer sees: never secrets or counts)."""
-        self._write(
-            "INSERT INTO events (id, job_id, created_at, level, message) VALUES (?, ?, ?, ?, ?)",
-            (new_id("ftevent"), job_id, int(time.time()), level, message),
-        )
+        self._write(_INSERT_EVENT, (new_id("ftevent"), job_id, int(time.time()), level, message))
 
     def list_events(self, job_id: str) -> list[dict]:
         """A job's events, newest first."""
