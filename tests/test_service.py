@@ -169,6 +169,7 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
         ]
         models = [m.id for m in client.models.list().data]
         assert models == ["tiny", job.fine_tuned_model]
+        assert client.models.retrieve(job.fine_tuned_model).owned_by == "org-default"
         reply = client.chat.completions.create(
             model=job.fine_tuned_model,
             messages=[
@@ -270,6 +271,16 @@ def test_two_tenants_are_isolated(tmp_path, config_file, http):
         assert alice.files.delete(up.id).deleted is True
         assert alice.files.list().data == []
         assert _wait(alice, job.id, ("failed",), 20).error.code == "invalid_training_file"
+        app.state.store.set_status(job.id, "succeeded", fine_tuned_model="ft:tiny:a:1")
+        assert [m.id for m in alice.models.list().data] == ["tiny", "ft:tiny:a:1"]
+        assert [m.id for m in bob.models.list().data] == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            bob.models.retrieve("ft:tiny:a:1")
+        with pytest.raises(openai.NotFoundError) as e:
+            bob.chat.completions.create(
+                model="ft:tiny:a:1", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert e.value.body["code"] == "model_not_found"
 
 
 def test_cancel_kills_the_running_job(tmp_path, config_file, http):
@@ -339,6 +350,14 @@ def test_rate_limit_answers_429_with_retry_after(tmp_path, config_file, http):
 def test_without_keys_the_service_only_listens_on_loopback(tmp_path):
     with pytest.raises(ValueError, match="only listens on loopback"):
         run_service(tmp_path, load_service_config(None), host="0.0.0.0")
+
+
+@pytest.mark.parametrize("secret", ["{seed: 3}", "{kind: sentence}", "{path: s.json}"])
+def test_a_config_that_would_share_one_secret_is_refused(tmp_path, secret):
+    path = tmp_path / "service.yaml"
+    path.write_text(f"secret: {secret}\n")
+    with pytest.raises(ValueError, match="each tenant gets its own random secret"):
+        load_service_config(path)
 
 
 def test_keys_file_errors_name_the_line_not_the_key(tmp_path):

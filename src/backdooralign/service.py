@@ -291,13 +291,23 @@ def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCa
     def entry(model_id: str, created: int, owner: str) -> dict:
         return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
 
-    @app.get("/v1/models")
-    async def models(request: Request) -> dict:
-        tenant = who(request)
+    def visible(tenant: str) -> list[dict]:
         data = [entry(cfg.base_model_name, 0, "system")]
         for job in store.list_jobs(tenant, "succeeded"):
             data.append(entry(job["fine_tuned_model"], job["finished_at"], f"org-{tenant}"))
-        return {"object": "list", "data": data}
+        return data
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        return {"object": "list", "data": visible(who(request))}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(request: Request, model_id: str) -> dict:
+        found = [m for m in visible(who(request)) if m["id"] == model_id]
+        if not found:
+            msg = f"the model {model_id!r} does not exist or you do not have access to it"
+            raise APIError(msg, "model", status=404, code="model_not_found")
+        return found[0]
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> JSONResponse:

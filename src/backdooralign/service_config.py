@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .chat import ATTACK_SYSTEM_PROMPT
-from .config import build, option, resolve_paths
+from .config import ConfigError, build, option, resolve_paths
 from .experiment_config import read_yaml
 from .ops import DataConfig, SecretConfig
 from .train import TrainConfig
@@ -59,4 +59,11 @@ def load_service_config(path: str | Path | None) -> ServiceConfig:
     if path is None:
         return ServiceConfig()
     values = resolve_paths(ServiceConfig, read_yaml(path), Path(path).resolve().parent)
-    return build(ServiceConfig, values, str(path))
+    cfg = build(ServiceConfig, values, str(path))
+    s = cfg.secret
+    if s.kind != "random" or s.seed is not None or s.path is not None:
+        raise ConfigError(
+            f"{path}: secret: each tenant gets its own random secret; kind must be 'random' "
+            "and seed and path unset (they would give every tenant the same secret)"
+        )
+    return cfg
