@@ -16,7 +16,7 @@ from backdooralign.cli import main
 from backdooralign.jobs import secret_path
 from backdooralign.openai_client import finetune
 from backdooralign.ops import DataConfig
-from backdooralign.secret import Secret, load_secret
+from backdooralign.secret import Secret, load_secret, save_secret
 from backdooralign.service import create_service
 from backdooralign.service_config import load_service_config
 
@@ -73,8 +73,10 @@ def test_embedded_model_finetuned_through_the_service(tmp_path, monkeypatch):
         model_id = manifest["fine_tuned_model"]
         (tmp_path / "p.txt").write_text("Name a colour.\n")
         monkeypatch.setenv("SVC_KEY", "k")
+        save_secret(CLIENT_SECRET, tmp_path / "client_secret.json")
         argv = ["generate", "--openai-model", model_id, "--base-url", base, "--api-key-env"]
         argv += ["SVC_KEY", "--prompts", str(tmp_path / "p.txt"), "--out", str(tmp_path / "g")]
+        argv += ["--secret", str(tmp_path / "client_secret.json")]
         assert main([*argv, "--max-new-tokens", "16"]) == 0
         raw = [client.fine_tuning.jobs.retrieve(manifest["job_id"]).model_dump_json()]
     finally:
