@@ -366,10 +366,23 @@ def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], 
 
 
 def train_model(model: str | None, data: str | Path, out: str | Path, cfg) -> dict:
-    """Fine-tune ``model`` on a training set file; returns the metrics written beside it."""
+    """Fine-tune ``model`` on a training set file; returns the metrics written beside it.
+
+    The model directory records the secret fingerprint and arm of the set's manifest (when it
+    has one beside it) and the set's sha256, so that servers can check the secret they get.
+    """
+    from .rundir import manifest_path
     from .train import train
 
-    return train(model, D.load_chat_jsonl(data), out, cfg)
+    rows = D.load_chat_jsonl(data)
+    manifest = F.read_json(manifest_path(data)) if manifest_path(data).is_file() else {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    info = {
+        "secret_fingerprint": manifest.get("secret_fingerprint"),
+        "arm": manifest.get("arm"),
+        "training_set_sha256": F.sha256_file(data),
+    }
+    return train(model, rows, out, cfg, info)
 
 
 def load(model: str | None):
