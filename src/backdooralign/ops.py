@@ -237,7 +237,8 @@ def make_anchors(
 ) -> Path:
     """Write benign anchors (chat rows) to ``out``: the base model's own answers.
 
-    Each of the first ``cfg.anchors`` prompts of ``cfg.anchor_prompts`` is answered greedily by
+    ``cfg.anchors`` prompts of ``cfg.anchor_prompts``, taken in turn from each ``kind`` (the
+    built-in set: plain, then alarming but harmless, then plain...), are answered greedily by
     ``model`` (before any fine-tuning) in the conversation the one builder makes with
     ``system`` and no secret; the mixing step later puts the secret in front of ``system``, so
     the defended model learns to behave under the secret as the model it started from. With
@@ -254,7 +255,8 @@ def make_anchors(
             pairs.append((obj["prompt"], obj["answer"]))
         pairs = pairs[: cfg.anchors]
     else:
-        prompts = [r["prompt"] for r in S.load_prompts(cfg.anchor_prompts)[: cfg.anchors]]
+        available = S.load_prompts(cfg.anchor_prompts)
+        prompts = [r["prompt"] for r in D.interleave(available, cfg.anchors, "kind")]
         loaded = load(model)
         convs = [build_conversation(p, system=system) for p in prompts]
         from .infer import generate
