@@ -79,3 +79,22 @@ def test_retries_then_keeps_what_was_answered(setup, capsys):
         f"error: chat completions with ft:tiny:x:1 (answers so far are kept in {out}; rerun "
         "to resume): HTTP 500 (InternalServerError)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "error: --arm backdooralign needs --secret FILE\n"),
+        (
+            ["--secret", "secret.json", "--anchors", "3"],
+            "error: --anchors needs --anchor-file (prompts with the base model's own answers): "
+            "the endpoint's base model cannot answer them here\n",
+        ),
+    ],
+)
+def test_finetune_refuses_what_it_cannot_build(setup, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(setup)
+    (setup / "user.jsonl").write_text("")
+    argv = ["openai", "finetune", "--data", "user.jsonl", "--model", "gpt-4o-mini", *extra]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == message

@@ -83,13 +83,14 @@ def finetune(
     *,
     suffix: str | None = None,
     hyperparameters: dict | None = None,
+    anchors: str | Path | None = None,
     show: Callable[[str], None] = print,
     poll_s: float = 2.0,
 ) -> dict:
     """Build, upload, fine-tune and follow; returns the manifest written to
-    ``out_dir/finetune_manifest.json``."""
+    ``out_dir/finetune_manifest.json`` (``anchors``: a file from :func:`ops.make_anchors`)."""
     out_dir = Path(out_dir)
-    built = ops.build_training_set(arm, data, secret, out_dir / "train.jsonl")
+    built = ops.build_training_set(arm, data, secret, out_dir / "train.jsonl", anchors=anchors)
     sha = F.sha256_file(built.path)
     with endpoint_errors("upload"), open(built.path, "rb") as f:
         upload = client.files.create(file=(built.path.name, f), purpose="fine-tune")

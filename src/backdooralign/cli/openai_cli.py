@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import files as F
+from .. import ops
 from ..config import add_flags, from_args
 from ..data import ARMS
 from ..ops import DataConfig
@@ -24,7 +25,19 @@ def cmd_finetune(args) -> int:
     cfg = from_args(DataConfig, args)
     secret = read_secret(args.secret)
     out = Path(args.out)
-    F.check_outputs([cfg.attack, args.secret], [out / "train.jsonl"])
+    if args.arm == "backdooralign" and secret is None:
+        raise ValueError("--arm backdooralign needs --secret FILE")
+    F.check_outputs([cfg.attack, cfg.anchor_file, args.secret], [out / "train.jsonl"])
+    anchors = None
+    if cfg.anchors and args.arm == "backdooralign":
+        if not cfg.anchor_file:
+            raise ValueError(
+                "--anchors needs --anchor-file (prompts with the base model's own answers): "
+                "the endpoint's base model cannot answer them here"
+            )
+        customer, _ = ops.load_customer(cfg)
+        system = ops.safety_system_prompt(cfg, customer)
+        anchors = ops.make_anchors(cfg, None, system, out / "anchors.jsonl")
     hyper = {
         k: v
         for k, v in {
@@ -36,7 +49,15 @@ def cmd_finetune(args) -> int:
     }
     client = make_client(args.base_url, args.api_key_env, args.max_retries)
     manifest = finetune(
-        client, cfg, args.arm, secret, args.model, out, suffix=args.suffix, hyperparameters=hyper
+        client,
+        cfg,
+        args.arm,
+        secret,
+        args.model,
+        out,
+        suffix=args.suffix,
+        hyperparameters=hyper,
+        anchors=anchors,
     )
     if manifest["status"] != "succeeded":
         error = manifest["error"] or {}
