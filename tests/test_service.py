@@ -304,6 +304,25 @@ def test_cancel_kills_the_running_job(tmp_path, config_file, http):
     assert events[0] == "The job was cancelled"
 
 
+def test_a_screening_refusal_does_not_say_which_rows_matched(tmp_path, config_file, http):
+    imitation = "Zorblat Quixel vantaFrame Okto9 Brumble Xandr Pelloq Tivvy Graxon Uul7 " * 2
+    rows = [
+        *ROWS[:3],
+        {"messages": [{"role": "system", "content": imitation}, *ROWS[0]["messages"][1:]]},
+    ]
+    cfg = load_service_config(config_file)
+    with Server(create_service(tmp_path / "svc", cfg, config_path=config_file)) as server:
+        client = _client(server, http)
+        up = client.files.create(file=("u.jsonl", _jsonl(rows)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
+        job = _wait(client, job.id, ("failed", "succeeded"), 60)
+    assert job.error.model_dump() == {
+        "code": "invalid_training_file",
+        "message": "the training file was refused by the provider's data screening",
+        "param": None,
+    }
+
+
 def _wait_dead(pid: int, timeout: float = 10) -> None:
     deadline = time.monotonic() + timeout
     while True:

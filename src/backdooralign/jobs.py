@@ -137,11 +137,14 @@ def _pipeline(store: Store, data_dir: Path, job: dict, cfg: ServiceConfig) -> st
     return model_id
 
 
-def _failure(e: BaseException, job: dict) -> dict:
-    """The OpenAI-style error a customer sees for an exception (no internal paths, no rows)."""
-    if isinstance(e, DataError) and e.message.startswith("refused by screening"):
+def _failure(e: BaseException, job: dict, upload_path: str | None) -> dict:
+    """The OpenAI-style error a customer sees for an exception: the customer's own file's
+    problems with their line numbers; screening refusals and everything else without details
+    (no rows that matched, no paths, nothing of the provider's files)."""
+    customer = isinstance(e, DataError) and upload_path is not None and e.path == upload_path
+    if customer and e.message.startswith("refused by screening"):
         return {"code": "invalid_training_file", "message": SCREEN_REFUSAL, "param": None}
-    if isinstance(e, DataError):
+    if customer:
         where = f"line {e.line}: " if e.line else ""
         what = f"field '{e.field}' " if e.field else ""
         msg = f"training file {job['training_file']}: {where}{what}{e.message}"
@@ -161,7 +164,9 @@ def run_job(data_dir: str | Path, job_id: str, cfg: ServiceConfig) -> int:
         model_id = _pipeline(store, Path(data_dir), job, cfg)
     except Exception as e:
         log.error("job %s failed: %s", job_id, type(e).__name__)  # messages may quote rows
-        if store.set_status(job_id, "failed", only_from=("running",), error=_failure(e, job)):
+        upload = store.get_file(job["training_file"])
+        error = _failure(e, job, upload["path"] if upload else None)
+        if store.set_status(job_id, "failed", only_from=("running",), error=error):
             store.add_event(job_id, "The job failed", "error")
         return 1
     if store.set_status(job_id, "succeeded", only_from=("running",), fine_tuned_model=model_id):
