@@ -141,7 +141,8 @@ def _errors_as_json(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        error = APIError(str(e.detail), status=e.status_code, code="not_found")
+        code = "not_found" if e.status_code == 404 else None
+        error = APIError(str(e.detail), status=e.status_code, code=code)
         return error_response(error, lambda text: text)
 
     @app.exception_handler(Exception)
@@ -204,7 +205,7 @@ def _file_routes(app: FastAPI, store: Store, cfg: ServiceConfig, data_dir: Path,
         if not request.headers.get("content-length", "").isdigit():
             raise APIError("send Content-Length with the upload", status=411)
         body = await read_body(request, cfg.max_upload_bytes + MULTIPART_OVERHEAD)
-        fields, (filename, content) = parse_multipart(request.headers["content-type"], body)
+        fields, (filename, content) = parse_multipart(request.headers.get("content-type", ""), body)
         if fields.get("purpose") != "fine-tune":
             raise APIError("purpose must be 'fine-tune' on this service", "purpose")
         if len(content) > cfg.max_upload_bytes:
