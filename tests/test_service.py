@@ -239,6 +239,10 @@ def test_requests_are_checked_against_the_providers_limits(tmp_path, config_file
         with pytest.raises(openai.BadRequestError):
             client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="batch")
         assert client.fine_tuning.jobs.list().data == []
+        raw = http.post(server.base_url + "/files", content=b"{}")
+        assert (raw.status_code, raw.json()["error"]["param"]) == (400, None)
+        raw = http.get(server.base_url + "/nowhere")
+        assert (raw.status_code, raw.json()["error"]["code"]) == (404, "not_found")
 
 
 def test_two_tenants_are_isolated(tmp_path, config_file, http):
