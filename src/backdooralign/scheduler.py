@@ -93,7 +93,8 @@ class Scheduler:
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(f"{len(self._pending)} requests are waiting already")
             self._pending.append(job)
-            if self._thread is None:
+            self._closed = False  # an app served again after a shutdown serves again
+            if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._work, daemon=True, name="decode")
                 self._thread.start()
             self._cond.notify()

@@ -113,6 +113,7 @@ def create_multi_app(
     max_queue: int = 64,
     request_timeout: float | None = None,
     on_prompt: Callable[[str, list[dict]], None] | None = None,
+    prefix_cache: bool = True,
 ) -> FastAPI:
     """The chat-completions app for several models, each with its own secret.
 
@@ -132,63 +133,67 @@ def create_multi_app(
             then it is cancelled and answered with a 504.
         on_prompt: test hook, off by default: called with the model's name and the
             conversation it renders (secret included) for every request.
+        prefix_cache: encode the prefix shared by a model's prompts (secret included) once;
+            ``False`` encodes every prompt whole (for comparison in benchmarks).
 
     Returns:
         A FastAPI app; run it with uvicorn (see :func:`serve`).
     """
-    limits = {
-        "max_new_tokens_cap": max_new_tokens_cap,
-        "max_body_bytes": max_body_bytes,
-        "max_batch_size": max_batch_size,
-        "max_queue": max_queue,
-    }
+    limits = {"max_new_tokens_cap": max_new_tokens_cap, "max_body_bytes": max_body_bytes}
+    limits |= {"max_batch_size": max_batch_size, "max_queue": max_queue}
     if max_prompt_tokens is not None:
         limits["max_prompt_tokens"] = max_prompt_tokens
-    for name, value in limits.items():
-        if value < 1:
-            raise ValueError(f"{name} must be at least 1, got {value}")
+    _check_limits(limits)
     names = [m.name for m in models]
     if not names or len(set(names)) < len(names):
         raise ValueError(f"models need distinct names, got {names}")
     states = {}
     for m in models:
-        state = model_state(
+        states[m.name] = model_state(
             m,
             max_new_tokens_cap,
             max_prompt_tokens,
             max_batch_size=max_batch_size,
             max_queue=max_queue,
             on_prompt=on_prompt,
+            prefix_cache=prefix_cache,
         )
-        if state.max_prompt_tokens < 1:
-            raise ValueError(f"max_prompt_tokens must be at least 1, got {state.max_prompt_tokens}")
-        states[m.name] = state
+        _check_limits({"max_prompt_tokens": states[m.name].max_prompt_tokens})
     redact_all = _redact_all([m.secret for m in models])
     app = FastAPI(title="backdooralign", docs_url=None, redoc_url=None, openapi_url=None)
     _answer_errors_as_json(app, redact_all)
     app.router.on_shutdown.append(lambda: [s.scheduler.close() for s in states.values()])
 
-    def route(name: object) -> ModelState:
-        if len(states) == 1:
-            return next(iter(states.values()))
-        if isinstance(name, str) and name in states:
-            return states[name]
-        raise APIError(
-            f"the model {name!r} does not exist: this server serves {', '.join(states)}",
-            "model",
-            status=404,
-            code="model_not_found",
-        )
-
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         authorize(request, api_key)
         body = json_body(await read_body(request, max_body_bytes))
-        state = route(body.get("model") if isinstance(body, dict) else None)
+        state = _route(states, body.get("model") if isinstance(body, dict) else None)
         req = parse_request(body, max_new_tokens_cap, state.served.tokenizer)
         if req.stream:
             return _stream(request, state, req, request_timeout, redact_all)
         return await _answer(request, state, req, request_timeout)
+
+    _info_routes(app, states, api_key)
+    return app
+
+
+def _route(states: dict[str, ModelState], name: object) -> ModelState:
+    """The model a request names (with one model, any name is it); 404 for an unknown one."""
+    if len(states) == 1:
+        return next(iter(states.values()))
+    if isinstance(name, str) and name in states:
+        return states[name]
+    raise APIError(
+        f"the model {name!r} does not exist: this server serves {', '.join(states)}",
+        "model",
+        status=404,
+        code="model_not_found",
+    )
+
+
+def _info_routes(app: FastAPI, states: dict[str, ModelState], api_key: str | None) -> None:
+    """``GET /v1/models`` and ``GET /health`` (fingerprints only, never secrets)."""
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
@@ -212,7 +217,11 @@ def create_multi_app(
             body |= {"model": name, "secret_fingerprint": fp}
         return body
 
-    return app
+
+def _check_limits(limits: dict[str, int]) -> None:
+    for name, value in limits.items():
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
 
 
 def _redact_all(secrets: Sequence[Secret | None]) -> Callable[[str], str]:

@@ -232,6 +232,7 @@ def model_state(
     max_batch_size: int = 16,
     max_queue: int = 64,
     on_prompt: Callable[[str, list[dict]], None] | None = None,
+    prefix_cache: bool = True,
 ) -> ModelState:
     """A model ready to serve: its default prompt limit, redactors, prefix and scheduler."""
     from .model import bf16_supported
@@ -250,7 +251,7 @@ def model_state(
     scheduler = Scheduler(
         served.model,
         pad_token_id(tok),
-        prefix_hint=shared_prefix(probes),
+        prefix_hint=shared_prefix(probes) if prefix_cache else (),  # (): no prefix at all
         max_batch_size=max_batch_size,
         max_queue=max_queue,
         bf16=bf16_supported(),
