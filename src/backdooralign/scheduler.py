@@ -85,7 +85,7 @@ class Scheduler:
         self._pending: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._closed = False
+        self._closed = self._drain = False
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; raises :class:`QueueFull` when ``max_queue`` jobs wait already."""
@@ -99,10 +99,15 @@ class Scheduler:
                 self._thread.start()
             self._cond.notify()
 
-    def close(self) -> None:
-        """Stop the worker after its current batch (waiting jobs are left undone)."""
+    def close(self, drain: bool = False) -> None:
+        """Stop the worker after its current batch (waiting jobs are left undone).
+
+        Args:
+            drain: first finish the jobs waiting already (for a model nobody will send
+                another request to).
+        """
         with self._cond:
-            self._closed = True
+            self._closed, self._drain = True, drain
             self._cond.notify()
 
     def _take(self, rows: int, tokens: int) -> list[Job]:
@@ -126,7 +131,7 @@ class Scheduler:
             with self._cond:
                 while not self._pending and not self._closed:
                     self._cond.wait()
-                if self._closed:
+                if self._closed and not (self._drain and self._pending):
                     return
                 jobs = self._take(self.max_batch_size, self.max_batch_tokens)
             if jobs:

@@ -26,37 +26,20 @@ redaction; logs record counts, never contents; ``/health`` shows only fingerprin
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from .api import (
-    DONE,
-    APIError,
-    authorize,
-    chat_completion,
-    chunk,
-    error_event,
-    error_response,
-    json_body,
-    parse_request,
-    read_body,
-    usage,
-)
-from .scheduler import QueueFull
+from .api import APIError, authorize, error_response, json_body, read_body
+from .completions import RETRY_AFTER_S, respond
 from .secret import Secret, secret_redactor
 from .serving import (
     REDACTED,
     Completion,
     ModelState,
-    Pending,
-    PromptTooLong,
     ServedModel,
     complete,
     default_max_prompt_tokens,
@@ -70,8 +53,6 @@ __all__ += ["default_max_prompt_tokens"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
-DISCONNECT_POLL_S = 0.05
-RETRY_AFTER_S = 1
 
 
 def create_app(
@@ -169,10 +150,7 @@ def create_multi_app(
         authorize(request, api_key)
         body = json_body(await read_body(request, max_body_bytes))
         state = _route(states, body.get("model") if isinstance(body, dict) else None)
-        req = parse_request(body, max_new_tokens_cap, state.served.tokenizer)
-        if req.stream:
-            return _stream(request, state, req, request_timeout, redact_all)
-        return await _answer(request, state, req, request_timeout)
+        return await respond(request, state, body, max_new_tokens_cap, request_timeout, redact_all)
 
     _info_routes(app, states, api_key)
     return app
@@ -251,119 +229,6 @@ def _answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
         log.error("request failed: %s", type(e).__name__)  # the message may quote the request
         error = APIError("internal server error", status=500, type="server_error")
         return error_response(error, redact)
-
-
-def _submit(state: ModelState, req, on_delta=None, notify=None) -> Pending:
-    """Hand ``req`` to the model's scheduler, as API errors (400 too long, 503 queue full)."""
-    try:
-        return state.submit(req, on_delta, notify)
-    except PromptTooLong as e:
-        raise APIError(str(e), "messages", code="context_length_exceeded") from None
-    except QueueFull:
-        log.warning("queue full: a request was refused (503)")
-        raise APIError(
-            "the server is busy: too many requests are waiting; retry later",
-            status=503,
-            type="server_error",
-            code="server_overloaded",
-        ) from None
-
-
-def _timeout_error(timeout: float | None) -> APIError:
-    return APIError(
-        f"the request took longer than {timeout:g} s and was cancelled",
-        status=504,
-        type="server_error",
-        code="timeout",
-    )
-
-
-async def _answer(request: Request, state: ModelState, req, timeout: float | None):
-    """A non-streamed completion (499 when the client left, 504 past ``timeout``)."""
-    start = time.monotonic()
-    loop = asyncio.get_running_loop()
-    done = asyncio.Event()
-    pending = _submit(state, req, notify=lambda: loop.call_soon_threadsafe(done.set))
-    watcher = asyncio.ensure_future(_watch_disconnect(request, pending))
-    try:
-        await asyncio.wait_for(done.wait(), timeout)
-    except TimeoutError:
-        pending.cancel.set()
-        raise _timeout_error(timeout) from None
-    finally:
-        watcher.cancel()
-    if pending.job.error is not None:
-        raise APIError("generation failed", status=500, type="server_error")
-    if pending.cancel.is_set():
-        log.info("chat completion cancelled: the client disconnected")
-        return JSONResponse({}, status_code=499)
-    choices = [(a.finish(), pending.finish_reason(i)) for i, a in enumerate(pending.answers)]
-    c = pending.completion_tokens()
-    log.info(
-        "chat completion: %d messages, %d choices, %d prompt + %d completion tokens, %.2f s",
-        len(req.messages),
-        req.n,
-        pending.prompt_tokens,
-        c,
-        time.monotonic() - start,
-    )
-    return JSONResponse(chat_completion(choices, pending.prompt_tokens, c, state.served.name))
-
-
-async def _watch_disconnect(request: Request, pending: Pending) -> None:
-    """Cancel the request's rows when the client goes away (polled)."""
-    while not await request.is_disconnected():
-        await asyncio.sleep(DISCONNECT_POLL_S)
-    pending.cancel.set()
-
-
-def _stream(request: Request, state: ModelState, req, timeout, redact) -> StreamingResponse:
-    """A streamed completion: role chunks, content deltas, finish chunks, usage, ``[DONE]``."""
-    loop = asyncio.get_running_loop()
-    events: asyncio.Queue = asyncio.Queue()
-    put = events.put_nowait
-    pending = _submit(
-        state,
-        req,
-        on_delta=lambda i, text: loop.call_soon_threadsafe(put, (i, text)),
-        notify=lambda: loop.call_soon_threadsafe(put, None),
-    )
-    cid, created, name = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), state.served.name
-
-    async def events_out():
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            for i in range(req.n):
-                yield chunk(cid, created, name, i, {"role": "assistant", "content": ""})
-            while True:
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    event = await asyncio.wait_for(events.get(), left)
-                except TimeoutError:
-                    pending.cancel.set()
-                    yield error_event(_timeout_error(timeout), redact)
-                    return
-                if event is None:
-                    break
-                yield chunk(cid, created, name, event[0], {"content": event[1]})
-            if pending.job.error is not None:
-                error = APIError("generation failed", status=500, type="server_error")
-                yield error_event(error, redact)
-                return
-            for i, answer in enumerate(pending.answers):
-                answer.finish()
-                rest = answer.delta()
-                if rest:
-                    yield chunk(cid, created, name, i, {"content": rest})
-                yield chunk(cid, created, name, i, {}, pending.finish_reason(i))
-            if req.include_usage:
-                u = usage(pending.prompt_tokens, pending.completion_tokens())
-                yield chunk(cid, created, name, usage=u)
-            yield DONE
-        finally:  # the client went away (or the stream ended): stop this request's rows
-            pending.cancel.set()
-
-    return StreamingResponse(events_out(), media_type="text/event-stream")
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -5,7 +5,9 @@
 chat unchanged. Every job runs the provider's pipeline (:mod:`backdooralign.jobs`): the
 tenant's secret-prefixed safety examples are mixed into the customer's data where the
 customer cannot see them, and each fine-tuned model is served with its tenant's secret
-through :func:`serve.complete`. State lives in SQLite (:class:`store.Store`); a worker thread
+through the serving layer (:mod:`backdooralign.serving`: a scheduler per model batches
+concurrent requests; :func:`completions.respond` answers them, streamed or not, as
+``backdooralign serve`` does). State lives in SQLite (:class:`store.Store`); a worker thread
 (:class:`worker.Worker`) runs one job at a time in a process of its own.
 
 The secret never leaves the service: not in responses, events, errors or logs; answers that
@@ -14,12 +16,11 @@ echo it are redacted as in ``backdooralign serve``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -28,8 +29,9 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from . import files as F
-from .api import APIError, completion_body, error_response, json_body, parse_request, read_body
-from .jobs import db_path, secret_path
+from .api import APIError, error_response, json_body, read_body
+from .completions import RETRY_AFTER_S, respond
+from .jobs import db_path, model_dir, secret_path
 from .service_api import (
     RateLimited,
     RateLimiter,
@@ -42,6 +44,7 @@ from .service_api import (
     parse_multipart,
 )
 from .service_config import ServiceConfig
+from .serving import ModelState, ServedModel, check_model_secret, model_state
 from .store import Store, new_id
 from .worker import Worker
 
@@ -56,77 +59,70 @@ def _not_found(what: str, ident: str, param: str | None = None) -> APIError:
     return APIError(f"no {what} with id {ident!r}", param, status=404, code=f"{what}_not_found")
 
 
-@dataclass(frozen=True)
-class _Served:
-    """A fine-tuned model loaded for chat, with its tenant's secret (one request at a time)."""
+def _load_state(
+    data_dir: Path, job: dict, cfg: ServiceConfig, on_prompt: Callable[[str], None] | None
+) -> ModelState:
+    """A job's fine-tuned model, ready to serve with its tenant's secret (slow: loads it).
 
-    model: object
-    tokenizer: object
-    secret_text: str
-    redact: Callable[[str], str]
-    lock: threading.Lock
+    The model directory records the fingerprint of the secret it was trained with; another
+    secret (the tenant's file was replaced) is refused: logged with both fingerprints, and
+    answered with a 500 that names neither.
+    """
+    from . import ops
+    from .chat import render_prompt
+    from .secret import load_secret
 
+    name = job["fine_tuned_model"]
+    secret = load_secret(secret_path(data_dir, job["tenant"]))
+    try:
+        check_model_secret(model_dir(data_dir, job["id"]), name, secret)
+    except ValueError as e:
+        log.error("%s", e)
+        msg = f"the model {name!r} cannot be served at the moment; contact the provider"
+        code = "model_unavailable"
+        raise APIError(msg, "model", status=500, type="server_error", code=code) from None
+    model, tok = ops.load(job["model_dir"])
+    hook = None
+    if on_prompt is not None:
 
-class _PromptRecorder:
-    """Test hook: the model, seen through ``generate``, hands each rendered prompt to a
-    callback before generating (off unless ``create_service(on_prompt=...)``)."""
+        def hook(_name: str, conversation: list[dict]) -> None:
+            on_prompt(tok.decode(render_prompt(tok, conversation), skip_special_tokens=False))
 
-    def __init__(self, model, tokenizer, on_prompt: Callable[[str], None]):
-        self._model, self._tokenizer, self._on_prompt = model, tokenizer, on_prompt
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def generate(self, *args, **kwargs):
-        ids = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
-        self._on_prompt(self._tokenizer.decode(ids[0], skip_special_tokens=False))
-        return self._model.generate(*args, **kwargs)
+    served = ServedModel(name, model, tok, secret, cfg.system)
+    return model_state(served, cfg.max_new_tokens, None, on_prompt=hook)
 
 
 class ModelCache:
-    """The most recently used fine-tuned models, at most ``size`` in memory."""
+    """The most recently used fine-tuned models (``cfg.loaded_models``), each with a scheduler.
 
-    def __init__(self, data_dir: Path, size: int, on_prompt: Callable[[str], None] | None):
-        self.data_dir, self.size, self.on_prompt = data_dir, size, on_prompt
-        self._models: OrderedDict[str, _Served] = OrderedDict()
-        self._lock = threading.Lock()
+    Lookups, loads' results and evictions happen in the event loop's thread (only loading
+    runs in a worker thread), and :func:`completions.respond` queues a request before it
+    first yields: so an evicted model gets no new request, and its scheduler stops once it has
+    answered those it holds.
+    """
 
-    def get(self, job: dict) -> _Served:
-        from . import ops
-        from .secret import load_secret, secret_redactor
+    def __init__(self, data_dir: Path, cfg: ServiceConfig, on_prompt: Callable[[str], None] | None):
+        self.data_dir, self.cfg, self.on_prompt = data_dir, cfg, on_prompt
+        self._states: OrderedDict[str, ModelState] = OrderedDict()
+        self._loading = asyncio.Lock()
 
-        with self._lock:
-            if job["id"] in self._models:
-                self._models.move_to_end(job["id"])
-                return self._models[job["id"]]
-            model, tok = ops.load(job["model_dir"])
-            if self.on_prompt is not None:
-                model = _PromptRecorder(model, tok, self.on_prompt)
-            text = load_secret(secret_path(self.data_dir, job["tenant"])).text
-            served = _Served(model, tok, text, secret_redactor(text), threading.Lock())
-            self._models[job["id"]] = served
-            while len(self._models) > self.size:
-                self._models.popitem(last=False)
-            return served
+    async def get(self, job: dict) -> ModelState:
+        """The loaded model of a succeeded job (loaded now, evicting the oldest, if need be)."""
+        jid = job["id"]
+        if jid not in self._states:
+            async with self._loading:  # one load at a time: each holds a model in memory
+                if jid not in self._states:
+                    load = (self.data_dir, job, self.cfg, self.on_prompt)
+                    self._states[jid] = await run_in_threadpool(_load_state, *load)
+                    while len(self._states) > self.cfg.loaded_models:
+                        self._states.popitem(last=False)[1].scheduler.close(drain=True)
+        self._states.move_to_end(jid)
+        return self._states[jid]
 
-
-def _answer(served: _Served, req, cfg: ServiceConfig):
-    from .serve import PromptTooLong, complete
-
-    with served.lock:
-        try:
-            return complete(
-                served.model,
-                served.tokenizer,
-                req.messages,
-                cfg.system,
-                served.secret_text,
-                req.max_new_tokens,
-                stop=req.stop,
-                redact=served.redact,
-            )
-        except PromptTooLong as e:
-            raise APIError(str(e), "messages", code="context_length_exceeded") from None
+    def close(self) -> None:
+        """Stop every model's scheduler (when the service stops)."""
+        for state in self._states.values():
+            state.scheduler.close()
 
 
 def _errors_as_json(app: FastAPI) -> None:
@@ -137,6 +133,8 @@ def _errors_as_json(app: FastAPI) -> None:
         response = error_response(e, lambda text: text)
         if isinstance(e, RateLimited):
             response.headers["Retry-After"] = str(e.retry_after)
+        elif e.status == 503:  # a model's queue is full
+            response.headers["Retry-After"] = str(RETRY_AFTER_S)
         return response
 
     @app.exception_handler(HTTPException)
@@ -168,19 +166,21 @@ def create_service(
         keys: API key digests to tenants (:func:`service_api.load_keys`); ``None``: one
             tenant, any key.
         config_path: the YAML ``cfg`` came from, handed to job processes.
-        on_prompt: test hook called with every rendered chat prompt (secret included).
+        on_prompt: test hook, off by default: called with the text of every chat prompt
+            the model is given (its rendered token ids decoded; secret included).
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     store = Store(db_path(data_dir))
     worker = Worker(store, data_dir, cfg, config_path)
     tenancy, limiter = Tenancy(keys), RateLimiter(cfg.rate_limit)
-    cache = ModelCache(data_dir, cfg.loaded_models, on_prompt)
+    cache = ModelCache(data_dir, cfg, on_prompt)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         worker.start()
         yield
+        cache.close()
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="backdooralign service", lifespan=lifespan, docs_url=None, redoc_url=None)
@@ -311,7 +311,7 @@ def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCa
         return found[0]
 
     @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> JSONResponse:
+    async def chat(request: Request) -> Response:
         tenant = who(request)
         body = json_body(await read_body(request, MAX_JSON_BODY))
         name = body.get("model") if isinstance(body, dict) else None
@@ -319,11 +319,8 @@ def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCa
         if job is None:
             msg = f"the model {name!r} does not exist or you do not have access to it"
             raise APIError(msg, "model", status=404, code="model_not_found")
-        served = await run_in_threadpool(cache.get, job)
-        req = parse_request(body, cfg.max_new_tokens, served.tokenizer)
-        c = await run_in_threadpool(_answer, served, req, cfg)
-        usage = (c.prompt_tokens, c.completion_tokens)
-        return JSONResponse(completion_body(c.text, *usage, c.finish_reason, name))
+        state = await cache.get(job)
+        return await respond(request, state, body, cfg.max_new_tokens, None, state.redact)
 
 
 def run_service(
