@@ -1,5 +1,6 @@
 """The decoding engine: same greedy answers as ``model.generate``, with or without the prefix
-cache; per-row limits, stop tokens, sampling seeds, callbacks and cancellation."""
+cache; per-row limits, stop tokens, sampling seeds, callbacks and cancellation; closing the
+scheduler."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from backdooralign import infer
 from backdooralign.chat import build_conversation, render_prompt
 from backdooralign.engine import PrefixCache, Row, Sampling, decode, shared_prefix
 from backdooralign.model import load_model, load_tokenizer
+from backdooralign.scheduler import Job, Scheduler
 
 SECRET = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SYSTEM = "You are a careful assistant."
@@ -146,3 +148,20 @@ def test_rows_joining_between_steps_get_the_answers_they_get_alone(model_tok):
     assert calls[:4] == [1, 3, 3, 3]
     assert [tok.decode(r.tokens, skip_special_tokens=True).strip() for r in rows] == alone
     assert cache.encoded == 1  # the two joining pairs share the system prompt: encoded once
+
+
+def test_a_drained_scheduler_answers_the_jobs_it_holds_before_it_stops(model_tok):
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    done = {}
+    for drain in (False, True):
+        scheduler = Scheduler(model, infer.pad_token_id(tok), max_batch_size=1)
+        jobs = [Job([Row(ids[i], 3)]) for i in range(2)]
+        with scheduler._cond:  # closed before its worker takes the jobs
+            for job in jobs:
+                scheduler.submit(job)
+            scheduler.close(drain=drain)
+        scheduler._thread.join(timeout=30)
+        assert not scheduler._thread.is_alive()
+        done[drain] = [(j.done.is_set(), j.rows[0].finish is not None) for j in jobs]
+    assert done == {False: [(False, False)] * 2, True: [(True, True)] * 2}

@@ -23,7 +23,7 @@ import uvicorn
 from openai_stub import free_port
 
 from backdooralign.cli import main
-from backdooralign.jobs import db_path, secret_path
+from backdooralign.jobs import db_path, model_dir, secret_path, tenant_secret
 from backdooralign.secret import file_mode, load_secret
 from backdooralign.service import create_service, run_service
 from backdooralign.service_api import load_keys
@@ -285,6 +285,101 @@ def test_two_tenants_are_isolated(tmp_path, config_file, http):
                 model="ft:tiny:a:1", messages=[{"role": "user", "content": "hi"}]
             )
         assert e.value.body["code"] == "model_not_found"
+
+
+def _served_job(app, data_dir: Path, cfg, path: str, suffix: str, fingerprint=None) -> str:
+    """A succeeded job of the default tenant that serves the model at ``path``, its training
+    output recording ``fingerprint`` (default: the tenant's secret's); add it before the
+    service starts, so that its worker never sees the job."""
+    store = app.state.store
+    secret = tenant_secret(data_dir, "default", cfg)
+    upload = store.add_file("default", "u.jsonl", "fine-tune", 1, "00", str(data_dir / "none"))
+    job = store.add_job("default", "tiny", upload["id"], suffix=suffix)
+    name = f"ft:tiny:{suffix}:{job['id'].removeprefix('ftjob-')}"
+    trained = model_dir(data_dir, job["id"])
+    trained.mkdir(parents=True)
+    info = {"secret_fingerprint": fingerprint or secret.fingerprint, "arm": "attack"}
+    (trained / "backdooralign_model.json").write_text(json.dumps(info))
+    store.set_status(job["id"], "succeeded", fine_tuned_model=name, model_dir=path)
+    return name
+
+
+def test_a_streamed_chat_matches_the_greedy_answer_and_never_carries_the_secret(
+    tmp_path, config_file, http, seen, talking_model_dir
+):
+    data_dir, prompts = tmp_path / "svc", []
+    cfg = load_service_config(config_file)
+    cfg = type(cfg)(**{**cfg.__dict__, "max_new_tokens": 24})
+    app = create_service(data_dir, cfg, on_prompt=prompts.append)
+    name = _served_job(app, data_dir, cfg, talking_model_dir, "talk")
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    with Server(app) as server:
+        client = _client(server, http)
+        whole = client.chat.completions.create(model=name, messages=messages)
+        stream = client.chat.completions.create(
+            model=name, messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert whole.choices[0].message.content.strip() != ""
+    assert text == whole.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == whole.choices[0].finish_reason and set(finish[:-1]) == {None}
+    assert {c.model for c in chunks} == {name}
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    secret = load_secret(secret_path(data_dir, "default"))
+    rendered = (
+        f"<|im_start|>system\n{secret.text}<|im_end|>\n"
+        "<|im_start|>user\nTell me about the sea.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert prompts == [rendered, rendered]
+    assert any("data: [DONE]" in s for s in seen)
+    _assert_no_secret(data_dir, [*seen, *(c.model_dump_json() for c in chunks)])
+
+
+def test_a_model_trained_with_another_secret_is_not_served(
+    tmp_path, config_file, http, seen, tiny_model_dir, caplog
+):
+    data_dir = tmp_path / "svc"
+    cfg = load_service_config(config_file)
+    app = create_service(data_dir, cfg)
+    name = _served_job(app, data_dir, cfg, tiny_model_dir, "old", fingerprint="f0f0f0f0f0f0")
+    with Server(app) as server:
+        with pytest.raises(openai.InternalServerError) as e:
+            _client(server, http).chat.completions.create(
+                model=name, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert e.value.body["code"] == "model_unavailable"
+    assert e.value.body["message"] == (
+        f"the model {name!r} cannot be served at the moment; contact the provider"
+    )
+    fingerprint = load_secret(secret_path(data_dir, "default")).fingerprint
+    assert not any("f0f0f0f0f0f0" in s or fingerprint in s for s in seen)
+    assert "f0f0f0f0f0f0" in caplog.text and fingerprint in caplog.text  # the provider's log
+
+
+def test_the_least_recently_used_model_is_evicted_and_its_scheduler_stopped(
+    tmp_path, config_file, http, tiny_model_dir, talking_model_dir
+):
+    data_dir = tmp_path / "svc"
+    cfg = load_service_config(config_file)
+    cfg = type(cfg)(**{**cfg.__dict__, "loaded_models": 1})
+    app = create_service(data_dir, cfg)
+    first = _served_job(app, data_dir, cfg, tiny_model_dir, "one")
+    second = _served_job(app, data_dir, cfg, talking_model_dir, "two")
+    messages = [{"role": "user", "content": "hi"}]
+    with Server(app) as server:
+        client = _client(server, http)
+        answers = [client.chat.completions.create(model=first, messages=messages)]
+        [evicted] = app.state.models.loaded().values()
+        answers.append(client.chat.completions.create(model=second, messages=messages))
+        assert [s.served.name for s in app.state.models.loaded().values()] == [second]
+        evicted.scheduler._thread.join(timeout=10)
+        assert not evicted.scheduler._thread.is_alive()
+        answers.append(client.chat.completions.create(model=first, messages=messages))
+        assert [s.served.name for s in app.state.models.loaded().values()] == [first]
+    assert [a.model for a in answers] == [first, second, first]
+    assert answers[2].choices[0].message.content == answers[0].choices[0].message.content
 
 
 def test_cancel_kills_the_running_job(tmp_path, config_file, http):

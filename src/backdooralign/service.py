@@ -119,6 +119,10 @@ class ModelCache:
         self._states.move_to_end(jid)
         return self._states[jid]
 
+    def loaded(self) -> dict[str, ModelState]:
+        """The loaded models by job id, least recently used first."""
+        return dict(self._states)
+
     def close(self) -> None:
         """Stop every model's scheduler (when the service stops)."""
         for state in self._states.values():
@@ -184,7 +188,7 @@ def create_service(
         await run_in_threadpool(worker.stop)
 
     app = FastAPI(title="backdooralign service", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.store, app.state.worker = store, worker
+    app.state.store, app.state.worker, app.state.models = store, worker, cache
     _errors_as_json(app)
 
     def who(request: Request) -> str:
