@@ -12,7 +12,6 @@ with (``train.read_model_info``); :func:`check_model_secret` refuses to serve it
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -80,7 +79,9 @@ def check_model_secret(model_dir: str | Path, name: str, secret: Secret | None) 
     Raises:
         ValueError: naming the model and both fingerprints (never the secret).
     """
-    info = _read_model_info(model_dir) if Path(model_dir).is_dir() else None
+    from .train import read_model_info
+
+    info = read_model_info(model_dir) if Path(model_dir).is_dir() else None
     trained = (info or {}).get("secret_fingerprint")
     if trained is None:
         return
@@ -129,16 +130,6 @@ def load_served_models(
             log.warning("%s: %s", name, warning)
         out.append(ServedModel(name, load_model(path), tok, loaded[name], system))
     return out
-
-
-def _read_model_info(model_dir: str | Path) -> dict | None:
-    """``train.read_model_info`` (a stand-in reading the same file until train has it)."""
-    try:
-        from .train import read_model_info
-    except ImportError:  # TODO: drop once train.read_model_info is merged
-        path = Path(model_dir) / "backdooralign_model.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    return read_model_info(model_dir)
 
 
 @dataclass(eq=False)
