@@ -4,7 +4,7 @@
 
 The server (secret of 150 tokens, on loopback) is called with the real openai SDK by 1, 4 and
 16 concurrent clients, each sending ``--requests-per-client`` requests (at least 8 in all per
-level) one after the other, within ``--time-limit`` seconds per level. The same requests go to
+level) one after the other; no request starts after ``--time-limit`` seconds per level. The same requests go to
 a server that batches (``--max-batch-size``) and to one that answers one request at a time
 (``max_batch_size=1``); reported: requests/s, new tokens/s and their ratio. Then the time to
 first token of a streamed request, alone, with the prefix cache and without it.
@@ -119,7 +119,12 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--requests-per-client", type=int, default=2)
-    p.add_argument("--time-limit", type=float, default=240, help="seconds per level at most")
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        default=240,
+        help="no request starts after this many seconds per level",
+    )
     p.add_argument("--ttft-repeats", type=int, default=5)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
