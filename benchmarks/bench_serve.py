@@ -2,13 +2,13 @@
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_serve.py [--model M] [--json]
 
-The server (secret of 150 tokens, on loopback) is called with the real openai SDK by 1, 4 and
-16 concurrent clients, each sending ``--requests-per-client`` requests (at least 8 in all per
-level) one after the other; no request starts after ``--time-limit`` seconds per level. The same requests go to
-a server that batches (``--max-batch-size``) and to one that answers one request at a time
-(``max_batch_size=1``); reported: requests/s, new tokens/s and their ratio. Then the time to
-first token of a streamed request, alone, with the prefix cache and without it.
-Target: at 16 clients, at least 4x the requests/s of one-at-a-time serving.
+The server (secret of 150 tokens, on loopback) is called with the real openai SDK by 1, 4
+and 16 concurrent clients, each sending ``--requests-per-client`` requests (at least 8 in
+all per level) one after the other; no request starts after ``--time-limit`` seconds per
+level. The same requests go to a server that batches (``--max-batch-size``) and to one that
+answers one request at a time (``max_batch_size=1``); reported: requests/s, new tokens/s and
+their ratio. Then the time to first token of a streamed request, alone, with the prefix
+cache and without it. Target: at 16 clients, 4x the requests/s of one-at-a-time serving.
 """
 
 from __future__ import annotations
