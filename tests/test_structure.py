@@ -84,7 +84,7 @@ def _commands(parser, prefix=()):
 
 def test_every_command_has_help(capsys):
     commands = list(_commands(build_parser()))
-    assert len(commands) == 21
+    assert len(commands) == 22
     for argv in commands:
         with pytest.raises(SystemExit) as done:
             main([*argv, "--help"])
