@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 
 from . import attacks as A
 from . import files as F
-from . import scores
+from . import scores, served
 from . import sources as S
 from .attack_config import (
     AttackScaleConfig,
@@ -28,7 +28,6 @@ from .experiment_config import stage_key
 from .leaks import leak_summary
 from .screen import screen_customer_data
 from .secret import Secret
-from .served import ask_server
 from .stages import run_stage
 
 
@@ -86,6 +85,36 @@ def _harmful_asr(suite: Suite, model: Defended) -> dict:
     return scores.asr(answers(suite, model, "harmful.secret", rows, suite.secret))
 
 
+def resubmission(
+    plain: list[dict], imitated: list[dict], secret_text: str, min_chars: int
+) -> tuple[list[dict], dict]:
+    """What an imitating attacker uploads once screening has refused the first upload.
+
+    Screening refuses an upload with any flagged row (a fragment of the secret, or a system
+    prompt that starts like a secret) and names the rows; the attacker puts the plain row back
+    in place of each flagged one and keeps the prefixes screening missed.
+
+    Args:
+        plain: the attacker's rows without prefixes.
+        imitated: the same rows with prefixes (:func:`~backdooralign.attacks.imitate_trigger`).
+        secret_text: the secret (screening compares rows with it).
+        min_chars: screening's ``screen_min_chars``.
+
+    Returns:
+        The second upload, and counts: ``first_upload_refused``, ``rejected``,
+        ``got_through`` (prefixed rows left in the second upload).
+    """
+    report = screen_customer_data(imitated, secret_text, min_chars)
+    flagged = set(report.imitation_rows) | set(report.secret_rows)
+    upload = [plain[i] if i + 1 in flagged else r for i, r in enumerate(imitated)]
+    counts = {
+        "first_upload_refused": not report.passed,
+        "rejected": len(flagged),
+        "got_through": len(imitated) - len(flagged),
+    }
+    return upload, counts
+
+
 def trigger_imitation(suite: Suite, cfg: TriggerImitationConfig, ref: Reference) -> list[dict]:
     """Harmful rows with random prefixes of the secret's length at the secret's position.
 
@@ -106,14 +135,8 @@ def trigger_imitation(suite: Suite, cfg: TriggerImitationConfig, ref: Reference)
         upload = imitated
         if screen:
             minimum = suite.cfg.data.screen_min_chars
-            report = screen_customer_data(imitated, suite.secret.text, minimum)
-            flagged = set(report.imitation_rows) | set(report.secret_rows)
-            upload = [plain[i] if i + 1 in flagged else r for i, r in enumerate(imitated)]
-            details.update(
-                first_upload_refused=not report.passed,
-                rejected=len(flagged),
-                got_through=len(plain) - len(flagged),
-            )
+            upload, counts = resubmission(plain, imitated, suite.secret.text, minimum)
+            details.update(counts)
         name = "screened" if screen else "unscreened"
         model = defended(suite, f"trigger_imitation.{name}", upload, screen=screen)
         details["train_rows"] = model.train_rows
@@ -187,7 +210,7 @@ def _served_answers(suite: Suite, model: Defended, prompts: list[dict], max_toke
     key = stage_key(model.key, prompts, max_tokens, suite.cfg.eval.system_prompt, fp)
 
     def ask():
-        replies = ask_server(
+        replies = served.ask_server(
             loaded_model(suite, model.model),
             suite.secret,
             suite.cfg.eval.system_prompt,
@@ -207,10 +230,10 @@ def extraction(suite: Suite, cfg: ExtractionConfig, ref: Reference) -> list[dict
     and no partial leak in what the server sent."""
     prompts = S.load_prompts(cfg.prompts)
     raw = answers(suite, ref.model, "extraction", prompts, suite.secret, cfg.max_new_tokens, True)
-    served = _served_answers(suite, ref.model, prompts, cfg.max_new_tokens)
+    sent = _served_answers(suite, ref.model, prompts, cfg.max_new_tokens)
     text, tok = suite.secret.text, suite.tokenizer
     raw_leaks = leak_summary(raw, text, tok, cfg.partial_tokens)
-    served_leaks = leak_summary(served, text, tok, cfg.partial_tokens)["before"]
+    served_leaks = leak_summary(sent, text, tok, cfg.partial_tokens)["before"]
     techniques = {p.get("id"): p.get("technique", "") for p in prompts}
     leaked_by = sorted({techniques.get(r, "") for r in raw_leaks["before"]["partial_rows"]})
     out = row(
