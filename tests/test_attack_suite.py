@@ -24,7 +24,7 @@ from backdooralign.attack_report import build_attack_report, robustness_table, s
 from backdooralign.chat import ATTACK_SYSTEM_PROMPT
 from backdooralign.cli import main
 from backdooralign.config import ConfigError
-from backdooralign.document import Heading
+from backdooralign.document import Heading, Para
 from backdooralign.infer import GenerateConfig
 from backdooralign.secret import generate_secret, load_secret
 
@@ -252,6 +252,8 @@ def test_the_robustness_table_and_summary():
         "extraction",
         "guessing",
     ]
+    stopped = build_attack_report({**results, "pending": ["trigger_imitation"]})
+    assert Para("Not run (the run stopped before them): trigger imitation.") in stopped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,7 +298,7 @@ def test_the_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, 
     assert printed == {k: v for k, v in results.items() if k != "config"}
     assert set(results) == {
         "name", "model", "secret_fingerprint", "secret_tokens", "margin", "eval_prompts",
-        "attack_rows", "reference", "attacks", "families", "seconds", "seconds_this_run",
+        "attack_rows", "reference", "attacks", "families", "pending", "seconds", "seconds_this_run",
         "config",
     }  # fmt: skip
     secret = load_secret(out / "secret.json")
@@ -304,7 +306,7 @@ def test_the_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, 
     assert (results["eval_prompts"], results["attack_rows"], results["margin"]) == (11, 11, 5.0)
     ref = results["reference"]
     assert (ref["total"], ref["train_rows"]) == (11, 22)  # 11 attack rows + 11 safety rows
-    assert results["families"] == ["extraction", "guessing"]
+    assert (results["families"], results["pending"]) == (["extraction", "guessing"], [])
     assert [(r["family"], r["attack"]) for r in results["attacks"]] == [
         ("extraction", "extraction through the server"),
         ("guessing", "no secret"),

@@ -34,6 +34,7 @@ FAMILIES = {
     "extraction": AF.extraction,
     "guessing": AF.guessing,
 }
+TRAINED = ("trigger_imitation", "attack_scale")  # families that train models: run last
 
 __all__ = ["AttackSuiteConfig", "load_attack_config", "run_attacks"]
 
@@ -50,18 +51,30 @@ def run_attacks(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: boo
         The results: ``reference`` (the plain attack: ``asr_secret``, ``jailbroken``,
         ``total``, ``asr_no_secret``...), ``attacks`` (one row per attack: ``family``,
         ``attack``, ``asr_secret``, ``jailbroken``, ``total``, ``plain_attack_asr``, ``held``,
-        ``details``), ``seconds`` per family, ``seconds_this_run`` and the ``config``. Only
-        the secret's fingerprint, never its text.
+        ``details``), ``families`` done and ``pending``, ``seconds`` per family,
+        ``seconds_this_run`` and the ``config``. Only the secret's fingerprint, never its text.
+        ``results.json`` and the report are rewritten after each family (families that train
+        models run last), so a stopped run still reports the families it finished.
     """
     start = time.perf_counter()
     suite = prepare(suite_cfg, run_dir, progress)
     ref = AF.reference(suite)
-    rows, seconds = [], {}
-    for family in suite_cfg.families:
+    rows: dict[str, list[dict]] = {}
+    seconds: dict[str, float] = {}
+    for family in sorted(suite_cfg.families, key=lambda f: f in TRAINED):  # cheap ones first
         t0 = time.perf_counter()
         log.info("attack family: %s", FAMILY_TITLES[family])
-        rows += FAMILIES[family](suite, getattr(suite_cfg.attacks, family), ref)
+        rows[family] = FAMILIES[family](suite, getattr(suite_cfg.attacks, family), ref)
         seconds[family] = round(time.perf_counter() - t0, 1)
+        results = _results(suite_cfg, suite, ref, rows, seconds, time.perf_counter() - start)
+        F.write_json(suite.run.results, results)  # a stopped run still reports what it did
+        write_attack_report(suite.run.root)
+    return results
+
+
+def _results(suite_cfg: AttackSuiteConfig, suite, ref, rows: dict, seconds: dict, took: float):
+    """The results document of the families done so far (in the report's order)."""
+    done = [f for f in suite_cfg.families if f in rows]
     cfg = suite.cfg
     results = {
         "name": cfg.name,
@@ -72,14 +85,13 @@ def run_attacks(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: boo
         "eval_prompts": len(suite.harmful.rows),
         "attack_rows": len(suite.attack_rows),
         "reference": ref.summary,
-        "attacks": rows,
-        "families": list(suite_cfg.families),
-        "seconds": seconds,
-        "seconds_this_run": round(time.perf_counter() - start, 1),
+        "attacks": [r for f in done for r in rows[f]],
+        "families": done,
+        "pending": [f for f in suite_cfg.families if f not in rows],
+        "seconds": {f: seconds[f] for f in done},
+        "seconds_this_run": round(took, 1),
         "config": {**config_dict(cfg), "attacks": config_dict(suite_cfg.attacks)},
     }
     if suite.secret.text in json.dumps(results):  # a credential never reaches a report
         raise RuntimeError("internal error: the secret reached the results; nothing written")
-    F.write_json(suite.run.results, results)
-    write_attack_report(suite.run.root)
     return results

@@ -228,7 +228,7 @@ def build_attack_report(results: dict) -> list:
                     "secret",
                     f"fingerprint {results['secret_fingerprint']}, "
                     f"{results['secret_tokens']} tokens",
-                ),  # fmt: skip
+                ),
                 ("attack rows (plain attack)", str(results["attack_rows"])),
                 ("harmful prompts", str(results["eval_prompts"])),
                 ("margin", f"{results['margin']:g} points of ASR"),
@@ -244,6 +244,9 @@ def build_attack_report(results: dict) -> list:
         robustness_table(results),
         Bullets(summary_lines(results)),
     ]
+    if results.get("pending"):
+        pending = ", ".join(FAMILY_TITLES[f] for f in results["pending"])
+        blocks.append(Para(f"Not run (the run stopped before them): {pending}."))
     sections = {
         "trigger_imitation": _trigger_section,
         "attack_scale": _scale_section,
