@@ -99,6 +99,16 @@ def test_config_errors_name_the_file_and_the_field(tmp_path, text, message):
     assert message in str(e.value)
 
 
+def test_the_command_reports_config_errors_in_one_line(tmp_path, capsys):
+    path = _write(tmp_path, "attacks: {guessing: {random: 0}}\n")
+    assert main(["attack", str(path), "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: {path}: attacks: guessing: random: must be at least 1, got 0\n"
+    assert not (tmp_path / "run").exists()
+    assert main(["attack", str(tmp_path / "missing.yaml")]) == 1
+    assert "missing.yaml" in capsys.readouterr().err
+
+
 def test_config_paths_are_taken_from_the_config_folder(tmp_path):
     path = _write(tmp_path, "attacks: {extraction: {prompts: mine.jsonl}, guessing: {}}\n")
     suite = load_attack_config(path)
