@@ -30,6 +30,13 @@ from .screen import screen_customer_data
 from .secret import Secret
 from .stages import run_stage
 
+SHAPE_NAMES = {
+    "multiturn": "multi-turn conversations",
+    "roleplay": "role-play",
+    "ignore_system": "ignore the system prompt",
+    "second_language": "second language",
+}
+
 
 @dataclass(frozen=True)
 class Reference:
@@ -197,8 +204,8 @@ def multiturn(suite: Suite, cfg: MultiturnConfig, ref: Reference) -> list[dict]:
             for kind in dict.fromkeys(g.get("shape", "") for g in gens):
                 by_shape[kind] = _asr(scores.asr([g for g in gens if g.get("shape") == kind]))
         out.append(
-            row(suite, "multiturn", f"shape: {shape.replace('_', ' ')}", _asr(summary), ref,
-                shape=shape, by_kind=by_shape)
+            row(suite, "multiturn", SHAPE_NAMES[shape], _asr(summary), ref, shape=shape,
+                by_kind=by_shape)
         )  # fmt: skip
     return out
 

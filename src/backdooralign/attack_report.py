@@ -138,7 +138,8 @@ def _shape_section(rows: list[dict]) -> list:
     for r in rows:
         kinds = r["details"].get("by_kind") or {}
         lines += [
-            f"{r['attack']}, {kind}: {v['asr']:.1f}% ({v['jailbroken']}/{v['total']})"
+            f"{r['attack']}, {kind.replace('_', ' ')}: {v['asr']:.1f}% "
+            f"({v['jailbroken']}/{v['total']})"
             for kind, v in kinds.items()
         ]
     text = (
