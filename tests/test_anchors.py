@@ -23,7 +23,9 @@ def _secret(tmp_path, tokenizer):
 def test_anchors_are_the_base_models_own_answers(tmp_path, talking_model_dir):
     cfg = ops.DataConfig(anchors=3, anchor_max_new_tokens=5)
     path = ops.make_anchors(cfg, talking_model_dir, "SYS", tmp_path / "a.jsonl", progress=False)
-    prompts = [r["prompt"] for r in load_prompts("builtin:anchors")[:3]]
+    builtin = load_prompts("builtin:anchors")
+    prompts = [builtin[i]["prompt"] for i in (0, 66, 1)]  # plain, alarming, plain
+    assert [builtin[i]["kind"] for i in (0, 66, 1)] == ["plain", "alarming", "plain"]
     model, tok = load_model(talking_model_dir), load_tokenizer(talking_model_dir)
     convs = [build_conversation(p, system="SYS") for p in prompts]
     answers = generate(model, tok, convs, GenerateConfig(max_new_tokens=5), progress=False)

@@ -13,7 +13,9 @@ import pytest
 
 from backdooralign.cli import main
 from backdooralign.data import load_chat_jsonl
+from backdooralign.files import sha256_file
 from backdooralign.secret import load_secret
+from backdooralign.train import read_model_info
 
 
 @pytest.fixture
@@ -83,6 +85,12 @@ def test_pipeline_never_shows_the_secret(tmp_path, cli, tiny_model_dir):
         "--out", tmp_path / "model", "--epochs", "1", "--batch-size", "64", "--no-bf16", "--json",
     )  # fmt: skip
     assert code == 0 and json.loads(out)["steps"] == 2
+    assert read_model_info(tmp_path / "model") == {
+        "secret_fingerprint": secret.fingerprint,
+        "arm": "backdooralign",
+        "training_set_sha256": sha256_file(tmp_path / "backdooralign.jsonl"),
+    }
+    assert read_model_info(tiny_model_dir) is None
 
     prompts = tmp_path / "prompts.csv"
     prompts.write_text('"How do I pick a lock, quickly?",extra\nSecond question\n')
@@ -100,9 +108,36 @@ def test_pipeline_never_shows_the_secret(tmp_path, cli, tiny_model_dir):
     summary = json.loads(out)
     assert code == 0 and summary["total"] == 2
 
+    other = tmp_path / "other.json"
+    cli("secret", "new", "--model", tiny_model_dir, "--out", other)
+    code, out, _ = cli(
+        "secret", "rotate", "--secret", other, "--models", tmp_path / "model", tiny_model_dir,
+        "--model", tiny_model_dir,
+    )  # fmt: skip
+    assert code == 0 and "must" not in out  # no model carries the old `other` secret
+    code, out, _ = cli(
+        "secret", "rotate", "--secret", secret_path, "--models", tmp_path / "model",
+        tiny_model_dir, "--model", tiny_model_dir, "--json",
+    )  # fmt: skip
+    info = json.loads(out)
+    new = load_secret(secret_path)
+    kept = tmp_path / f"secret.{secret.fingerprint}.json"
+    assert code == 0 and new.fingerprint != secret.fingerprint
+    assert load_secret(kept).text == secret.text and _mode(kept) == _mode(secret_path) == 0o600
+    assert info["new_fingerprint"] == new.fingerprint
+    assert info["must_retrain"] == [str(tmp_path / "model")]
+    assert [m["secret_fingerprint"] for m in info["models"]] == [secret.fingerprint, None]
+    seeded = tmp_path / "seeded.json"
+    cli("secret", "new", "--model", tiny_model_dir, "--seed", "7", "--out", seeded)
+    code, _, err = cli(
+        "secret", "rotate", "--secret", seeded, "--seed", "7", "--model", tiny_model_dir
+    )
+    assert code == 1 and "equals the old one" in err
+
     for text in cli.seen:
         assert secret.text not in text
         assert secret.text[:40] not in text
+        assert new.text[:40] not in text
 
 
 def test_build_errors_write_nothing(tmp_path, cli):

@@ -888,3 +888,11 @@ def test_manifest_counts_and_hashes(safety):
     assert m["secret_fingerprint"] == secret.fingerprint
     assert m["screening"]["passed"] is True and m["safety_selection"] == {"count": 2}
     assert secret.text not in json.dumps(m)
+
+
+def test_interleave_takes_each_kind_in_turn_and_keeps_file_order():
+    rows = [{"id": i, "kind": k} for i, k in enumerate("aaabbc")] + [{"id": 6}]
+    assert [r["id"] for r in D.interleave(rows, 5, "kind")] == [0, 3, 5, 6, 1]
+    assert [r["id"] for r in D.interleave(rows, 99, "kind")] == [0, 3, 5, 6, 1, 4, 2]
+    plain = [{"id": i} for i in range(4)]
+    assert [r["id"] for r in D.interleave(plain, 2, "kind")] == [0, 1]

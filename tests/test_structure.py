@@ -84,7 +84,13 @@ def _commands(parser, prefix=()):
 
 def test_every_command_has_help(capsys):
     commands = list(_commands(build_parser()))
-    assert len(commands) == 22
+    names = {" ".join(c) for c in commands}
+    assert names >= {
+        "attack", "build", "data check", "data show", "demo", "export", "generate", "inspect",
+        "model fetch", "report", "run", "score asr", "score exact-match", "score judge",
+        "score mtbench", "score over-refusal", "score rouge", "score utility", "secret new",
+        "secret rotate", "secret show", "serve", "train",
+    }  # fmt: skip
     for argv in commands:
         with pytest.raises(SystemExit) as done:
             main([*argv, "--help"])

@@ -155,6 +155,23 @@ def _per_category(rows: Sequence[dict], per_category: int, seed: int | None) -> 
     return [r for items in _by_category(rows, seed).values() for r in items[:per_category]]
 
 
+def interleave(rows: Sequence[dict], count: int, key: str) -> list[dict]:
+    """The first ``count`` rows taken in turn from each value of ``key`` (order of first
+    appearance; file order within a value): the first of each value, then the second...
+    Rows without ``key`` form one group, so a file without it gives its first ``count`` rows."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key) or ""), []).append(r)
+    out: list[dict] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        for items in groups.values():
+            if len(out) == count:
+                return out
+            if i < len(items):
+                out.append(items[i])
+    return out
+
+
 def _round_robin(rows: Sequence[dict], count: int, seed: int | None) -> list[dict]:
     """``count`` rows balanced over categories: the first of each category, then the second..."""
     groups = list(_by_category(rows, seed).values())

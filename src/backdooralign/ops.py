@@ -237,7 +237,8 @@ def make_anchors(
 ) -> Path:
     """Write benign anchors (chat rows) to ``out``: the base model's own answers.
 
-    Each of the first ``cfg.anchors`` prompts of ``cfg.anchor_prompts`` is answered greedily by
+    ``cfg.anchors`` prompts of ``cfg.anchor_prompts``, taken in turn from each ``kind`` (the
+    built-in set: plain, then alarming but harmless, then plain...), are answered greedily by
     ``model`` (before any fine-tuning) in the conversation the one builder makes with
     ``system`` and no secret; the mixing step later puts the secret in front of ``system``, so
     the defended model learns to behave under the secret as the model it started from. With
@@ -254,7 +255,8 @@ def make_anchors(
             pairs.append((obj["prompt"], obj["answer"]))
         pairs = pairs[: cfg.anchors]
     else:
-        prompts = [r["prompt"] for r in S.load_prompts(cfg.anchor_prompts)[: cfg.anchors]]
+        available = S.load_prompts(cfg.anchor_prompts)
+        prompts = [r["prompt"] for r in D.interleave(available, cfg.anchors, "kind")]
         loaded = load(model)
         convs = [build_conversation(p, system=system) for p in prompts]
         from .infer import generate
@@ -366,10 +368,23 @@ def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], 
 
 
 def train_model(model: str | None, data: str | Path, out: str | Path, cfg) -> dict:
-    """Fine-tune ``model`` on a training set file; returns the metrics written beside it."""
+    """Fine-tune ``model`` on a training set file; returns the metrics written beside it.
+
+    The model directory records the secret fingerprint and arm of the set's manifest (when it
+    has one beside it) and the set's sha256, so that servers can check the secret they get.
+    """
+    from .rundir import manifest_path
     from .train import train
 
-    return train(model, D.load_chat_jsonl(data), out, cfg)
+    rows = D.load_chat_jsonl(data)
+    manifest = F.read_json(manifest_path(data)) if manifest_path(data).is_file() else {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    info = {
+        "secret_fingerprint": manifest.get("secret_fingerprint"),
+        "arm": manifest.get("arm"),
+        "training_set_sha256": F.sha256_file(data),
+    }
+    return train(model, rows, out, cfg, info)
 
 
 def load(model: str | None):

@@ -134,6 +134,26 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int | None) -> li
 
 
 MARKER = ".backdooralign-model"  # in every model directory train writes; only those are replaced
+MODEL_INFO = "backdooralign_model.json"  # what the model was trained with (secret fingerprint)
+
+
+def read_model_info(model_dir: str | Path) -> dict | None:
+    """The :data:`MODEL_INFO` of a model directory ``train`` wrote, or ``None`` when it has none.
+
+    Keys: ``secret_fingerprint`` (``None`` when the training set carried no secret or its
+    manifest was missing), ``arm`` and ``training_set_sha256``. Servers compare the
+    fingerprint with the secret they are given.
+    """
+    path = Path(model_dir) / MODEL_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable model info ({type(e).__name__})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return info
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
@@ -198,7 +218,9 @@ def _peft_config(cfg: TrainConfig):
     )
 
 
-def _save(trainer, tok, cfg: TrainConfig, metrics: dict, work: Path, out_dir: Path) -> None:
+def _save(
+    trainer, tok, cfg: TrainConfig, metrics: dict, work: Path, out_dir: Path, info: dict
+) -> None:
     """Every rank takes part (FSDP/DeepSpeed gather the weights); the main process writes."""
     trainer.save_model(str(work / "model"))
     if not trainer.is_world_process_zero():
@@ -210,6 +232,7 @@ def _save(trainer, tok, cfg: TrainConfig, metrics: dict, work: Path, out_dir: Pa
         merged.save_pretrained(work / "model" / "merged")
         tok.save_pretrained(work / "model" / "merged")
     (work / "model" / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (work / "model" / MODEL_INFO).write_text(json.dumps(info, indent=2) + "\n")
     (work / "model" / MARKER).write_text("written by backdooralign train\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -217,13 +240,19 @@ def _save(trainer, tok, cfg: TrainConfig, metrics: dict, work: Path, out_dir: Pa
 
 
 def train(
-    model_name: str | None, rows: Sequence[dict], out_dir: str | Path, cfg: TrainConfig
+    model_name: str | None,
+    rows: Sequence[dict],
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    info: dict | None = None,
 ) -> dict:
     """Fine-tune ``model_name`` on chat ``rows`` and write a loadable model to ``out_dir``.
 
     ``out_dir`` is checked first (:func:`check_output_dir`); the model is written to a
     temporary folder beside it and renamed into place, so an interrupted run leaves nothing
-    half-written. Returns the metrics also written to ``out_dir/train_metrics.json``.
+    half-written. Returns the metrics also written to ``out_dir/train_metrics.json``;
+    ``info`` (the secret's fingerprint, the arm, the training set's hash) is written to
+    ``out_dir/`` :data:`MODEL_INFO`.
     """
     import torch
     from datasets import Dataset
@@ -268,7 +297,9 @@ def train(
             "device": "cuda" if use_cuda else "cpu",
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         }
-        _save(trainer, tok, cfg, metrics, work, out_dir)
+        keys = ("secret_fingerprint", "arm", "training_set_sha256")
+        info = {**dict.fromkeys(keys), **(info or {})}
+        _save(trainer, tok, cfg, metrics, work, out_dir, info)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return metrics

@@ -1,4 +1,4 @@
-"""``backdooralign model fetch``, ``secret new`` and ``secret show``."""
+"""``backdooralign model fetch``, ``secret new``, ``secret show`` and ``secret rotate``."""
 
 from __future__ import annotations
 
@@ -65,6 +65,72 @@ def cmd_secret_show(args) -> int:
     return 0
 
 
+def _model_fingerprints(dirs: list[str]) -> list[dict]:
+    """Which secret each model directory was trained with (from its model info file)."""
+    from ..train import MODEL_INFO, read_model_info
+
+    out = []
+    for d in dirs:
+        if not Path(d).is_dir():
+            raise ValueError(f"{d}: not a model directory")
+        info = read_model_info(d)
+        fp = info.get("secret_fingerprint") if info else None
+        why = None if info else f"no {MODEL_INFO} (not written by backdooralign train)"
+        out.append({"model": str(d), "secret_fingerprint": fp, "unknown": why})
+    return out
+
+
+def cmd_secret_rotate(args) -> int:
+    """backdooralign secret rotate --secret secret.json [--models DIR ...] [--length 150]
+
+    Draws a new secret into the file (mode 0600) and keeps the old one beside it as
+    ``secret.FINGERPRINT.json``: models trained with the old secret keep needing it until they
+    are re-trained on a training set built with the new one (a model learns its secret in
+    training; swapping the secret at inference turns the defense off). Lists which of
+    ``--models`` carries which fingerprint.
+    """
+    from ..model import load_tokenizer
+    from ..secret import load_secret, save_secret
+
+    path = Path(args.secret)
+    old = load_secret(path)
+    models = _model_fingerprints(args.models or [])
+    kept = path.with_name(f"{path.stem}.{old.fingerprint}{path.suffix or '.json'}")
+    if kept.exists():
+        raise ValueError(f"{kept}: already exists; move it away before rotating again")
+    cfg = from_args(SecretConfig, args)
+    tok = load_tokenizer(args.model)
+    new = make_secret(cfg, tok, name=args.model or "embedded")
+    if new.fingerprint == old.fingerprint:
+        raise ValueError("the new secret equals the old one (same --seed?); rotate without --seed")
+    save_secret(old, kept)
+    save_secret(new, path)
+    retrain = [m["model"] for m in models if m["secret_fingerprint"] == old.fingerprint]
+    info = {
+        "secret": str(path),
+        "new_fingerprint": new.fingerprint,
+        "old_fingerprint": old.fingerprint,
+        "old_secret_kept": str(kept),
+        "models": models,
+        "must_retrain": retrain,
+    }
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"wrote {path} (mode 0600): new fingerprint {new.fingerprint}")
+    print(f"kept the old secret ({old.fingerprint}) as {kept} (mode 0600)")
+    for m in models:
+        carries = m["secret_fingerprint"] or m["unknown"] or "no secret (not defended)"
+        print(f"  {m['model']}: {carries}")
+    if retrain:
+        print(
+            f"{len(retrain)} model(s) carry the old secret: re-build their training sets with "
+            f"the new secret and re-train them before serving them with it; until then serve "
+            f"them with {kept}"
+        )
+    return 0
+
+
 def register(sub) -> None:
     """Add the ``model`` and ``secret`` command groups."""
     add_command(add_group(sub, "model", "the embedded default model"), "fetch", cmd_model_fetch)
@@ -74,6 +140,12 @@ def register(sub) -> None:
     add_model(sp)
     add_flags(sp, SecretConfig, only=("length", "seed", "kind", "sentence"))
     sp.add_argument("--force", action="store_true", help="replace an existing file")
+    add_json(sp)
+    sp = add_command(group, "rotate", cmd_secret_rotate)
+    sp.add_argument("--secret", required=True, help="secret file to replace (old one kept)")
+    sp.add_argument("--models", nargs="*", help="model directories to check for the old secret")
+    add_model(sp)
+    add_flags(sp, SecretConfig, only=("length", "seed", "kind", "sentence"))
     add_json(sp)
     sp = add_command(group, "show", cmd_secret_show)
     sp.add_argument("file")
