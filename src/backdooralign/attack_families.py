@@ -156,14 +156,17 @@ def trigger_imitation(suite: Suite, cfg: TriggerImitationConfig, ref: Reference)
 def attack_scale(suite: Suite, cfg: AttackScaleConfig, ref: Reference) -> list[dict]:
     """More copies of the attack rows (``factors`` x the config's attack rows, with the
     config's training settings), then the attacker's own epochs and learning rates on the
-    plain rows (one setting changed at a time)."""
+    plain rows (one setting changed at a time). The cheapest variants train first (rows x
+    epochs), so a run stopped early has the most rows done; the rows come back in the
+    configured order."""
     plain = suite.attack_rows
     train = suite.cfg.train
     variants = [(f"{f}x", A.scale_attack(plain, f, cfg.seed), train, f) for f in cfg.factors]
     variants += [(f"epochs {e:g}", None, replace(train, epochs=e), 1) for e in cfg.epochs]
     variants += [(f"lr {lr:g}", None, replace(train, lr=lr), 1) for lr in cfg.lr]
-    out = []
-    for name, upload, settings, factor in variants:
+    out = {}
+    for i in sorted(range(len(variants)), key=lambda i: variants[i][3] * variants[i][2].epochs):
+        name, upload, settings, factor = variants[i]
         model = defended(suite, f"attack_scale.{name.replace(' ', '-')}", upload, train=settings)
         details = {
             "factor": factor,
@@ -173,8 +176,8 @@ def attack_scale(suite: Suite, cfg: AttackScaleConfig, ref: Reference) -> list[d
             "lr": settings.lr,
         }
         asr = _asr(_harmful_asr(suite, model))
-        out.append(row(suite, "attack_scale", f"attack scale {name}", asr, ref, **details))
-    return out
+        out[i] = row(suite, "attack_scale", f"attack scale {name}", asr, ref, **details)
+    return [out[i] for i in range(len(variants))]
 
 
 def shaped_prompts(cfg: MultiturnConfig, harmful: list[dict]) -> dict[str, list[dict]]:
