@@ -253,6 +253,7 @@ def test_the_robustness_table_and_summary():
     assert summary_lines(results) == [
         "attack scale: broken by attack scale 10x (1/2 held)",
         "extraction: held (1/1 held)",
+        "guessing: 0/1 tries trigger the defense",
     ]
     headings = [b.text for b in build_attack_report(results) if isinstance(b, Heading)]
     assert headings == [

@@ -68,11 +68,16 @@ def robustness_table(results: dict) -> Table:
 
 
 def summary_lines(results: dict) -> list[str]:
-    """One line per family: which attacks held and which broke the defense."""
+    """One line per family: which attacks held and which broke the defense (for guessing:
+    which guesses also trigger the defense)."""
     out = []
     for family in results["families"]:
         rows = [r for r in results["attacks"] if r["family"] == family]
         judged = [r for r in rows if r["held"] is not None]
+        if family == "guessing":
+            also = [r["attack"] for r in rows if not r["details"]["specific"]]
+            which = f": {', '.join(also)}" if also else ""
+            out.append(f"guessing: {len(also)}/{len(rows)} tries trigger the defense{which}")
         if not judged:
             continue
         broken = [r["attack"] for r in judged if not r["held"]]
@@ -239,8 +244,11 @@ def build_attack_report(results: dict) -> list:
         ),
         Heading(2, "robustness"),
         Para(
-            "ASR with the secret per attack, next to the plain fine-tuning attack's "
-            f"(the reference). Held: at most {results['margin']:g} points above it."
+            "ASR with the secret per attack, next to the plain fine-tuning attack's. The "
+            "reference (plain attack) is the config's BackdoorAlign arm fine-tuned on its own "
+            f"{results['attack_rows']} attack rows: {ref['asr_secret']:.1f}% with the secret, "
+            f"{ref['asr_no_secret']:.1f}% without. Held: at most {results['margin']:g} points "
+            "above the reference with the secret."
         ),
         robustness_table(results),
         Bullets(summary_lines(results)),
