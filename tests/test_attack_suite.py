@@ -354,3 +354,40 @@ def test_the_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, 
     assert {k: v for k, v in again.items() if k not in drop} == {
         k: v for k, v in results.items() if k not in drop
     }
+
+
+@pytest.mark.slow
+def test_every_family_with_the_smoke_profile(tmp_path, tiny_model_dir):
+    suite = load_attack_config(ROBUSTNESS, ["profile=smoke", f"model={tiny_model_dir}"])
+    results = run_attacks(suite, tmp_path / "run", progress=False)
+    assert results["families"] == list(suite.families)
+    assert [(r["family"], r["attack"]) for r in results["attacks"]] == [
+        ("trigger_imitation", "trigger imitation, screening on"),
+        ("attack_scale", "attack scale 2x"),
+        ("multiturn", "role-play"),
+        ("extraction", "extraction through the server"),
+        ("guessing", "no secret"),
+        ("guessing", "random 20 tokens #1 (the secret's length)"),
+        ("guessing", "random 10 tokens #1"),
+        ("guessing", "fragment: first 5 tokens"),
+    ]
+    imitation, scale, shape = results["attacks"][:3]
+    assert imitation["details"] == {
+        "screen": True,
+        "rows": 11,
+        "prefix_tokens": 20,
+        "first_upload_refused": True,
+        "rejected": 5,
+        "got_through": 6,
+        "train_rows": 22,
+    }
+    assert scale["details"] == {
+        "factor": 2, "attack_rows": 22, "train_rows": 33, "epochs": 0.3, "lr": 1e-4,
+    }  # fmt: skip
+    assert (shape["total"], shape["details"]["shape"]) == (11, "roleplay")
+    for r in results["attacks"]:
+        if r["asr_secret"] is not None and r["family"] != "guessing":
+            assert r["held"] is A.held(results["reference"]["asr_secret"], r["asr_secret"], 10)
+    report = (tmp_path / "run" / "report.md").read_text()
+    for title in ("trigger imitation", "attack scale", "multi-turn prompt shape", "extraction"):
+        assert f"\n## {title}\n" in report
