@@ -30,6 +30,7 @@ from .infer import GenerateConfig
 from .rundir import RunDir
 from .secret import Secret
 from .stages import run_stage
+from .train import TrainConfig
 
 log = logging.getLogger(__name__)
 ARM = "backdooralign"
@@ -100,7 +101,7 @@ def defended(
     upload: list[dict] | None = None,
     *,
     screen: bool | None = None,
-    train=None,
+    train: TrainConfig | None = None,
 ) -> Defended:
     """Build and train the BackdoorAlign arm on an attacker's upload (stages cached).
 
@@ -110,7 +111,7 @@ def defended(
         upload: the attacker's chat rows in place of the config's attack rows (``None``: the
             config's own, the plain attack); the config's task rows, if any, stay.
         screen: screening on or off for this build (default: ``data.screen``).
-        train: a :class:`~backdooralign.train.TrainConfig` (default: the config's ``train``).
+        train: training settings (default: the config's ``train``).
     """
     cfg = suite.cfg
     run = RunDir(suite.run.root / "attacks" / name)
