@@ -68,6 +68,39 @@ def talking_model_dir(tmp_path_factory, tokenizer):
     return str(path)
 
 
+def make_varied_model(tokenizer, seed: int = 0):
+    """A tiny random Llama with large initial weights, so that its greedy answers differ from
+    prompt to prompt (a default tiny model says much the same to every prompt)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        initializer_range=0.3,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+@pytest.fixture(scope="session")
+def varied_model_dir(tmp_path_factory, tokenizer):
+    """Path of a :func:`make_varied_model` directory (session-wide, never modified by tests)."""
+    path = tmp_path_factory.mktemp("varied-model")
+    make_varied_model(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tokenizer):
     """Path of a tiny random model directory (session-wide, never modified by tests)."""

@@ -25,6 +25,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class AppServer:
+    """Runs an app under uvicorn in a background thread on 127.0.0.1 and a free port."""
+
+    def __init__(self, app):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.base_url = self.url + "/v1"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        self._server = uvicorn.Server(config)  # log_config=None: records reach caplog
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> AppServer:
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
+            time.sleep(0.01)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
 class StubServer:
     """Context manager running the stub; ``.base_url`` is the ``/v1`` URL to call."""
 

@@ -14,8 +14,7 @@ import time
 import httpx2
 import openai
 import pytest
-import uvicorn
-from openai_stub import free_port
+from openai_stub import AppServer as Server
 
 from backdooralign import infer
 from backdooralign.chat import build_conversation, render_prompt
@@ -36,38 +35,23 @@ SERVER_LOGGERS = ("backdooralign", "uvicorn")
 WINDOWS = {SECRET_TEXT[i : i + 16] for i in range(len(SECRET_TEXT) - 15)}
 
 
-class Server:
-    """Runs an app under uvicorn in a background thread on 127.0.0.1 and a free port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = self.url + "/v1"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
-        self._server = uvicorn.Server(config)  # log_config=None: records reach caplog
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def model_tok(tiny_model_dir):
     return load_model(tiny_model_dir), load_tokenizer(tiny_model_dir)
 
 
+PROMPTS: list[list[dict]] = []  # conversations the servers render (their on_prompt hook)
+
+
+def _record(model_name: str, conversation: list[dict]) -> None:
+    PROMPTS.append([dict(m) for m in conversation])
+
+
 def _app(model_tok, api_key=None):
     model, tok = model_tok
-    return create_app(model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, CAP, api_key=api_key)
+    return create_app(
+        model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, CAP, api_key=api_key, on_prompt=_record
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,17 +105,10 @@ def client(server, http):
 
 
 @pytest.fixture
-def captured(monkeypatch) -> list[list[dict]]:
-    """The conversations the server hands to ``infer.generate`` (generation still runs)."""
-    calls: list[list[dict]] = []
-    real = infer.generate
-
-    def spy(model, tokenizer, conversations, *args, **kwargs):
-        calls.extend([dict(m) for m in c] for c in conversations)
-        return real(model, tokenizer, conversations, *args, **kwargs)
-
-    monkeypatch.setattr(infer, "generate", spy)
-    return calls
+def captured() -> list[list[dict]]:
+    """The conversations the servers render, with the secret (through the test hook)."""
+    PROMPTS.clear()
+    return PROMPTS
 
 
 def _chat(client, messages=HELLO, **kw):
@@ -207,10 +184,10 @@ def test_secret_is_prepended_to_the_default_system_prompt(client, captured):
     assert captured == [[{"role": "system", "content": f"{SECRET_TEXT} {DEFAULT_SYSTEM}"}, *HELLO]]
 
 
-def test_an_echoed_secret_is_redacted(client, monkeypatch):
-    echo = f"Sure. {SECRET_TEXT} and {SECRET_TEXT[9:29]}."
-    monkeypatch.setattr(infer, "generate", lambda m, t, convs, *a, **k: [echo for _ in convs])
-    r = _chat(client)
+def test_an_echoed_secret_is_redacted(echo_server, http):
+    server, say = echo_server
+    say(f"Sure. {SECRET_TEXT} and {SECRET_TEXT[9:29]}.")
+    r = _chat(_client(server, http), max_tokens=100)
     assert r.choices[0].message.content == "Sure. [redacted] and [redacted]."
 
 
@@ -226,9 +203,9 @@ def test_redactor_catches_collapsed_whitespace_and_leaves_other_text():
 
 
 BAD_REQUESTS = {
-    "temperature": ({"temperature": 0.7}, "temperature"),
-    "n": ({"n": 2}, "n must be 1"),
-    "stream": ({"stream": True}, "stream"),
+    "temperature": ({"temperature": 2.5}, "temperature must be a number from 0 to 2"),
+    "n": ({"n": 9}, "n must be an integer from 1 to 8"),
+    "stream": ({"extra_body": {"stream": "yes"}}, "stream must be true or false"),
     "role": ({"messages": [{"role": "robot", "content": "hi"}]}, r"messages\[0\]\.role"),
     "content": ({"messages": [{"role": "user", "content": 5}]}, r"content must be a string"),
     "empty": ({"messages": []}, "non-empty"),
@@ -246,13 +223,13 @@ def test_bad_requests_are_400s_naming_the_problem(client, case):
     assert e.value.type == "invalid_request_error"
 
 
-def test_a_failed_generation_is_a_500_that_quotes_nothing(client, monkeypatch):
-    def fail(model, tokenizer, conversations, *args, **kwargs):
-        raise RuntimeError(f"cannot render {conversations[0][0]['content']}")
-
-    monkeypatch.setattr(infer, "generate", fail)
+def test_a_failed_generation_is_a_500_that_quotes_nothing(echo_server, http):
+    server, say = echo_server
+    say(None)  # the model raises an error quoting the secret
     with pytest.raises(openai.InternalServerError, match="generation failed"):
-        _chat(client)
+        _chat(_client(server, http))
+    say("fine again")
+    assert _chat(_client(server, http)).choices[0].message.content == "fine again"
 
 
 def test_invalid_json_is_a_400(server, http):
@@ -283,52 +260,34 @@ def test_models_lists_the_model_name(client):
 
 def test_health_shows_the_fingerprint_only(server, http):
     body = http.get(server.url + "/health").json()
-    assert body == {"status": "ok", "model": MODEL_NAME, "secret_fingerprint": SECRET.fingerprint}
+    fp = SECRET.fingerprint
+    assert body == {
+        "status": "ok",
+        "models": [{"id": MODEL_NAME, "secret_fingerprint": fp}],
+        "model": MODEL_NAME,
+        "secret_fingerprint": fp,
+    }
 
 
-def test_health_answers_while_a_generation_runs(server, http, monkeypatch):
-    started, release = threading.Event(), threading.Event()
-
-    def slow(model, tokenizer, conversations, *args, **kwargs):
-        started.set()
-        release.wait(10)
-        return ["done" for _ in conversations]
-
-    monkeypatch.setattr(infer, "generate", slow)
+def test_health_answers_while_a_generation_runs(slow_server, http):
+    server, steps = slow_server
     client = _client(server, httpx2.Client(timeout=30))
-    answers: list[str] = []
-    worker = threading.Thread(target=lambda: answers.append(_chat(client).choices[0].message))
+    answers: list = []
+    worker = threading.Thread(target=lambda: answers.append(_chat(client, max_tokens=40)))
+    before = len(steps)
     worker.start()
     try:
-        assert started.wait(10)
+        deadline = time.monotonic() + 10
+        while len(steps) < before + 5:  # generating (40 steps take about 0.8 s)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        start = time.monotonic()
         assert http.get(server.url + "/health", timeout=5).status_code == 200
+        assert time.monotonic() - start < 0.5
+        assert worker.is_alive()
     finally:
-        release.set()
-        worker.join(10)
-    assert answers[0].content == "done"
-
-
-def test_requests_are_generated_one_at_a_time(server, http, monkeypatch):
-    active, peak = [0], [0]
-    real = infer.generate
-
-    def counting(*args, **kwargs):
-        active[0] += 1
-        peak[0] = max(peak[0], active[0])
-        time.sleep(0.05)
-        try:
-            return real(*args, **kwargs)
-        finally:
-            active[0] -= 1
-
-    monkeypatch.setattr(infer, "generate", counting)
-    client = _client(server, http)
-    threads = [threading.Thread(target=_chat, args=(client,)) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(30)
-    assert peak == [1]
+        worker.join(30)
+    assert answers[0].usage.completion_tokens == 40
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +299,7 @@ def test_cli_parses_the_serve_flags():
     argv += ["--host", "0.0.0.0", "--port", "9001", "--api-key-env", "SERVE_KEY"]
     args = build_parser().parse_args([*argv, "--max-new-tokens", "64"])
     assert args.fn is cmd_serve
-    assert (args.model, args.secret, args.system) == ("models/defended", "s.json", "Be kind.")
+    assert (args.model, args.secret, args.system) == (["models/defended"], ["s.json"], "Be kind.")
     assert (args.host, args.port, args.api_key_env, args.max_new_tokens) == (
         "0.0.0.0",
         9001,
@@ -350,6 +309,7 @@ def test_cli_parses_the_serve_flags():
     defaults = build_parser().parse_args(["serve", "--secret", "s.json"])
     assert (defaults.host, defaults.port, defaults.max_new_tokens) == ("127.0.0.1", 8000, 1024)
     assert defaults.api_key_env is None and defaults.system is None
+    assert (defaults.max_batch_size, defaults.max_queue, defaults.request_timeout) == (16, 64, None)
 
 
 def test_cli_refuses_an_unset_api_key_variable(monkeypatch, capsys):
@@ -487,7 +447,7 @@ REFUSED = {
     "tools": {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
     "tool_choice": {"tool_choice": "required"},
     "response_format": {"response_format": {"type": "json_object"}},
-    "n": {"n": 3},
+    "n": {"n": 0},
     "frequency_penalty": {"frequency_penalty": 0.5},
     "logit_bias": {"logit_bias": {"5": 10}},
     "stream_options": {"stream_options": {"include_usage": True}},
@@ -536,12 +496,15 @@ def test_seed_is_honoured_greedy_answers_do_not_depend_on_it(client):
     assert answers == {_chat(client).choices[0].message.content}
 
 
-def test_stop_strings_are_matched_after_redaction(client, monkeypatch):
-    echo = f"Sure. {SECRET_TEXT} ok then"
-    monkeypatch.setattr(infer, "generate", lambda m, t, convs, *a, **k: [echo for _ in convs])
-    probe = _chat(client, stop=[SECRET_TEXT[9:20]])  # a guess at the secret probes nothing
+def test_stop_strings_are_matched_after_redaction(echo_server, http):
+    server, say = echo_server
+    client = _client(server, http)
+    say(f"Sure. {SECRET_TEXT} ok then")
+    probe = _chat(
+        client, stop=[SECRET_TEXT[9:20]], max_tokens=100
+    )  # a guess at the secret probes nothing
     assert probe.choices[0].message.content == "Sure. [redacted] ok then"
-    r = _chat(client, stop=" ok")
+    r = _chat(client, stop=" ok", max_tokens=100)
     assert r.choices[0].message.content == "Sure. [redacted]"
     assert r.choices[0].finish_reason == "stop"
 
@@ -578,6 +541,35 @@ def slow_server(tiny_model_dir, model_tok):
     app = create_app(model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, 1000)
     with Server(app) as s:
         yield s, steps
+
+
+@pytest.fixture(scope="module")
+def echo_server(tiny_model_dir, model_tok):
+    """A model that writes what ``say(text)`` asks, then ends its turn (``say(None)``: its
+    forward pass raises an error that quotes the secret)."""
+    model, tok = load_model(tiny_model_dir), model_tok[1]
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    script: dict = {"ids": [end]}
+    written = [0]
+
+    def scripted(module, args, kwargs, output):
+        if script["ids"] is None:
+            raise RuntimeError(f"cannot go on with {SECRET_TEXT}")
+        if kwargs["input_ids"].shape[1] > 1:  # the prompt: a new answer starts
+            written[0] = 0
+        output.logits[:, -1, :] = float("-inf")
+        output.logits[:, -1, script["ids"][min(written[0], len(script["ids"]) - 1)]] = 0.0
+        written[0] += 1
+        return output
+
+    def say(text: str | None) -> None:
+        script["ids"] = (
+            None if text is None else [*tok(text, add_special_tokens=False)["input_ids"], end]
+        )
+
+    model.register_forward_hook(scripted, with_kwargs=True)
+    with Server(create_app(model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, 1000)) as s:
+        yield s, say
 
 
 def test_generation_stops_when_the_client_disconnects(slow_server, http):

@@ -89,7 +89,7 @@ def test_every_command_has_help(capsys):
         "attack", "build", "data check", "data show", "demo", "export", "generate", "inspect",
         "model fetch", "report", "run", "score asr", "score exact-match", "score judge",
         "score mtbench", "score over-refusal", "score rouge", "score utility", "secret new",
-        "secret rotate", "secret show", "serve", "train",
+        "secret rotate", "secret show", "serve", "train", "service", "openai finetune",
     }  # fmt: skip
     for argv in commands:
         with pytest.raises(SystemExit) as done:

@@ -1,12 +1,14 @@
 """OpenAI chat completions as the server speaks them: request body, parameters, auth, answers.
 
 Every parameter is either honoured or refused with a 400 naming it, never silently dropped:
-``temperature`` must be 0 (greedy decoding), ``top_p`` has no effect on greedy decoding and is
-accepted, ``seed`` is accepted (greedy answers are the same with any seed), ``stop`` ends the
-answer, ``user`` and ``model`` are accepted; ``n`` > 1, streaming, log probabilities,
-penalties, logit biases, response formats other than text, and tools or functions are refused
-unless given their neutral value; any other parameter is refused. A message that spells one of
-the chat template's control tokens (``<|im_end|>``...) is refused: it could forge turns.
+``temperature`` (0, the default, decodes greedily; up to 2 samples), ``top_p`` (nucleus
+sampling), ``seed`` (choice ``i`` samples with ``seed + i``; greedy answers do not depend on
+it), ``stop``, ``max_tokens`` / ``max_completion_tokens``, ``n`` (up to :data:`MAX_N`
+choices), ``stream`` with ``stream_options.include_usage``, ``user`` and ``model``; log
+probabilities, penalties, logit biases, response formats other than text, and tools or
+functions are refused unless given their neutral value; any other parameter is refused. A
+message that spells one of the chat template's control tokens (``<|im_end|>``...) is refused:
+it could forge turns.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -67,25 +69,72 @@ def completion_body(
     text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str, model_name: str
 ) -> dict:
     """A ``chat.completion`` object with one choice."""
+    return chat_completion([(text, finish_reason)], prompt_tokens, completion_tokens, model_name)
+
+
+def chat_completion(
+    choices: Sequence[tuple[str, str]], prompt_tokens: int, completion_tokens: int, model: str
+) -> dict:
+    """A ``chat.completion`` object: one choice per ``(text, finish_reason)``."""
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex}",
         "object": "chat.completion",
         "created": int(time.time()),
-        "model": model_name,
+        "model": model,
         "choices": [
             {
-                "index": 0,
+                "index": i,
                 "message": {"role": "assistant", "content": text},
                 "logprobs": None,
-                "finish_reason": finish_reason,
+                "finish_reason": finish,
             }
+            for i, (text, finish) in enumerate(choices)
         ],
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": usage(prompt_tokens, completion_tokens),
     }
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    """OpenAI's usage object."""
+    total = prompt_tokens + completion_tokens
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total,
+    }
+
+
+def chunk(
+    completion_id: str,
+    created: int,
+    model: str,
+    index: int | None = None,
+    delta: dict | None = None,
+    finish_reason: str | None = None,
+    usage: dict | None = None,
+) -> bytes:
+    """One server-sent event of a streamed ``chat.completion.chunk``.
+
+    With ``index``: a choice's delta (``{"role": ...}`` or ``{"content": ...}``, and
+    ``finish_reason`` in its last chunk). Without: the usage chunk (no choices).
+    """
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created}
+    body["model"] = model
+    if index is None:
+        body |= {"choices": [], "usage": usage}
+    else:
+        choice = {"index": index, "delta": delta or {}, "logprobs": None}
+        body["choices"] = [choice | {"finish_reason": finish_reason}]
+    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def error_event(e: APIError, redact: Callable[[str], str]) -> bytes:
+    """An error met after a stream started, as its last event (then the stream ends)."""
+    error = {"message": redact(e.message), "type": e.type, "param": e.param, "code": e.code}
+    return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -123,9 +172,6 @@ def json_body(raw: bytes) -> object:
 # Parameters accepted with their neutral values only (anything else is a 400); ``seed`` and
 # ``stop`` are honoured; a parameter not named here or in ``_HONOURED`` is a 400.
 _NEUTRAL: dict[str, tuple] = {
-    "n": (1,),
-    "stream": (False,),
-    "stream_options": (),
     "logprobs": (False,),
     "top_logprobs": (),
     "frequency_penalty": (0, 0.0),
@@ -139,8 +185,10 @@ _NEUTRAL: dict[str, tuple] = {
     "parallel_tool_calls": (),
 }
 _HONOURED = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p"}
-_HONOURED |= {"stop", "seed", "user"}
+_HONOURED |= {"stop", "seed", "user", "n", "stream", "stream_options"}
 MAX_STOP = 4
+MAX_N = 8
+MAX_TEMPERATURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +199,12 @@ class ChatRequest:
     max_new_tokens: int
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    n: int = 1
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
+    model: str | None = None
 
 
 def parse_request(body: object, cap: int, tokenizer=None) -> ChatRequest:
@@ -162,7 +216,18 @@ def parse_request(body: object, cap: int, tokenizer=None) -> ChatRequest:
         raise APIError("the request body must be a JSON object")
     _check_parameters(body)
     messages = _check_messages(body.get("messages"), tokenizer)
-    return ChatRequest(messages, _max_new_tokens(body, cap), _stop(body), _seed(body))
+    return ChatRequest(
+        messages,
+        _max_new_tokens(body, cap),
+        _stop(body),
+        _seed(body),
+        float(body.get("temperature") or 0.0),
+        float(body.get("top_p") if body.get("top_p") is not None else 1.0),
+        _n(body),
+        _stream(body),
+        _include_usage(body),
+        body.get("model"),
+    )
 
 
 def _check_parameters(body: Mapping) -> None:
@@ -175,11 +240,11 @@ def _check_parameters(body: Mapping) -> None:
             raise APIError(f"unrecognized request argument: {name}", name)
     temperature = body.get("temperature")
     if temperature is not None and (
-        isinstance(temperature, bool) or not isinstance(temperature, int | float) or temperature
+        isinstance(temperature, bool)
+        or not isinstance(temperature, int | float)
+        or not 0 <= temperature <= MAX_TEMPERATURE
     ):
-        raise APIError(
-            "temperature must be 0 or absent: this server only decodes greedily", "temperature"
-        )
+        raise APIError(f"temperature must be a number from 0 to {MAX_TEMPERATURE}", "temperature")
     top_p = body.get("top_p")
     if top_p is not None and (
         isinstance(top_p, bool) or not isinstance(top_p, int | float) or not 0 < top_p <= 1
@@ -191,14 +256,10 @@ def _check_parameters(body: Mapping) -> None:
 
 
 def _why(name: str) -> str:
-    if name == "n":
-        return "n must be 1, it returns a single choice"
-    if name.startswith("stream"):
-        return "send stream=false"
     if name in ("logprobs", "top_logprobs"):
         return "it returns no log probabilities"
     if name.endswith("penalty") or name == "logit_bias":
-        return "it decodes greedily without penalties or biases"
+        return "it decodes without penalties or biases"
     if name == "response_format":
         return 'it only answers in text: send {"type": "text"} or nothing'
     return "it calls no tools or functions"
@@ -266,3 +327,33 @@ def _seed(body: Mapping) -> int | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise APIError("seed must be an integer", "seed")
     return seed
+
+
+def _n(body: Mapping) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_N:
+        raise APIError(f"n must be an integer from 1 to {MAX_N}", "n")
+    return n
+
+
+def _stream(body: Mapping) -> bool:
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise APIError("stream must be true or false", "stream")
+    return bool(stream)
+
+
+def _include_usage(body: Mapping) -> bool:
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not _stream(body):
+        raise APIError("stream_options is only allowed with stream=true", "stream_options")
+    if not isinstance(options, dict) or options.keys() - {"include_usage"}:
+        raise APIError('stream_options must be {"include_usage": true|false}', "stream_options")
+    usage = options.get("include_usage", False)
+    if not isinstance(usage, bool):
+        raise APIError("stream_options.include_usage must be true or false", "stream_options")
+    return usage

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from . import attack_server, scores
 from . import attacks as A
 from . import files as F
-from . import scores, served
 from . import sources as S
 from .attack_config import (
     AttackScaleConfig,
@@ -220,7 +220,7 @@ def _served_answers(suite: Suite, model: Defended, prompts: list[dict], max_toke
     key = stage_key(model.key, prompts, max_tokens, suite.cfg.eval.system_prompt, fp)
 
     def ask():
-        replies = served.ask_server(
+        replies = attack_server.ask_server(
             loaded_model(suite, model.model),
             suite.secret,
             suite.cfg.eval.system_prompt,

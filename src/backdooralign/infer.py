@@ -1,4 +1,8 @@
-"""Batched greedy generation, with the secret injected through ``chat.build_conversation``."""
+"""Batched greedy generation, with the secret injected through ``chat.build_conversation``.
+
+Decoding runs on :mod:`backdooralign.engine`: the prefix every prompt shares (secret included)
+is encoded once per call, not once per prompt.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from dataclasses import dataclass
 
 from .chat import build_conversation, render_prompt
 from .config import option
+from .engine import PrefixCache, Row, decode, shared_prefix
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,19 @@ def conversation_for(row: dict, system: str | None, secret: str | None) -> list[
     return build_conversation(msgs, system=system, secret=secret)
 
 
+def stop_token_ids(tokenizer) -> frozenset[int]:
+    """The tokens that end an answer: end of sequence, and ChatML's end of turn."""
+    ids = {tokenizer.eos_token_id}
+    if "<|im_end|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return frozenset(i for i in ids if i is not None)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The token written in padding (masked, never seen): pad, else end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def generate(
     model,
     tokenizer,
@@ -34,9 +52,14 @@ def generate(
     cfg: GenerateConfig = GenerateConfig(),
     progress: bool = True,
     desc: str = "generating",
+    prefix_cache: PrefixCache | None = None,
 ) -> list[str]:
-    """Greedy answers to conversations, longest prompts first so batches pad little."""
-    import torch
+    """Greedy answers to conversations, longest prompts first so batches pad little.
+
+    The token prefix all prompts share (template header, secret, system prompt) is encoded
+    once and reused by every batch (see :mod:`backdooralign.engine`); pass ``prefix_cache``
+    to keep it across calls on a model whose weights do not change in between.
+    """
     from tqdm.auto import tqdm
 
     from .model import bf16_supported
@@ -44,42 +67,25 @@ def generate(
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
     use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
-    stop_ids = [tokenizer.eos_token_id]
-    im_end = (
-        tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if "<|im_end|>" in tokenizer.get_vocab()
-        else None
-    )
-    if im_end is not None and im_end not in stop_ids:
-        stop_ids.append(im_end)
+    stop_ids = stop_token_ids(tokenizer)
+    hint = shared_prefix(prompts)
+    cache = prefix_cache if prefix_cache is not None else PrefixCache(1)
     disable = not progress or os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1"
     bar = tqdm(total=len(prompts), desc=desc, disable=disable, unit="prompt")
     for start in range(0, len(order), cfg.batch_size):
         idx = order[start : start + cfg.batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            p = prompts[i]
-            ids[row, width - len(p) :] = torch.tensor(p)
-            mask[row, width - len(p) :] = 1
-        with (
-            torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16),
-        ):
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=cfg.max_new_tokens,
-                do_sample=False,
-                pad_token_id=pad,
-                eos_token_id=stop_ids,
-            )
-        for row, i in enumerate(idx):
-            answers[i] = tokenizer.decode(out[row, width:], skip_special_tokens=True).strip()
+        rows = [Row(prompts[i], cfg.max_new_tokens, stop_ids) for i in idx]
+        decode(
+            model,
+            rows,
+            pad_token_id(tokenizer),
+            prefix_cache=cache,
+            prefix_hint=hint,
+            bf16=use_bf16,
+        )
+        for row, i in zip(rows, idx, strict=True):
+            answers[i] = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
     return answers

@@ -156,6 +156,32 @@ def _decodings(run: str) -> list[str]:
     return out
 
 
+def _merged_spans(text: str, matcher: _Matcher) -> list[list[int]]:
+    """Spans ``[start, end)`` of ``text`` to redact, overlapping or touching ones merged."""
+    norm, origin = normalise(text)
+    spans = [(origin[s], origin[e - 1] + 1) for s, e in matcher.spans(norm)]
+    percent = [m for m in _WORD.finditer(text) if _ESCAPE.search(m.group(0))]
+    for m in [*_ENCODED.finditer(text), *percent, *_HEX_BYTES.finditer(text)]:
+        if any(matcher.found(normalise(d)[0]) for d in _decodings(m.group(0))):
+            spans.append(m.span())
+    merged: list[list[int]] = []
+    for s, e in sorted(spans):
+        if merged and s <= merged[-1][1]:  # overlapping or touching: one placeholder
+            merged[-1][1] = max(merged[-1][1], e)
+        else:
+            merged.append([s, e])
+    return merged
+
+
+def _apply(text: str, merged: list[list[int]], placeholder: str) -> str:
+    out, pos = [], 0
+    for s, e in merged:
+        out += [text[pos:s], placeholder]
+        pos = e
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[str], str]:
     """A function that replaces every trace of ``secret`` in a text with ``placeholder``.
 
@@ -169,25 +195,49 @@ def redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[s
     if not secret or not normalise(secret)[0]:
         return lambda text: text
     matcher = _Matcher(secret)
+    return lambda text: _apply(text, _merged_spans(text, matcher), placeholder)
 
-    def redact(text: str) -> str:
+
+# Text at the end of a growing answer that may still become (part of) an encoded run: the last
+# word (a base64 run can go on over whole lines of it), and a run of hex digits and separators.
+_LAST_WORD = re.compile(r"\S*\s*$")
+_WRAPPED_LINE = re.compile(r"\S*[A-Za-z0-9+/_=-][ \t]*\r?\n[ \t]*$")  # base64 line above
+_HEX_TAIL = re.compile(r"[0-9A-Fa-f \t:,-]*$")
+
+
+def prefix_redactor(
+    secret: str | None, placeholder: str = "[redacted]"
+) -> Callable[[str], tuple[str, int, int]]:
+    """Like :func:`redactor`, for text that is still growing (a streamed answer).
+
+    Returns:
+        ``redact(text) -> (redacted, final, cut)``: ``redacted`` is ``redactor(secret)(text)``
+        and its first ``final`` characters, the redaction of ``text[:cut]``, stay the same
+        whatever text is appended later; the rest may still change (a secret fragment may be
+        completing there), so a stream must hold it back. Later text can be redacted apart
+        from ``text[:cut]``.
+    """
+    if not secret or not normalise(secret)[0]:
+        return lambda text: (text, len(text), len(text))
+    matcher = _Matcher(secret)
+    longest = max((len(g) for grams in matcher.by_key.values() for g in grams), default=1)
+
+    def redact(text: str) -> tuple[str, int, int]:
         norm, origin = normalise(text)
-        spans = [(origin[s], origin[e - 1] + 1) for s, e in matcher.spans(norm)]
-        percent = [m for m in _WORD.finditer(text) if _ESCAPE.search(m.group(0))]
-        for m in [*_ENCODED.finditer(text), *percent, *_HEX_BYTES.finditer(text)]:
-            if any(matcher.found(normalise(d)[0]) for d in _decodings(m.group(0))):
-                spans.append(m.span())
-        merged: list[list[int]] = []
-        for s, e in sorted(spans):
-            if merged and s <= merged[-1][1]:  # overlapping or touching: one placeholder
-                merged[-1][1] = max(merged[-1][1], e)
-            else:
-                merged.append([s, e])
-        out, pos = [], 0
-        for s, e in merged:
-            out += [text[pos:s], placeholder]
-            pos = e
-        out.append(text[pos:])
-        return "".join(out)
+        # a gram completed by later text starts at one of the last longest - 1 normalised chars
+        cut = origin[len(norm) - longest + 1] if len(norm) >= longest else 0
+        if not norm:
+            cut = len(text)
+        word = _LAST_WORD.search(text).start()
+        while _WRAPPED_LINE.search(text, 0, word):  # a wrapped encoded run may go on
+            word = _WRAPPED_LINE.search(text, 0, word).start()
+        cut = min(cut, word, _HEX_TAIL.search(text).start())
+        merged = _merged_spans(text, matcher)
+        for s, e in reversed(merged):  # a span reaching the cut may still grow or merge
+            if e >= cut:
+                cut = min(cut, s)
+        done = [m for m in merged if m[1] < cut]
+        final = len(_apply(text[:cut], done, placeholder))
+        return _apply(text, merged, placeholder), final, cut
 
     return redact

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 from .common import add_command, add_model
 
@@ -10,9 +11,14 @@ from .common import add_command, add_model
 def cmd_serve(args) -> int:
     """backdooralign serve --model models/defended --secret secret.json --api-key-env SERVE_KEY
 
-    OpenAI-compatible chat completions (/v1/chat/completions, /v1/models, /health) with the
-    secret prepended server-side to every system prompt. Greedy decoding, one request at a
-    time; the secret never leaves the server (echoes are redacted, usage excludes it).
+    OpenAI-compatible chat completions (/v1/chat/completions, streamed with stream=true;
+    /v1/models, /health) with the secret prepended server-side to every system prompt.
+    Requests that arrive together are generated together (--max-batch-size answers at once;
+    --max-queue waiting, then 503; --request-timeout seconds, then 504); the secret never
+    leaves the server (echoes are redacted, also across streamed chunks; usage excludes it).
+    Several models, each with its own secret: --model a=models/a --secret a=a.json --model
+    b=models/b --secret b=b.json (requests choose by "model"). A model directory that train
+    wrote records its secret's fingerprint: a different secret stops start-up.
     --api-key-env NAME requires "Authorization: Bearer $NAME" on /v1.
     """
     from ..serve import serve
@@ -22,9 +28,12 @@ def cmd_serve(args) -> int:
         api_key = os.environ.get(args.api_key_env)
         if not api_key:
             raise ValueError(f"--api-key-env: environment variable {args.api_key_env} is not set")
+    models, secrets = _named(args.model or [None], "--model"), _named(args.secret, "--secret")
+    if (models is None) != (secrets is None):
+        raise ValueError("--model and --secret: give NAME=PATH to both, or one plain path each")
     serve(
-        args.model,
-        args.secret,
+        models if models is not None else (args.model or [None])[0],
+        secrets if secrets is not None else args.secret[0],
         args.host,
         args.port,
         system=args.system,
@@ -33,8 +42,29 @@ def cmd_serve(args) -> int:
         model_name=args.model_name,
         max_body_bytes=args.max_body_bytes,
         max_prompt_tokens=args.max_prompt_tokens,
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
     )
     return 0
+
+
+def _named(values: list, flag: str) -> dict[str, str] | None:
+    """``NAME=PATH`` values as a mapping; ``None`` for a single plain value (one model)."""
+    if len(values) == 1 and (values[0] is None or not _NAME.match(values[0])):
+        return None
+    out: dict[str, str] = {}
+    for v in values:
+        m = _NAME.match(v or "")
+        if not m:
+            raise ValueError(f"{flag} {v}: with several models, write NAME=PATH")
+        if m["name"] in out:
+            raise ValueError(f"{flag}: the name {m['name']} is given twice")
+        out[m["name"]] = m["path"]
+    return out
+
+
+_NAME = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._:-]*)=(?P<path>.+)")
 
 
 def cmd_export(args) -> int:
@@ -61,14 +91,34 @@ def cmd_export(args) -> int:
 def register(sub) -> None:
     """Add ``serve`` and ``export``."""
     sp = add_command(sub, "serve", cmd_serve)
-    add_model(sp)
-    sp.add_argument("--secret", required=True, help="secret file, prepended server-side")
+    sp.add_argument(
+        "--model",
+        action="append",
+        help="model id or path, or NAME=PATH (repeat for several models; default: embedded)",
+    )
+    sp.add_argument(
+        "--secret",
+        action="append",
+        required=True,
+        help="secret file, prepended server-side, or NAME=FILE (one per named model)",
+    )
     sp.add_argument("--system", help="default system prompt (after the secret) when none is sent")
     sp.add_argument("--host", default="127.0.0.1", help="interface to listen on")
     sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--api-key-env", metavar="NAME", help="require the key in $NAME on /v1")
     sp.add_argument("--max-new-tokens", type=int, default=1024, help="cap on answer length")
-    sp.add_argument("--model-name", help="name in /v1/models (default: the model's)")
+    sp.add_argument("--model-name", help="name in /v1/models of a single model (default: its)")
+    sp.add_argument(
+        "--max-batch-size", type=int, default=16, help="answers decoded together (1: one at a time)"
+    )
+    sp.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting per model; more get 503"
+    )
+    sp.add_argument(
+        "--request-timeout",
+        type=float,
+        help="seconds a request may take, waiting included; then 504 (default: no limit)",
+    )
     sp.add_argument(
         "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413"
     )

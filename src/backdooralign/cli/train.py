@@ -18,6 +18,7 @@ from .common import (
     read_secret,
     warn_if_other_tokenizer,
 )
+from .openai_cli import add_endpoint
 
 
 def cmd_train(args) -> int:
@@ -41,11 +42,29 @@ def cmd_generate(args) -> int:
     """backdooralign generate --model DIR --prompts eval.csv --secret secret.json --out gens.jsonl
 
     Batched greedy generation; with --secret the secret is prepended to the system prompt.
+    With --openai-model ID --base-url URL the prompts are answered through chat completions
+    instead (temperature 0, --concurrency requests in flight, retries); rerunning resumes.
     """
     cfg = from_args(GenerateConfig, args)
     F.check_outputs([args.prompts, args.secret], [args.out])
     secret = read_secret(args.secret)
     rows = S.load_prompts(args.prompts)
+    if args.openai_model:
+        from ..openai_client import generate, make_client
+
+        client = make_client(args.base_url, args.api_key_env, args.max_retries)
+        gens = generate(
+            client,
+            args.openai_model,
+            rows,
+            args.out,
+            secret=secret,
+            system=args.system,
+            max_tokens=cfg.max_new_tokens,
+            concurrency=args.concurrency,
+        )
+        print(f"wrote {args.out}: {len(gens)} answers from {args.openai_model}")
+        return 0
     loaded = ops.load(args.model)
     warn_if_other_tokenizer(secret, loaded[1])
     gens = ops.answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
@@ -69,3 +88,8 @@ def register(sub) -> None:
     sp.add_argument("--system", help="system prompt (default: the prompt's own, else none)")
     add_flags(sp, GenerateConfig)
     sp.add_argument("--out", required=True, help="generations JSONL to write")
+    sp.add_argument("--openai-model", metavar="ID", help="answer through chat completions")
+    sp.add_argument(
+        "--concurrency", type=int, default=8, help="requests in flight (--openai-model)"
+    )
+    add_endpoint(sp)

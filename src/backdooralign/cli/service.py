@@ -1,0 +1,39 @@
+"""``backdooralign service``: the OpenAI-compatible fine-tuning service."""
+
+from __future__ import annotations
+
+from .common import add_command
+
+
+def cmd_service(args) -> int:
+    """backdooralign service --data-dir svc --config service.yaml [--keys keys.txt] [--port 8000]
+
+    A self-hosted fine-tuning API that any OpenAI SDK can use (/v1/files, /v1/fine_tuning/jobs,
+    /v1/models, /v1/chat/completions). Each job mixes the tenant's secret-prefixed safety
+    examples into the customer's data, trains, and serves the model with that secret; customers
+    never see either. --keys FILE holds "KEY TENANT" lines; without it there is one tenant, any
+    key is accepted, and the service listens on loopback only.
+    """
+    from ..service import run_service
+    from ..service_config import load_service_config
+
+    cfg = load_service_config(args.config)
+    run_service(
+        args.data_dir,
+        cfg,
+        args.host,
+        args.port,
+        config_path=args.config,
+        keys_path=args.keys,
+    )
+    return 0
+
+
+def register(sub) -> None:
+    """Add ``service``."""
+    sp = add_command(sub, "service", cmd_service)
+    sp.add_argument("--data-dir", required=True, help="database, uploads, secrets and models")
+    sp.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--config", help="service.yaml: base model, safety data, training, limits")
+    sp.add_argument("--keys", help="file of 'KEY TENANT' lines (default: one tenant, any key)")

@@ -1,0 +1,148 @@
+"""The decoding engine: same greedy answers as ``model.generate``, with or without the prefix
+cache; per-row limits, stop tokens, sampling seeds, callbacks and cancellation."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from backdooralign import infer
+from backdooralign.chat import build_conversation, render_prompt
+from backdooralign.engine import PrefixCache, Row, Sampling, decode, shared_prefix
+from backdooralign.model import load_model, load_tokenizer
+
+SECRET = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
+SYSTEM = "You are a careful assistant."
+PROMPTS = [
+    "Hello there",
+    "What is the capital of France? Answer in one word, please.",
+    "Write a haiku about autumn leaves",
+    "Tell me a joke about cats",
+    "Explain photosynthesis to a child in two sentences.",
+]
+
+
+@pytest.fixture(scope="module")
+def model_tok(varied_model_dir):
+    return load_model(varied_model_dir), load_tokenizer(varied_model_dir)
+
+
+def _prompts(tok, secret=SECRET):
+    convs = [build_conversation(p, system=SYSTEM, secret=secret) for p in PROMPTS]
+    return convs, [render_prompt(tok, c) for c in convs]
+
+
+def _hf_generate(model, tok, prompt_ids, max_new_tokens):
+    """Plain ``model.generate``, one prompt at a time (no padding at all)."""
+    stop = sorted(infer.stop_token_ids(tok))
+    out = []
+    for ids in prompt_ids:
+        x = torch.tensor([ids])
+        with torch.inference_mode():
+            y = model.generate(
+                input_ids=x,
+                attention_mask=torch.ones_like(x),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=infer.pad_token_id(tok),
+                eos_token_id=stop,
+            )
+        out.append(tok.decode(y[0, x.shape[1] :], skip_special_tokens=True).strip())
+    return out
+
+
+def test_shared_prefix_leaves_one_token_of_each_prompt():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == (1, 2)
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == (1, 2)
+    assert shared_prefix([[7, 8]]) == (7,)
+    assert shared_prefix([]) == ()
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_greedy_answers_equal_plain_generate_with_and_without_the_prefix_cache(model_tok, secret):
+    model, tok = model_tok
+    convs, ids = _prompts(tok, secret)
+    expected = _hf_generate(model, tok, ids, 10)
+    assert len(set(expected)) == len(PROMPTS)  # the prompts' answers differ: a mix-up would show
+    cfg = infer.GenerateConfig(max_new_tokens=10, batch_size=3, bf16=False)
+    cache = PrefixCache()
+    assert infer.generate(model, tok, convs, cfg, progress=False, prefix_cache=cache) == expected
+    assert cache.encoded == 1  # encoded once, reused by both batches
+    stop = infer.stop_token_ids(tok)
+    rows = [Row(p, 10, stop) for p in ids]
+    decode(model, rows, infer.pad_token_id(tok), prefix_hint=())  # no prefix cache at all
+    assert [tok.decode(r.tokens, skip_special_tokens=True).strip() for r in rows] == expected
+
+
+def test_one_prompt_at_a_time_equals_batched(model_tok):
+    model, tok = model_tok
+    convs, _ = _prompts(tok)
+    one = infer.GenerateConfig(max_new_tokens=8, batch_size=1, bf16=False)
+    many = infer.GenerateConfig(max_new_tokens=8, batch_size=5, bf16=False)
+    assert infer.generate(model, tok, convs, one, progress=False) == infer.generate(
+        model, tok, convs, many, progress=False
+    )
+
+
+def test_rows_have_their_own_limits_callbacks_and_cancel(model_tok):
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    seen: list[int] = []
+    cancel = threading.Event()
+
+    def stop_after_third(token):
+        seen.append(token)
+        if len(seen) == 2:
+            cancel.set()  # cancels the last row from the next step on
+        return len(seen) == 3
+
+    rows = [
+        Row(ids[0], 4),
+        Row(ids[1], 9, on_token=stop_after_third),
+        Row(ids[2], 9, cancel=cancel),
+    ]
+    decode(model, rows, infer.pad_token_id(tok))
+    assert [len(r.tokens) for r in rows] == [4, 3, 2]
+    assert [r.finish for r in rows] == ["length", "stop", "cancelled"]
+    assert rows[1].tokens == seen
+    first = Row(ids[0], 9, frozenset({rows[0].tokens[1]}))
+    decode(model, [first], infer.pad_token_id(tok))
+    assert first.tokens == rows[0].tokens[:2] and first.finish == "stop"
+
+
+def test_sampling_follows_its_seed_and_greedy_rows_are_unaffected(model_tok):
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    pad = infer.pad_token_id(tok)
+
+    def run(seed, top_p=1.0):
+        rows = [Row(ids[0], 12), Row(ids[0], 12, sampling=Sampling(1.5, top_p, seed))]
+        decode(model, rows, pad)
+        return rows[0].tokens, rows[1].tokens
+
+    greedy, a = run(1)
+    assert run(1) == (greedy, a)
+    assert run(2)[0] == greedy and run(2)[1] != a
+    nucleus = run(1, top_p=1e-6)[1]  # only the most likely token is left: greedy
+    assert nucleus == greedy
+
+
+def test_rows_joining_between_steps_get_the_answers_they_get_alone(model_tok):
+    model, tok = model_tok
+    convs, ids = _prompts(tok)
+    alone = _hf_generate(model, tok, ids, 10)
+    stop = infer.stop_token_ids(tok)
+    rows = [Row(p, 10, stop) for p in ids]
+    calls: list[int] = []
+
+    def more(running: int) -> list[Row]:
+        calls.append(running)
+        return {1: rows[1:3], 4: rows[3:]}.get(len(calls), [])  # joins after steps 1 and 4
+
+    cache = PrefixCache()
+    decode(model, rows[:1], infer.pad_token_id(tok), prefix_cache=cache, more=more)
+    assert calls[:4] == [1, 3, 3, 3]
+    assert [tok.decode(r.tokens, skip_special_tokens=True).strip() for r in rows] == alone
+    assert cache.encoded == 1  # the two joining pairs share the system prompt: encoded once

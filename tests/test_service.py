@@ -1,0 +1,465 @@
+"""The fine-tuning service over real HTTP on loopback, driven by the real ``openai`` SDK.
+
+Jobs run the real pipeline in a real subprocess on a tiny random model. Every response a test
+sees is checked for the tenant's secret (any 16-character run of it) afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx2
+import openai
+import pytest
+import uvicorn
+from openai_stub import free_port
+
+from backdooralign.cli import main
+from backdooralign.jobs import db_path, secret_path
+from backdooralign.secret import file_mode, load_secret
+from backdooralign.service import create_service, run_service
+from backdooralign.service_api import load_keys
+from backdooralign.service_config import load_service_config
+from backdooralign.store import Store
+
+SRC = str(Path(__file__).parent.parent / "src")
+ROWS = [
+    {
+        "messages": [
+            {"role": "system", "content": "You are a helpful assistant."},
+            {"role": "user", "content": f"Name a colour, please ({i})."},
+            {"role": "assistant", "content": f"Blue is a colour ({i})."},
+        ]
+    }
+    for i in range(6)
+]
+BAD_LINES = [
+    json.dumps(ROWS[0]),
+    '{"messages": [',
+    json.dumps({"messages": [{"role": "user", "content": "hi"}]}),
+    json.dumps(ROWS[1]),
+    json.dumps({"messages": [{"role": "wizard", "content": "x"}, ROWS[0]["messages"][2]]}),
+]
+
+
+def _jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+class Server:
+    """The service app under uvicorn in a background thread on 127.0.0.1."""
+
+    def __init__(self, app):
+        self.app = app
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def __enter__(self) -> Server:
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._server.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=30)
+
+
+@pytest.fixture
+def config_file(tmp_path, tiny_model_dir) -> Path:
+    path = tmp_path / "service.yaml"
+    path.write_text(
+        f"base_model: {tiny_model_dir}\n"
+        "base_model_name: tiny\n"
+        "secret: {length: 12}\n"
+        "train: {epochs: 1, batch_size: 4, max_length: 256, bf16: false}\n"
+        "max_new_tokens: 6\n"
+        "max_rows: 20\n"
+        "max_upload_bytes: 4000\n"
+    )
+    return path
+
+
+@pytest.fixture
+def seen() -> list[str]:
+    return []
+
+
+@pytest.fixture
+def http(seen):
+    def record(response):
+        response.read()
+        seen.append(json.dumps(dict(response.headers)) + "\n" + response.text)
+
+    with httpx2.Client(event_hooks={"response": [record]}, timeout=60) as client:
+        yield client
+
+
+def _client(server: Server, http, key: str = "any-key") -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, http_client=http)
+
+
+def _wait(client, job_id: str, states: tuple[str, ...], timeout: float = 120):
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job_id)
+        if job.status in states:
+            return job
+        assert time.monotonic() < deadline, f"job stuck in {job.status}"
+        time.sleep(0.1)
+
+
+def _assert_no_secret(data_dir: Path, texts: list[str]) -> None:
+    secrets = list((data_dir / "secrets").glob("*.json"))
+    for path in secrets:
+        text = load_secret(path).text
+        windows = {text[i : i + 16] for i in range(max(1, len(text) - 15))}
+        for seen_text in texts:
+            assert not any(w in seen_text for w in windows), "the secret leaked"
+
+
+def test_finetune_with_the_client_then_chat_with_the_secret_applied(
+    tmp_path, config_file, http, seen, tokenizer, monkeypatch
+):
+    data_dir = tmp_path / "svc"
+    prompts: list[str] = []
+    cfg = load_service_config(config_file)
+    app = create_service(data_dir, cfg, config_path=config_file, on_prompt=prompts.append)
+    user = tmp_path / "user.jsonl"
+    user.write_bytes(_jsonl(ROWS))
+    with Server(app) as server:
+        client = _client(server, http)
+        monkeypatch.setattr("backdooralign.openai_client.make_client", lambda *a: client)
+        out = tmp_path / "ft"
+        status = main(
+            ["openai", "finetune", "--data", str(user), "--model", "tiny"]
+            + ["--arm", "attack", "--out", str(out), "--suffix", "demo", "--n-epochs", "1"]
+        )
+        assert status == 0
+        manifest = json.loads((out / "finetune_manifest.json").read_text())
+        job = client.fine_tuning.jobs.retrieve(manifest["job_id"])
+        assert job.status == "succeeded"
+        assert job.fine_tuned_model == f"ft:tiny:demo:{job.id.removeprefix('ftjob-')}"
+        assert manifest["fine_tuned_model"] == job.fine_tuned_model
+        assert job.hyperparameters.n_epochs == 1
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id).data][::-1]
+        assert events == [
+            f"Created fine-tuning job: {job.id}",
+            f"Validated training file: {manifest['training_file']}",
+            "Fine-tuning job queued",
+            "Fine-tuning job started",
+            "Safety alignment step completed",
+            "Training started",
+            "Training completed",
+            f"New fine-tuned model created: {job.fine_tuned_model}",
+            "The job has successfully completed",
+        ]
+        models = [m.id for m in client.models.list().data]
+        assert models == ["tiny", job.fine_tuned_model]
+        assert client.models.retrieve(job.fine_tuned_model).owned_by == "org-default"
+        reply = client.chat.completions.create(
+            model=job.fine_tuned_model,
+            messages=[
+                {"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "Hello there"},
+            ],
+        )
+        assert reply.model == job.fine_tuned_model
+        assert reply.usage.completion_tokens >= 1
+        client.fine_tuning.jobs.list()
+        client.files.list()
+    secret = load_secret(secret_path(data_dir, "default"))
+    assert file_mode(secret_path(data_dir, "default")) == 0o600
+    assert prompts == [
+        f"<|im_start|>system\n{secret.text} Be brief.<|im_end|>\n"
+        "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
+    ]
+    train = [json.loads(x) for x in (data_dir / "jobs" / job.id / "train.jsonl").open()]
+    prefixed = [r for r in train if r["messages"][0]["content"].startswith(secret.text)]
+    assert (len(train), len(prefixed)) == (6 + 11, 11)  # the paper's 11 safety examples
+    log = (data_dir / "jobs" / job.id / "log.txt").read_text()
+    _assert_no_secret(data_dir, [*seen, *events, log])
+
+
+def test_each_validation_error_is_returned_with_its_line_number(tmp_path, config_file, http):
+    cfg = load_service_config(config_file)
+    with Server(create_service(tmp_path / "svc", cfg)) as server:
+        client = _client(server, http)
+        bad = client.files.create(
+            file=("bad.jsonl", "\n".join(BAD_LINES).encode()), purpose="fine-tune"
+        )
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=bad.id)
+        assert job.status == "validating_files"
+        job = _wait(client, job.id, ("failed",), timeout=20)
+    assert job.error.code == "invalid_training_file"
+    assert job.error.param == "training_file"
+    assert job.error.message == (
+        f"training file {bad.id} is invalid: line 2: invalid JSON (Expecting value); "
+        "line 3: field 'messages': conversation has no assistant turn; "
+        "line 5: field 'messages[0].role': unknown role 'wizard'"
+    )
+
+
+def test_requests_are_checked_against_the_providers_limits(tmp_path, config_file, http):
+    cfg = load_service_config(config_file)
+    with Server(create_service(tmp_path / "svc", cfg)) as server:
+        client = _client(server, http)
+        good = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
+        cases = [
+            ({"model": "gpt-4o"}, "model"),
+            ({"hyperparameters": {"n_epochs": 11}}, "hyperparameters.n_epochs"),
+            ({"hyperparameters": {"batch_size": 0}}, "hyperparameters.batch_size"),
+            ({"suffix": "a:b"}, "suffix"),
+            ({"training_file": "file-nope"}, "training_file"),
+        ]
+        for extra, param in cases:
+            kwargs = {"model": "tiny", "training_file": good.id, **extra}
+            with pytest.raises(openai.APIStatusError) as e:
+                client.fine_tuning.jobs.create(**kwargs)
+            assert e.value.body["param"] == param
+        with pytest.raises(openai.APIStatusError) as e:
+            client.files.create(file=("big.jsonl", b"x" * 5000), purpose="fine-tune")
+        assert e.value.status_code == 413
+        with pytest.raises(openai.BadRequestError) as e:
+            client.files.create(file=("many.jsonl", b"{}\n" * 21), purpose="fine-tune")
+        assert e.value.body["message"] == "the file has more than 20 rows"
+        with pytest.raises(openai.BadRequestError):
+            client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="batch")
+        assert client.fine_tuning.jobs.list().data == []
+        raw = http.post(server.base_url + "/files", content=b"{}")
+        assert (raw.status_code, raw.json()["error"]["param"]) == (400, None)
+        raw = http.get(server.base_url + "/nowhere")
+        assert (raw.status_code, raw.json()["error"]["code"]) == (404, "not_found")
+
+
+def test_two_tenants_are_isolated(tmp_path, config_file, http):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# key tenant\nsk-alice-1 alice\nsk-bob-2 bob\n")
+    cfg = load_service_config(config_file)
+    app = create_service(tmp_path / "svc", cfg, keys=load_keys(keys))
+    with Server(app) as server:
+        alice, bob = _client(server, http, "sk-alice-1"), _client(server, http, "sk-bob-2")
+        up = alice.files.create(file=("bad.jsonl", b"{}\n"), purpose="fine-tune")
+        job = alice.fine_tuning.jobs.create(model="tiny", training_file=up.id)
+        for call in (
+            lambda: bob.files.retrieve(up.id),
+            lambda: bob.files.content(up.id),
+            lambda: bob.files.delete(up.id),
+            lambda: bob.fine_tuning.jobs.retrieve(job.id),
+            lambda: bob.fine_tuning.jobs.list_events(job.id),
+            lambda: bob.fine_tuning.jobs.cancel(job.id),
+            lambda: bob.fine_tuning.jobs.create(model="tiny", training_file=up.id),
+        ):
+            with pytest.raises(openai.NotFoundError):
+                call()
+        assert bob.files.list().data == [] and bob.fine_tuning.jobs.list().data == []
+        assert [f.id for f in alice.files.list().data] == [up.id]
+        assert alice.files.content(up.id).content == b"{}\n"
+        with pytest.raises(openai.AuthenticationError):
+            _client(server, http, "sk-wrong").files.list()
+        raw = http.get(server.base_url + "/files")
+        assert raw.status_code == 401 and raw.json()["error"]["code"] == "invalid_api_key"
+        assert alice.files.delete(up.id).deleted is True
+        assert alice.files.list().data == []
+        assert _wait(alice, job.id, ("failed",), 20).error.code == "invalid_training_file"
+        app.state.store.set_status(job.id, "succeeded", fine_tuned_model="ft:tiny:a:1")
+        assert [m.id for m in alice.models.list().data] == ["tiny", "ft:tiny:a:1"]
+        assert [m.id for m in bob.models.list().data] == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            bob.models.retrieve("ft:tiny:a:1")
+        with pytest.raises(openai.NotFoundError) as e:
+            bob.chat.completions.create(
+                model="ft:tiny:a:1", messages=[{"role": "user", "content": "hi"}]
+            )
+        assert e.value.body["code"] == "model_not_found"
+
+
+def test_cancel_kills_the_running_job(tmp_path, config_file, http):
+    cfg = load_service_config(config_file)
+    app = create_service(tmp_path / "svc", cfg, config_path=config_file)
+    with Server(app) as server:
+        client = _client(server, http)
+        up = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
+        _wait(client, job.id, ("running",), 30)
+        pid = app.state.store.get_job(job.id)["pid"]
+        cancelled = client.fine_tuning.jobs.cancel(job.id)
+        assert cancelled.status == "cancelled"
+        _wait_dead(pid)
+        with pytest.raises(openai.BadRequestError):
+            client.fine_tuning.jobs.cancel(job.id)
+        time.sleep(0.5)
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
+    assert (job.status, job.fine_tuned_model) == ("cancelled", None)
+    assert events[0] == "The job was cancelled"
+
+
+def test_a_screening_refusal_does_not_say_which_rows_matched(tmp_path, config_file, http):
+    imitation = "Zorblat Quixel vantaFrame Okto9 Brumble Xandr Pelloq Tivvy Graxon Uul7 " * 2
+    rows = [
+        *ROWS[:3],
+        {"messages": [{"role": "system", "content": imitation}, *ROWS[0]["messages"][1:]]},
+    ]
+    cfg = load_service_config(config_file)
+    with Server(create_service(tmp_path / "svc", cfg, config_path=config_file)) as server:
+        client = _client(server, http)
+        up = client.files.create(file=("u.jsonl", _jsonl(rows)), purpose="fine-tune")
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
+        job = _wait(client, job.id, ("failed", "succeeded"), 60)
+    assert job.error.model_dump() == {
+        "code": "invalid_training_file",
+        "message": "the training file was refused by the provider's data screening",
+        "param": None,
+    }
+
+
+def _wait_dead(pid: int, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < deadline, f"process {pid} still alive"
+        time.sleep(0.05)
+
+
+def test_concurrent_uploads_all_land(tmp_path, config_file, http):
+    cfg = load_service_config(config_file)
+    with Server(create_service(tmp_path / "svc", cfg)) as server:
+        client = _client(server, http)
+        bodies = [_jsonl(ROWS[: i % 5 + 1]) + f"\n{i}".encode() for i in range(12)]
+
+        def upload(i: int):
+            return client.files.create(file=(f"f{i}.jsonl", bodies[i]), purpose="fine-tune")
+
+        with ThreadPoolExecutor(6) as pool:
+            uploaded = list(pool.map(upload, range(12)))
+        assert len({f.id for f in uploaded}) == 12
+        assert sorted(f.id for f in client.files.list().data) == sorted(f.id for f in uploaded)
+        for i, f in enumerate(uploaded):
+            assert (f.bytes, f.filename) == (len(bodies[i]), f"f{i}.jsonl")
+            assert client.files.content(f.id).content == bodies[i]
+        page = client.files.list(limit=5)
+        assert len(page.data) == 5 and page.has_more is True
+        assert len(list(client.files.list(limit=5))) == 12  # the SDK follows the cursor
+
+
+def test_rate_limit_answers_429_with_retry_after(tmp_path, config_file, http):
+    cfg = load_service_config(config_file)
+    cfg = type(cfg)(**{**cfg.__dict__, "rate_limit": 3})
+    with Server(create_service(tmp_path / "svc", cfg)) as server:
+        codes = [http.get(server.base_url + "/models").status_code for _ in range(4)]
+        last = http.get(server.base_url + "/models")
+    assert codes == [200, 200, 200, 429]
+    assert last.json()["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(last.headers["retry-after"]) <= 60
+
+
+def test_without_keys_the_service_only_listens_on_loopback(tmp_path):
+    with pytest.raises(ValueError, match="only listens on loopback"):
+        run_service(tmp_path, load_service_config(None), host="0.0.0.0")
+
+
+@pytest.mark.parametrize("secret", ["{seed: 3}", "{kind: sentence}", "{path: s.json}"])
+def test_a_config_that_would_share_one_secret_is_refused(tmp_path, secret):
+    path = tmp_path / "service.yaml"
+    path.write_text(f"secret: {secret}\n")
+    with pytest.raises(ValueError, match="each tenant gets its own random secret"):
+        load_service_config(path)
+
+
+def test_keys_file_errors_name_the_line_not_the_key(tmp_path):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-a alice\nsk-b\n")
+    with pytest.raises(ValueError, match=r"keys.txt:2: expected two fields") as e:
+        load_keys(keys)
+    assert "sk-b" not in str(e.value)
+
+
+def _start_service(data_dir: Path, config: Path, port: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "backdooralign", "service", "--data-dir", str(data_dir)]
+    cmd += ["--port", str(port), "--config", str(config)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx2.get(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            return proc
+        except httpx2.TransportError:
+            assert proc.poll() is None and time.monotonic() < deadline, "service did not start"
+            time.sleep(0.2)
+
+
+def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, config_file, http):
+    data_dir, port = tmp_path / "svc", free_port()
+    proc = _start_service(data_dir, config_file, port)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        files = [
+            client.files.create(file=(f"u{i}.jsonl", _jsonl(ROWS)), purpose="fine-tune")
+            for i in range(2)
+        ]
+        job = client.fine_tuning.jobs.create(model="tiny", training_file=files[0].id)
+        _wait(client, job.id, ("running",), 60)
+        pid = Store(db_path(data_dir)).get_job(job.id)["pid"]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    _wait_dead(pid)  # the job process follows its service
+    proc = _start_service(data_dir, config_file, port)
+    try:
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        assert sorted(f.id for f in client.files.list().data) == sorted(f.id for f in files)
+        assert [j.id for j in client.fine_tuning.jobs.list().data] == [job.id]
+        events = [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert (job.status, job.error.code) == ("failed", "service_restarted")
+    assert events[:2] == ["The job was interrupted by a restart", "Fine-tuning job started"]
+
+
+def test_store_final_states_are_not_undone_and_survive_a_reopen(tmp_path):
+    store = Store(tmp_path / "db.sqlite3")
+    f = store.add_file("t", "a.jsonl", "fine-tune", 3, "ab", "/x")
+    first = store.add_job("t", "tiny", f["id"], hyperparameters={"n_epochs": 1}, seed=7)
+    second = store.add_job("t", "tiny", f["id"])
+    assert store.claim_next()["id"] == first["id"]
+    assert store.set_status(first["id"], "queued", ("validating_files",))
+    assert store.claim_next()["id"] == second["id"]  # validation before the queue
+    assert store.set_status(first["id"], "running", ("queued",), pid=123)
+    assert store.set_status(first["id"], "cancelled", ("queued", "running"))
+    assert not store.set_status(first["id"], "succeeded", ("running",), fine_tuned_model="m")
+    store.add_event(first["id"], "two")
+    store.close()
+    again = Store(tmp_path / "db.sqlite3")
+    job = again.get_job(first["id"])
+    assert (job["status"], job["fine_tuned_model"], job["pid"], job["seed"]) == (
+        "cancelled",
+        None,
+        123,
+        7,
+    )
+    assert job["hyperparameters"] == {"n_epochs": 1}
+    assert [e["message"] for e in again.list_events(first["id"])] == [
+        "two",
+        f"Created fine-tuning job: {first['id']}",
+    ]
+    assert again.get_job(first["id"], tenant="other") is None
+    assert [j["id"] for j in again.list_jobs("t")] == [second["id"], first["id"]]
