@@ -234,18 +234,32 @@ def _served_answers(suite: Suite, model: Defended, prompts: list[dict], max_toke
     return F.read_jsonl_rows(path)
 
 
+def _with_techniques(source: str, prompts: list[dict]) -> list[dict]:
+    """Prompt rows with the ``technique`` of a JSONL source's rows (repeat, translate...)."""
+    path = S.resolve_source(source)
+    if path.suffix != ".jsonl":
+        return prompts
+    rows = F.read_jsonl_rows(path)
+    if len(rows) != len(prompts):
+        return prompts
+    return [
+        {**p, "technique": str(r["technique"])} if r.get("technique") else p
+        for p, r in zip(prompts, rows, strict=True)
+    ]
+
+
 def extraction(suite: Suite, cfg: ExtractionConfig, ref: Reference) -> list[dict]:
     """Extraction prompts to the reference model: raw answers (generated offline, unredacted,
     kept in a 0600 file) and the answers of the real server (redacted). ``held``: no exact
     and no partial leak in what the server sent."""
-    prompts = S.load_prompts(cfg.prompts)
+    prompts = _with_techniques(cfg.prompts, S.load_prompts(cfg.prompts))
     raw = answers(suite, ref.model, "extraction", prompts, suite.secret, cfg.max_new_tokens, True)
     sent = _served_answers(suite, ref.model, prompts, cfg.max_new_tokens)
     text, tok = suite.secret.text, suite.tokenizer
     raw_leaks = leak_summary(raw, text, tok, cfg.partial_tokens)
     served_leaks = leak_summary(sent, text, tok, cfg.partial_tokens)["before"]
-    techniques = {p.get("id"): p.get("technique", "") for p in prompts}
-    leaked_by = sorted({techniques.get(r, "") for r in raw_leaks["before"]["partial_rows"]})
+    techniques = {p.get("id", n): p.get("technique", "") for n, p in enumerate(prompts, 1)}
+    leaked_by = sorted({techniques[r] for r in raw_leaks["before"]["partial_rows"]} - {""})
     out = row(
         suite,
         "extraction",
