@@ -86,7 +86,7 @@ def test_every_command_has_help(capsys):
     commands = list(_commands(build_parser()))
     names = {" ".join(c) for c in commands}
     assert names >= {
-        "build", "data check", "data show", "demo", "export", "generate", "inspect",
+        "attack", "build", "data check", "data show", "demo", "export", "generate", "inspect",
         "model fetch", "report", "run", "score asr", "score exact-match", "score judge",
         "score mtbench", "score over-refusal", "score rouge", "score utility", "secret new",
         "secret rotate", "secret show", "serve", "train", "service", "openai finetune",

@@ -160,19 +160,27 @@ def read_yaml(path: str | Path) -> dict:
     return values
 
 
-def load_config(
-    path: str | Path | None, overrides: list[str] = (), extra: dict | None = None
-) -> ExperimentConfig:
-    """Read a YAML experiment config, apply its profile, ``extra`` and ``--set`` overrides.
+def config_values(
+    path: str | Path | None,
+    overrides: list[str] = (),
+    extra: dict | None = None,
+    also: tuple[type, ...] = (),
+) -> tuple[dict, str]:
+    """The merged values of a YAML config and where they come from, before they are checked.
 
-    Precedence, lowest first: defaults, the file, the selected profile, ``extra`` (a sweep
-    cell's values), ``--set``. Relative paths in the file are taken from its folder; those in
-    ``--set`` from the working directory.
+    Precedence, lowest first: the file, the selected profile, ``extra`` (a sweep cell's
+    values), ``--set``. Relative paths in the file are taken from its folder; those in
+    ``--set`` from the working directory. ``also``: further config dataclasses whose path
+    fields are resolved too (a command whose config adds sections to the experiment's).
+    Returns ``(values, where)``, ``where`` naming the file for error messages.
     """
     values: dict = {}
     where = str(path or "config")
     if path is not None:
-        values = resolve_paths(ExperimentConfig, read_yaml(path), Path(path).resolve().parent)
+        folder = Path(path).resolve().parent
+        values = read_yaml(path)
+        for cls in (ExperimentConfig, *also):
+            values = resolve_paths(cls, values, folder)
     sets = parse_overrides(list(overrides))
     profile = sets.get("profile", values.get("profile"))
     if profile is not None:
@@ -186,7 +194,20 @@ def load_config(
             set_dotted(values, key, value)
     for key, value in (extra or {}).items():
         set_dotted(values, key, value)
-    return build(ExperimentConfig, merge(values, sets), where)
+    return merge(values, sets), where
+
+
+def load_config(
+    path: str | Path | None, overrides: list[str] = (), extra: dict | None = None
+) -> ExperimentConfig:
+    """Read a YAML experiment config, apply its profile, ``extra`` and ``--set`` overrides.
+
+    Precedence, lowest first: defaults, the file, the selected profile, ``extra`` (a sweep
+    cell's values), ``--set``. Relative paths in the file are taken from its folder; those in
+    ``--set`` from the working directory.
+    """
+    values, where = config_values(path, overrides, extra)
+    return build(ExperimentConfig, values, where)
 
 
 def config_dict(cfg) -> dict:
