@@ -41,13 +41,12 @@ from .serving import (
     Completion,
     ModelState,
     ServedModel,
-    complete,
     default_max_prompt_tokens,
     load_served_models,
     model_state,
 )
 
-__all__ = ["Completion", "ServedModel", "complete", "create_app", "create_multi_app"]
+__all__ = ["Completion", "ServedModel", "create_app", "create_multi_app"]
 __all__ += ["default_max_prompt_tokens"]
 
 log = logging.getLogger(__name__)

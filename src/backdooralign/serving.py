@@ -21,7 +21,7 @@ from pathlib import Path
 from .answer import AnswerText
 from .api import ChatRequest
 from .chat import build_conversation, render_prompt
-from .engine import Row, Sampling, decode, shared_prefix
+from .engine import Row, Sampling, shared_prefix
 from .infer import pad_token_id, stop_token_ids
 from .redact import prefix_redactor
 from .scheduler import Job, Scheduler
@@ -256,58 +256,3 @@ def model_state(
         stop_token_ids(tok),
         on_prompt,
     )
-
-
-def complete(
-    model,
-    tokenizer,
-    messages: Sequence[Mapping[str, str]],
-    system: str | None,
-    secret: str | None,
-    max_new_tokens: int,
-    *,
-    stop: Sequence[str] = (),
-    redact: Callable[[str], str] | None = None,
-    cancel: threading.Event | None = None,
-    max_prompt_tokens: int | None = None,
-) -> Completion:
-    """Greedy answer to ``messages`` with the secret prepended to ``system``, in this thread.
-
-    Args:
-        model: a causal LM.
-        tokenizer: its tokenizer.
-        messages: validated messages, the last from the user.
-        system: system prompt when ``messages`` has none of its own.
-        secret: secret prompt text, or ``None``.
-        max_new_tokens: longest answer, in tokens.
-        stop: strings that end the answer (cut before the first one found after redaction).
-        redact: applied to the answer (default: the secret's redactor).
-        cancel: when set, generation stops at the next token (the client went away).
-        max_prompt_tokens: longest prompt, counted without the secret.
-
-    Returns:
-        The answer, redacted and cut at a stop string, and its usage (prompt tokens counted
-        without the secret).
-
-    Raises:
-        PromptTooLong: when the prompt, without the secret, exceeds ``max_prompt_tokens``.
-    """
-    own = messages[0]["content"] if messages[0]["role"] == "system" else None
-    sys_prompt = own if own is not None else system
-    prompt_tokens = len(render_prompt(tokenizer, build_conversation(messages, system=sys_prompt)))
-    if max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens:
-        raise PromptTooLong(
-            f"the prompt is {prompt_tokens} tokens long; this server accepts at most "
-            f"{max_prompt_tokens}"
-        )
-    conversation = build_conversation(messages, system=sys_prompt, secret=secret)
-    if redact is None:
-        redact, prefix = secret_redactor(secret, REDACTED), prefix_redactor(secret, REDACTED)
-    else:  # a redactor we know no growing-text form of: nothing is final before the end
-        prefix = lambda text: (redact(text), 0, 0)  # noqa: E731
-    answer = AnswerText(tokenizer, redact, prefix, stop)
-    ids = render_prompt(tokenizer, conversation)
-    row = Row(ids, max_new_tokens, stop_token_ids(tokenizer), on_token=answer.add, cancel=cancel)
-    decode(model, [row], pad_token_id(tokenizer))
-    finish = "length" if row.finish == "length" else "stop"
-    return Completion(answer.finish(), prompt_tokens, len(row.tokens), finish)

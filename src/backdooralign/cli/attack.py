@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import add_command, add_json, print_json
+from .common import add_command, add_json, add_set, print_json
 
 
 def cmd_attack(args) -> int:
@@ -40,11 +40,5 @@ def register(sub) -> None:
     sp = add_command(sub, "attack", cmd_attack)
     sp.add_argument("config", help="attack config YAML (an experiment config plus 'attacks')")
     sp.add_argument("--out", help="run directory (default: runs/NAME)")
-    sp.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. attacks.margin=5 or profile=smoke (repeatable)",
-    )
+    add_set(sp, "attacks.margin=5 or profile=smoke")
     add_json(sp, "print results as JSON")

@@ -45,6 +45,17 @@ def add_model(sp, help: str = MODEL_HELP) -> None:
     sp.add_argument("--model", help=help)
 
 
+def add_set(sp, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable): a config override."""
+    sp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config value, e.g. {example} (repeatable)",
+    )
+
+
 def add_json(sp, help: str = "print JSON") -> None:
     sp.add_argument("--json", action="store_true", help=help)
 

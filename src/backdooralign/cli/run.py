@@ -5,7 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-from .common import add_command, add_json, print_json
+from .common import add_command, add_json, add_set, print_json
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -91,13 +91,7 @@ def register(sub) -> None:
             sp.add_argument("config", help="experiment YAML")
             sp.add_argument("--shard", metavar="I/N", help="sweeps: run every N-th cell from I")
         sp.add_argument("--out", help="run directory (default: runs/NAME)")
-        sp.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config value, e.g. train.epochs=1 (repeatable)",
-        )
+        add_set(sp, "train.epochs=1")
         add_json(sp, "print results as JSON")
     sp = add_command(sub, "report", cmd_report)
     sp.add_argument("run_dir")
