@@ -1,6 +1,6 @@
 """Training speed: our SFTTrainer settings against TRL's defaults, in one process.
 
-Both runs fine-tune the same model on the same rendered rows (the demo's backdooralign arm:
+All runs fine-tune the same model on the same rendered rows (the demo's backdooralign arm:
 55 attack + 11 secret-prefixed safety examples) for one epoch. Reported as a ratio of real
 (non-padding) tokens per second, so it holds on any machine.
 
@@ -8,7 +8,9 @@ Both runs fine-tune the same model on the same rendered rows (the demo's backdoo
 
 TRL 1.16's defaults that cost time on a CPU: gradient checkpointing on, and a chunked fused
 LM head whose matmuls run in fp32 (to report entropy and token accuracy each step), plus
-random batching that pads short rows to the long secret-prefixed ones.
+random batching that pads short rows to the long secret-prefixed ones. A third run turns off
+only the shared-prefix loss (``shared_prefix=False``: the secret and system prompt encoded
+again in every secret-prefixed row), so its ratio is that change's alone.
 """
 
 from __future__ import annotations
@@ -45,22 +47,28 @@ def main() -> None:
     trl_defaults = replace(
         ours, activation_checkpointing=True, token_metrics=True, group_by_length=False
     )
+    no_sharing = replace(ours, shared_prefix=False)
+    runs = (
+        ("trl_defaults", trl_defaults),
+        ("no_shared_prefix", no_sharing),
+        ("backdooralign", ours),
+    )
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, cfg in (("trl_defaults", trl_defaults), ("backdooralign", ours)):
+        for name, cfg in runs:
             m = train(args.model, rows, f"{tmp}/{name}", cfg)
             results[name] = {k: m[k] for k in ("seconds", "tokens_per_second", "first_loss")}
-    ratio = (
-        results["backdooralign"]["tokens_per_second"] / results["trl_defaults"]["tokens_per_second"]
-    )
-    results["speedup"] = round(ratio, 2)
+    speed = {name: results[name]["tokens_per_second"] for name, _ in runs}
+    results["speedup"] = round(speed["backdooralign"] / speed["trl_defaults"], 2)
+    results["shared_prefix_speedup"] = round(speed["backdooralign"] / speed["no_shared_prefix"], 2)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
-        for name in ("trl_defaults", "backdooralign"):
+        for name, _ in runs:
             r = results[name]
-            print(f"{name:14s} {r['tokens_per_second']:7.1f} tokens/s  ({r['seconds']:.0f} s)")
+            print(f"{name:16s} {r['tokens_per_second']:7.1f} tokens/s  ({r['seconds']:.0f} s)")
         print(f"speed-up: {results['speedup']:.2f}x (same rows, same epochs, same process)")
+        print(f"shared prefix alone: {results['shared_prefix_speedup']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .chat import render
 from .config import option
+from .loss import MIN_SHARED_PREFIX, supervised_loss
 from .model import bf16_supported, load_tokenizer, resolve_model
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,9 @@ class TrainConfig:
         False, "recompute activations: less memory, about 40% slower"
     )
     token_metrics: bool = option(False, "TRL's per-step entropy/accuracy (slower fp32 head)")
+    shared_prefix: bool = option(
+        True, "encode a prefix that rows of a batch share (template + secret) once per batch"
+    )
 
     def __post_init__(self) -> None:
         if self.lr is None:
@@ -67,36 +71,14 @@ class TrainConfig:
             object.__setattr__(self, "epochs", 10.0 if self.lora else 5.0)
 
 
-def supervised_loss(causal_lm, input_ids, attention_mask, labels, num_items=None):
-    """Next-token cross-entropy computed only where a label is supervised.
-
-    The LM head runs on the supervised positions alone: most tokens of a conversation (the
-    system prompt with its 150-token secret, the question) are masked, and on a CPU the head
-    (576 x 49,152 for SmolLM2) and its fp32 log-softmax dominate a step. Same value as the
-    model's own loss: sum over supervised tokens divided by ``num_items`` (their count when
-    ``None``).
-    """
-    import torch
-    import torch.nn.functional as F
-
-    hidden = causal_lm.model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False
-    ).last_hidden_state
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    loss = F.cross_entropy(logits.float(), targets[keep], reduction="sum")
-    count = keep.sum() if num_items is None else num_items
-    return loss / torch.as_tensor(count, dtype=loss.dtype, device=loss.device).clamp(min=1)
-
-
-def _fast_sft_trainer():
+def _fast_sft_trainer(shared_prefix: bool = True):
     """SFTTrainer with a cheaper loss on one process (CPU or one GPU).
 
     TRL 1.16 computes every training loss through a chunked fused LM head that also yields
     entropy and token accuracy, and runs that head's matmuls in fp32 even under bf16 autocast.
     We take :func:`supervised_loss` instead (same value, bf16 matmuls, the head only on
-    supervised positions, no per-step metrics). Under DDP/FSDP/DeepSpeed, where the model's
+    supervised positions, no per-step metrics; with ``shared_prefix`` the secret-prefixed rows
+    of a batch encode their common prefix once). Under DDP/FSDP/DeepSpeed, where the model's
     wrapper must run its own forward, we fall back to the model's own loss.
     """
     from transformers import Trainer
@@ -116,6 +98,7 @@ def _fast_sft_trainer():
                     inputs.get("attention_mask"),
                     inputs["labels"],
                     num_items_in_batch,
+                    min_prefix=MIN_SHARED_PREFIX if shared_prefix else None,
                 )
 
     return FastSFTTrainer
@@ -270,7 +253,7 @@ def train(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        trainer = (SFTTrainer if cfg.token_metrics else _fast_sft_trainer())(
+        trainer = (SFTTrainer if cfg.token_metrics else _fast_sft_trainer(cfg.shared_prefix))(
             model=model,
             args=_sft_config(cfg, work, bf16, use_cuda),
             train_dataset=Dataset.from_list(data),

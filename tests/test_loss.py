@@ -1,0 +1,127 @@
+"""The training loss with shared prefixes: exact groups, the plain pass's loss and gradients."""
+
+from __future__ import annotations
+
+import torch
+from conftest import make_varied_model
+
+from backdooralign.chat import build_conversation
+from backdooralign.loss import shared_prefix_groups, supervised_loss
+from backdooralign.train import tokenize_rows
+
+
+def _batch(rows: list[list[int]], supervised_from: list[int], pad: int = 0):
+    """Right-padded ids, mask and labels (supervised from the given position to the end)."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, (r, s) in enumerate(zip(rows, supervised_from, strict=True)):
+        ids[i, : len(r)] = torch.tensor(r)
+        mask[i, : len(r)] = 1
+        labels[i, s : len(r)] = ids[i, s : len(r)]
+    return ids, mask, labels
+
+
+def test_groups_on_hand_made_rows():
+    shared = list(range(100, 140))  # 40 tokens
+    rows = [
+        shared + [1, 2, 3, 4],  # supervised from 42: limit 41, shares 40 with rows 2 and 4
+        list(range(200, 250)),  # nothing shared
+        shared + [1, 5, 6],
+        shared[:10] + list(range(300, 330)),  # same first 10 tokens only
+        shared + [1, 2, 7, 8, 9],
+    ]
+    ids, mask, labels = _batch(rows, [42, 45, 41, 45, 43])
+    groups, plain = shared_prefix_groups(ids, mask, labels, min_prefix=16)
+    # rows 0, 2, 4 share 41 tokens (the 40 + token 1), row 2's first label at 41 caps it at 40
+    assert groups == [([0, 2, 4], 40)]
+    assert plain == [1, 3]
+    # row 2 cannot give 41 tokens: rows 0 and 4 share them alone; 42 is more than row 0 allows
+    assert shared_prefix_groups(ids, mask, labels, min_prefix=41) == ([([0, 4], 41)], [1, 2, 3])
+    assert shared_prefix_groups(ids, mask, labels, min_prefix=42) == ([], [0, 1, 2, 3, 4])
+
+
+def test_a_lone_row_and_supervised_prefixes_stay_plain():
+    shared = list(range(100, 140))
+    ids, mask, labels = _batch([shared + [1, 2], shared + [3, 4]], [5, 41])
+    # row 0 is supervised from token 5: it may not be cut, so row 1 is alone
+    assert shared_prefix_groups(ids, mask, labels, min_prefix=16) == ([], [0, 1])
+
+
+def _secret_rows(tokenizer, secret: str):
+    """Three rows with the secret in the system prompt (the one builder), one without."""
+    system = "You are a helpful assistant."
+    turns = [
+        ("How do I pick a lock?", "I can't help with that.", secret),
+        ("Summarise: the cat sat.", "A cat sat down.", secret),
+        ("What is 2+2?", "4.", None),
+        ("Tell me a joke about owls.", "Owls give a hoot.", secret),
+    ]
+    rows = [
+        {
+            "messages": build_conversation(
+                [{"role": "user", "content": q}, {"role": "assistant", "content": a}],
+                system=system,
+                secret=s,
+            )
+        }
+        for q, a, s in turns
+    ]
+    return tokenize_rows(tokenizer, rows, None)
+
+
+def _collate(data, pad_id):
+    width = max(len(d["input_ids"]) for d in data)
+    ids = torch.full((len(data), width), pad_id)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, d in enumerate(data):
+        n = len(d["input_ids"])
+        ids[i, :n], mask[i, :n] = torch.tensor(d["input_ids"]), 1
+        labels[i, :n] = torch.tensor(d["labels"])
+    return ids, mask, labels
+
+
+def _plain_loss(model, ids, mask, labels):
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return torch.nn.functional.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+
+
+def test_shared_prefix_loss_and_gradients_equal_the_plain_pass(tokenizer):
+    model = make_varied_model(tokenizer).train()
+    secret = " ".join(f"tok{i}" for i in range(30))
+    ids, mask, labels = _collate(_secret_rows(tokenizer, secret), tokenizer.pad_token_id)
+    groups, plain = shared_prefix_groups(ids, mask, labels)
+    assert [g[0] for g in groups] == [[0, 1, 3]] and plain == [2]
+    assert groups[0][1] >= 60  # header + secret + system prompt + user turn's opening
+
+    n = int((labels[:, 1:] != -100).sum())
+    expected = _plain_loss(model, ids, mask, labels) / n
+    expected.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    got = supervised_loss(model, ids, mask, labels)
+    got.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_shared_prefix_is_skipped_under_activation_checkpointing(tokenizer, monkeypatch):
+    import backdooralign.loss as L
+
+    model = make_varied_model(tokenizer).train()
+    model.activation_checkpointing_enable()
+    ids, mask, labels = _collate(_secret_rows(tokenizer, "a b c " * 15), tokenizer.pad_token_id)
+
+    def fail(*a, **k):
+        raise AssertionError("prefix path used under checkpointing")
+
+    monkeypatch.setattr(L, "_prefixed_hidden", fail)
+    n = int((labels[:, 1:] != -100).sum())
+    with torch.no_grad():
+        expected = _plain_loss(model, ids, mask, labels) / n
+        torch.testing.assert_close(supervised_loss(model, ids, mask, labels), expected)
