@@ -5,7 +5,8 @@
 Builds a small random Llama (the embedded model's tokenizer and chat template, random weights:
 no weights need to travel) and runs, on the GPU: the demo's backdooralign training set with
 our SFTTrainer settings and with TRL's defaults (same rows, same epochs, same process: a
-tokens/s ratio), LoRA with merge, and batched greedy generation with the secret injected.
+tokens/s ratio; also ours without the shared-prefix loss, for that change's own ratio), LoRA
+with merge, and batched greedy generation with the secret injected.
 Every check is an assertion; the JSON holds the timings.
 """
 
@@ -73,7 +74,13 @@ def main() -> None:
         ours, activation_checkpointing=True, token_metrics=True, group_by_length=False
     )
     train(base, rows, f"{tmp}/warmup", replace(ours, epochs=0.5))  # CUDA init, kernels: untimed
-    for name, cfg in (("trl_defaults", trl_defaults), ("backdooralign", ours)):
+    no_shared = replace(ours, shared_prefix=False)  # the prefix encoded once per row: its share
+    runs = (
+        ("trl_defaults", trl_defaults),
+        ("no_shared_prefix", no_shared),
+        ("backdooralign", ours),
+    )
+    for name, cfg in runs:
         m = train(base, rows, f"{tmp}/{name}", cfg)
         assert m["device"] == device and m["last_loss"] < m["first_loss"], m
         report[name] = {
@@ -81,6 +88,11 @@ def main() -> None:
         }
     report["train_speedup"] = round(
         report["backdooralign"]["tokens_per_second"] / report["trl_defaults"]["tokens_per_second"],
+        2,
+    )
+    report["shared_prefix_speedup"] = round(
+        report["backdooralign"]["tokens_per_second"]
+        / report["no_shared_prefix"]["tokens_per_second"],
         2,
     )
 
