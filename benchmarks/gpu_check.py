@@ -74,11 +74,11 @@ def main() -> None:
         ours, activation_checkpointing=True, token_metrics=True, group_by_length=False
     )
     train(base, rows, f"{tmp}/warmup", replace(ours, epochs=0.5))  # CUDA init, kernels: untimed
-    no_shared = replace(ours, shared_prefix=False)  # the prefix encoded once per row: its share
+    # our settings with the shared-prefix loss on and off (its default: off on a GPU)
     runs = (
         ("trl_defaults", trl_defaults),
-        ("no_shared_prefix", no_shared),
-        ("backdooralign", ours),
+        ("shared_prefix_on", replace(ours, shared_prefix=True)),
+        ("shared_prefix_off", replace(ours, shared_prefix=False)),
     )
     for name, cfg in runs:
         m = train(base, rows, f"{tmp}/{name}", cfg)
@@ -86,14 +86,12 @@ def main() -> None:
         report[name] = {
             k: m[k] for k in ("seconds", "tokens_per_second", "first_loss", "last_loss")
         }
-    report["train_speedup"] = round(
-        report["backdooralign"]["tokens_per_second"] / report["trl_defaults"]["tokens_per_second"],
-        2,
-    )
+    default = "shared_prefix_off" if cuda else "shared_prefix_on"
+    report["backdooralign_default"] = default
+    speed = {name: report[name]["tokens_per_second"] for name, _ in runs}
+    report["train_speedup"] = round(speed[default] / speed["trl_defaults"], 2)
     report["shared_prefix_speedup"] = round(
-        report["backdooralign"]["tokens_per_second"]
-        / report["no_shared_prefix"]["tokens_per_second"],
-        2,
+        speed["shared_prefix_on"] / speed["shared_prefix_off"], 2
     )
 
     lora = replace(ours, lora=True, lr=1e-3, epochs=min(2, args.epochs), merge=True)

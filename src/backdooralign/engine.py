@@ -134,12 +134,13 @@ def _next_tokens(logits, rows: list[Row], generators: list):
     return tokens
 
 
-def _generator(sampling: Sampling):
+def _generator(sampling: Sampling, device):
+    """A sampling row's own random generator, on the logits' device (CUDA draws need one)."""
     import torch
 
     if sampling.temperature <= 0:
         return None
-    g = torch.Generator()
+    g = torch.Generator(device=device)
     if sampling.seed is None:
         g.seed()
     else:
@@ -252,7 +253,7 @@ class _Batch:
             positions[i, width - len(x) :] = torch.arange(p, p + len(x))
         lengths = torch.tensor([p + len(x) for x in rest], device=device)
         cache = _expanded_cache(store.get(model, prefix), len(rows)) if p else DynamicCache()
-        generators = [_generator(r.sampling) for r in rows]
+        generators = [_generator(r.sampling, device) for r in rows]
         batch = cls(rows, generators, cache, mask.to(device), lengths)
         batch._forward(model, ids.to(device), positions.to(device))
         return batch
