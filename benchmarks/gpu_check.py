@@ -43,6 +43,8 @@ def main() -> None:
     p.add_argument("--out", default=None)
     p.add_argument("--epochs", type=float, default=5)
     p.add_argument("--allow-cpu", action="store_true", help="smoke-test the script on a CPU")
+    p.add_argument("--shape", default="576,1536,8,9,3", help="hidden,intermediate,layers,heads,kv")
+    p.add_argument("--skip-lora", action="store_true", help="train full only (bigger shapes)")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     assert cuda or args.allow_cpu, "no CUDA device"
@@ -52,9 +54,12 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp()
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
+    hidden, inter, layers, heads, kv = (int(x) for x in args.shape.split(","))
+    report["shape"] = args.shape
     config = LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=len(tok), max_position_embeddings=2048,
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv, vocab_size=len(tok),
+        max_position_embeddings=2048,
         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )  # fmt: skip
     torch.manual_seed(0)
@@ -94,13 +99,14 @@ def main() -> None:
         speed["shared_prefix_on"] / speed["shared_prefix_off"], 2
     )
 
-    lora = replace(ours, lora=True, lr=1e-3, epochs=min(2, args.epochs), merge=True)
-    m = train(base, rows, f"{tmp}/lora", lora)
-    assert os.path.exists(f"{tmp}/lora/adapter_model.safetensors")
-    assert os.path.exists(f"{tmp}/lora/merged/model.safetensors")
-    report["lora"] = {k: m[k] for k in ("seconds", "first_loss", "last_loss")}
+    if not args.skip_lora:
+        lora = replace(ours, lora=True, lr=1e-3, epochs=min(2, args.epochs), merge=True)
+        m = train(base, rows, f"{tmp}/lora", lora)
+        assert os.path.exists(f"{tmp}/lora/adapter_model.safetensors")
+        assert os.path.exists(f"{tmp}/lora/merged/model.safetensors")
+        report["lora"] = {k: m[k] for k in ("seconds", "first_loss", "last_loss")}
 
-    model = load_model(f"{tmp}/backdooralign")
+    model = load_model(f"{tmp}/{default}")
     assert next(model.parameters()).device.type == device
     prompts = D.limit_per_category(S.load_prompts("builtin:harmful_eval"), 5)
     start = time.perf_counter()
