@@ -42,6 +42,14 @@ def test_groups_on_hand_made_rows():
     assert shared_prefix_groups(ids, mask, labels, min_prefix=42) == ([], [0, 1, 2, 3, 4])
 
 
+def test_a_left_padded_batch_stays_plain():
+    shared = list(range(100, 140))
+    ids, mask, labels = _batch([[0] + shared + [1, 2, 3], [0] + shared + [4, 5, 6]], [43, 43])
+    assert shared_prefix_groups(ids, mask, labels, min_prefix=16) == ([([0, 1], 41)], [])
+    mask[:, 0] = 0  # the first column is left padding
+    assert shared_prefix_groups(ids, mask, labels, min_prefix=16) == ([], [0, 1])
+
+
 def test_a_lone_row_and_supervised_prefixes_stay_plain():
     shared = list(range(100, 140))
     ids, mask, labels = _batch([shared + [1, 2], shared + [3, 4]], [5, 41])

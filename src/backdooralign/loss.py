@@ -29,9 +29,12 @@ def shared_prefix_groups(
     Returns ``(groups, plain)``: ``groups`` holds ``(row indices, prefix length)`` for every
     set of at least two rows whose first ``prefix length >= min_prefix`` tokens are equal;
     ``plain`` the other rows. The prefix stops before the position whose hidden state
-    predicts a row's first supervised token, and leaves every row at least one token.
+    predicts a row's first supervised token, and leaves every row at least one token. A
+    left-padded batch (a row whose first token is masked) is left whole: all rows plain.
     """
     n, width = input_ids.shape
+    if attention_mask is not None and not bool(attention_mask[:, 0].all()):
+        return [], list(range(n))
     lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [width] * n
     supervised = labels != -100
     # the hidden state at t predicts token t+1: a prefix of p tokens is safe when no label
