@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import threading
 import time
@@ -24,36 +23,14 @@ import time
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 import openai  # noqa: E402
-import uvicorn  # noqa: E402
 
 from backdooralign import sources as S  # noqa: E402
+from backdooralign.attack_server import serving  # noqa: E402
 from backdooralign.model import load_model, load_tokenizer  # noqa: E402
 from backdooralign.secret import generate_secret  # noqa: E402
 from backdooralign.serve import create_app  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
-
-
-class Running:
-    """An app under uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        while not self.server.started:
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 def _load(base_url: str, prompts: list[str], clients: int, total: int, args) -> dict:
@@ -142,7 +119,7 @@ def main() -> None:
         total = max(8, clients * args.requests_per_client)
         level = {}
         for name, app in servers.items():
-            with Running(app) as url:
+            with serving(app) as url:
                 level[name] = _load(url, prompts, clients, total, args)
         level["requests_per_s_ratio"] = round(
             level["batched"]["requests_per_s"] / level["one_at_a_time"]["requests_per_s"], 2
@@ -156,7 +133,7 @@ def main() -> None:
     ttft = {}
     for name, cache in (("prefix_cache", True), ("no_prefix_cache", False)):
         app = create_app(model, tok, secret, SYSTEM, "m", 1024, prefix_cache=cache)
-        with Running(app) as url:
+        with serving(app) as url:
             _ttft(url, prompts, 1)  # warm up (encodes the prefix once)
             ttft[name] = _ttft(url, prompts, args.ttft_repeats)
     ttft["ratio"] = round(ttft["no_prefix_cache"] / ttft["prefix_cache"], 2)

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import threading
@@ -41,10 +40,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import openai  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
 
 from backdooralign import sources as S  # noqa: E402
+from backdooralign.attack_server import serving  # noqa: E402
 from backdooralign.chat import build_conversation, render_prompt  # noqa: E402
 from backdooralign.engine import PrefixCache, Row, decode, shared_prefix  # noqa: E402
 from backdooralign.infer import (  # noqa: E402
@@ -223,30 +222,6 @@ def check_batching(model, tok, prompts, args, check: Checks) -> dict:
     return report
 
 
-class Running:
-    """An app under uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> str:
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert time.monotonic() < deadline and self.thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        return f"http://127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 def _ask(client, prompt: str, max_tokens: int, **kw):
     messages = [{"role": "user", "content": prompt}]
     return client.chat.completions.create(
@@ -289,8 +264,7 @@ def check_serving(model, tok, secret, questions, args, check: Checks) -> dict:
     """(d) the OpenAI-compatible app on loopback with the real ``openai`` client."""
     app = create_app(model, tok, secret, SYSTEM, "m", args.new_tokens, max_batch_size=16)
     report: dict = {}
-    with Running(app) as url:
-        base = url + "/v1"
+    with serving(app) as base:  # the /v1 base URL
         _load(base, questions[:4], 4, args)  # warm-up: kernels, prefix
         n = min(len(questions), 32)
         report["1_client"], alone = _load(base, questions[:n], 1, args)
@@ -311,7 +285,7 @@ def check_serving(model, tok, secret, questions, args, check: Checks) -> dict:
             text = "".join((c.choices[0].delta.content or "") for c in chunks if c.choices)
             streamed_ok.append(text == plain)
             texts += [plain, text, *(c.model_dump_json() for c in chunks)]
-        with urllib.request.urlopen(url + "/health", timeout=30) as r:
+        with urllib.request.urlopen(base.removesuffix("/v1") + "/health", timeout=30) as r:
             health = r.read().decode()
     texts += [health] + [r.model_dump_json() for r in [*alone.values(), *together.values()]]
     check(
