@@ -24,7 +24,7 @@ from . import files as F
 from . import ops
 from . import sources as S
 from .attack_config import AttackSuiteConfig
-from .experiment import EvalSet, check_inputs, prepare_secret
+from .experiment import EvalSet, anchors_stage, check_inputs, prepare_secret
 from .experiment_config import ExperimentConfig, config_dict, stage_key
 from .infer import GenerateConfig
 from .rundir import RunDir
@@ -194,22 +194,6 @@ def answers(
     return F.read_jsonl_rows(path)
 
 
-def _anchors(cfg: ExperimentConfig, run: RunDir, system: str, progress: bool) -> Path | None:
-    if not cfg.data.anchors:
-        return None
-    path = run.root / "data" / "anchors.jsonl"
-    given = S.source_sha256(cfg.data.anchor_file) if cfg.data.anchor_file else None
-    key = stage_key(cfg.model, config_dict(cfg.data), system, given)
-    run_stage(
-        run,
-        "anchors",
-        key,
-        [path],
-        lambda: str(ops.make_anchors(cfg.data, cfg.model, system, path, progress)),
-    )
-    return path
-
-
 def prepare(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: bool) -> Suite:
     """Check the inputs, write ``config.yaml``, and make the secret and the anchors."""
     import yaml
@@ -227,7 +211,7 @@ def prepare(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: bool) -
     secret = prepare_secret(cfg, run, tokenizer)
     customer, _ = ops.load_customer(cfg.data)
     system = ops.safety_system_prompt(cfg.data, customer)
-    anchors = _anchors(cfg, run, system, progress)
+    anchors = anchors_stage(cfg, run, system, progress)
     return Suite(
         cfg=cfg,
         run=run,

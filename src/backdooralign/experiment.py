@@ -212,23 +212,37 @@ def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool, shared=N
     return score_run(run, cfg, secret, train_metrics, counts, sets)
 
 
+def _data_hashes(cfg: ExperimentConfig) -> list[str | None]:
+    """The sha256 of each data input a training set is built from (``None``: not given)."""
+    inputs = [cfg.data.attack, cfg.data.task, cfg.data.safety, cfg.data.anchor_file]
+    return [S.source_sha256(s) if s else None for s in inputs]
+
+
+def anchors_stage(cfg: ExperimentConfig, run: RunDir, system: str, progress: bool) -> Path | None:
+    """Make ``data/anchors.jsonl`` of ``run`` (a cached stage): the base model's answers,
+    under the safety examples' ``system`` prompt; ``None`` when ``data.anchors`` is 0."""
+    if not cfg.data.anchors:
+        return None
+    path = run.root / "data" / "anchors.jsonl"
+    key = stage_key(cfg.model, config_dict(cfg)["data"], _data_hashes(cfg), system)
+    run_stage(
+        run,
+        "anchors",
+        key,
+        [path],
+        lambda: str(ops.make_anchors(cfg.data, cfg.model, system, path, progress)),
+    )
+    return path
+
+
 def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: bool) -> dict:
     trained = [a for a in cfg.arms if a != "no_finetune"]
-    inputs = [cfg.data.attack, cfg.data.task, cfg.data.safety, cfg.data.anchor_file]
-    hashes = [S.source_sha256(s) if s else None for s in inputs]
+    hashes = _data_hashes(cfg)
     anchors = None
     if cfg.data.anchors and "backdooralign" in trained:
-        anchors = run.root / "data" / "anchors.jsonl"
         customer, _ = ops.load_customer(cfg.data)
         system = ops.safety_system_prompt(cfg.data, customer)
-        anchor_key = stage_key(cfg.model, config_dict(cfg)["data"], hashes, system)
-        run_stage(
-            run,
-            "anchors",
-            anchor_key,
-            [anchors],
-            lambda: str(ops.make_anchors(cfg.data, cfg.model, system, anchors, progress)),
-        )
+        anchors = anchors_stage(cfg, run, system, progress)
         hashes.append(S.source_sha256(anchors))
     key = stage_key(config_dict(cfg)["data"], hashes, secret.fingerprint, trained)
 
