@@ -10,17 +10,26 @@ from backdooralign.loss import shared_prefix_groups, supervised_loss
 from backdooralign.train import tokenize_rows
 
 
-def _batch(rows: list[list[int]], supervised_from: list[int], pad: int = 0):
-    """Right-padded ids, mask and labels (supervised from the given position to the end)."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad)
+def _collate(data, pad_id):
+    """Right-padded ids, mask and labels of rows with ``input_ids`` and ``labels``."""
+    width = max(len(d["input_ids"]) for d in data)
+    ids = torch.full((len(data), width), pad_id)
     mask = torch.zeros_like(ids)
     labels = torch.full_like(ids, -100)
-    for i, (r, s) in enumerate(zip(rows, supervised_from, strict=True)):
-        ids[i, : len(r)] = torch.tensor(r)
-        mask[i, : len(r)] = 1
-        labels[i, s : len(r)] = ids[i, s : len(r)]
+    for i, d in enumerate(data):
+        n = len(d["input_ids"])
+        ids[i, :n], mask[i, :n] = torch.tensor(d["input_ids"]), 1
+        labels[i, :n] = torch.tensor(d["labels"])
     return ids, mask, labels
+
+
+def _batch(rows: list[list[int]], supervised_from: list[int], pad: int = 0):
+    """Right-padded ids, mask and labels (supervised from the given position to the end)."""
+    data = [
+        {"input_ids": r, "labels": [-100] * min(s, len(r)) + r[s:]}
+        for r, s in zip(rows, supervised_from, strict=True)
+    ]
+    return _collate(data, pad)
 
 
 def test_groups_on_hand_made_rows():
@@ -77,18 +86,6 @@ def _secret_rows(tokenizer, secret: str):
         for q, a, s in turns
     ]
     return tokenize_rows(tokenizer, rows, None)
-
-
-def _collate(data, pad_id):
-    width = max(len(d["input_ids"]) for d in data)
-    ids = torch.full((len(data), width), pad_id)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, d in enumerate(data):
-        n = len(d["input_ids"])
-        ids[i, :n], mask[i, :n] = torch.tensor(d["input_ids"]), 1
-        labels[i, :n] = torch.tensor(d["labels"])
-    return ids, mask, labels
 
 
 def _plain_loss(model, ids, mask, labels):
