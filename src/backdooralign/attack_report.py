@@ -13,6 +13,7 @@ from pathlib import Path
 from . import files as F
 from .attack_config import FAMILY_TITLES
 from .document import Bullets, Facts, Heading, Para, Table, to_html, to_markdown
+from .metrics import format_delta
 from .rundir import RunDir
 
 
@@ -34,9 +35,8 @@ def _verdict(row: dict) -> str:
 
 
 def _delta(row: dict) -> str:
-    if row["asr_secret"] is None:
-        return "–"
-    return f"{row['asr_secret'] - row['plain_attack_asr']:+.1f} pts"
+    asr = row["asr_secret"]
+    return format_delta([] if asr is None else [asr - row["plain_attack_asr"]])
 
 
 def robustness_table(results: dict) -> Table:
