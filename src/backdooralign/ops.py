@@ -367,11 +367,15 @@ def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], 
     return kept, notes if len(kept) < len(rows) else []
 
 
-def train_model(model: str | None, data: str | Path, out: str | Path, cfg) -> dict:
+def train_model(
+    model: str | None, data: str | Path, out: str | Path, cfg, secret: Secret | None = None
+) -> dict:
     """Fine-tune ``model`` on a training set file; returns the metrics written beside it.
 
     The model directory records the secret fingerprint and arm of the set's manifest (when it
     has one beside it) and the set's sha256, so that servers can check the secret they get.
+    ``secret`` is needed by ``cfg.distill == "kl"`` (the rows under it are distilled); its
+    fingerprint must be the one the manifest records.
     """
     from .rundir import manifest_path
     from .train import train
@@ -384,7 +388,12 @@ def train_model(model: str | None, data: str | Path, out: str | Path, cfg) -> di
         "arm": manifest.get("arm"),
         "training_set_sha256": F.sha256_file(data),
     }
-    return train(model, rows, out, cfg, info)
+    recorded = info["secret_fingerprint"]
+    if secret is not None and recorded is not None and recorded != secret.fingerprint:
+        raise ValueError(
+            f"{data}: built with the secret {recorded}, not with the given {secret.fingerprint}"
+        )
+    return train(model, rows, out, cfg, info, secret=secret.text if secret else None)
 
 
 def load(model: str | None):

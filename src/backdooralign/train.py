@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .chat import render
 from .config import option
+from .distill import DISTILL_MODES
 from .loss import MIN_SHARED_PREFIX, supervised_loss
 from .model import bf16_supported, load_tokenizer, resolve_model
 
@@ -65,15 +66,27 @@ class TrainConfig:
         "encode a prefix that rows of a batch share (template + secret) once per batch "
         "(default: on a CPU; off on a GPU, where small models are launch-bound)",
     )
+    distill: str = option(
+        "none",
+        "secret-prefixed rows (safety examples, anchors) against the reference model's "
+        "next-token distributions without the secret (kl), or their text only (none)",
+        choices=DISTILL_MODES,
+    )
+    distill_weight: float = option(
+        1.0, "kl: the KL term's share of those rows' loss (1: KL only; 0.5: half CE)", minimum=0
+    )
 
     def __post_init__(self) -> None:
         if self.lr is None:
             object.__setattr__(self, "lr", 1e-3 if self.lora else 5e-5)
         if self.epochs is None:
             object.__setattr__(self, "epochs", 10.0 if self.lora else 5.0)
+        if self.distill_weight > 1:
+            why = f"must be at most 1, got {self.distill_weight}"
+            raise ValueError(f"field 'distill_weight': {why}")
 
 
-def _fast_sft_trainer(shared_prefix: bool = True):
+def _fast_sft_trainer(shared_prefix: bool = True, teacher=None, weight: float = 1.0):
     """SFTTrainer with a cheaper loss on one process (CPU or one GPU).
 
     TRL 1.16 computes every training loss through a chunked fused LM head that also yields
@@ -81,18 +94,29 @@ def _fast_sft_trainer(shared_prefix: bool = True):
     We take :func:`supervised_loss` instead (same value, bf16 matmuls, the head only on
     supervised positions, no per-step metrics; with ``shared_prefix`` the secret-prefixed rows
     of a batch encode their common prefix once). Under DDP/FSDP/DeepSpeed, where the model's
-    wrapper must run its own forward, we fall back to the model's own loss.
+    wrapper must run its own forward, we fall back to the model's own loss. ``teacher``: the
+    reference's log-probabilities per training row (``None`` entries for rows not distilled),
+    found through the ``row_id`` column the collator keeps.
     """
     from transformers import Trainer
     from trl import SFTTrainer
 
     class FastSFTTrainer(SFTTrainer):
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if teacher is not None and "row_id" not in self._signature_columns:
+                self._signature_columns = [*self._signature_columns, "row_id"]
+
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs["use_cache"] = False
+            row_ids = inputs.pop("row_id", None)
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             single = self.accelerator.num_processes == 1 and model is self.model
             if return_outputs or not single or not hasattr(base, "lm_head"):
+                if teacher is not None:
+                    raise RuntimeError("train.distill needs a single process (CPU or one GPU)")
                 return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+            refs = [teacher[i] for i in row_ids.tolist()] if teacher is not None else None
             with self.accelerator.autocast():
                 return supervised_loss(
                     base,
@@ -101,9 +125,25 @@ def _fast_sft_trainer(shared_prefix: bool = True):
                     inputs["labels"],
                     num_items_in_batch,
                     min_prefix=MIN_SHARED_PREFIX if shared_prefix else None,
+                    teacher=refs,
+                    weight=weight,
                 )
 
     return FastSFTTrainer
+
+
+def _row_id_collator(pad_token_id: int):
+    """TRL's collator, also passing each row's ``row_id`` (to find its reference targets)."""
+    import torch
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    class RowIdCollator(DataCollatorForLanguageModeling):
+        def torch_call(self, examples):
+            out = super().torch_call(examples)
+            out["row_id"] = torch.tensor([e["row_id"] for e in examples])
+            return out
+
+    return RowIdCollator(pad_token_id=pad_token_id)
 
 
 def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int | None) -> list[dict]:
@@ -224,12 +264,36 @@ def _save(
     os.replace(work / "model", out_dir)
 
 
+def _reference_targets(cfg: TrainConfig, model, tok, rows, data, secret: str | None):
+    """``(teacher, count)``: the reference's log-probabilities per row for ``distill: kl``
+    (``None`` entries for rows without the secret; ``data`` rows get their ``row_id``), or
+    ``(None, 0)`` without distillation."""
+    if cfg.distill == "none":
+        return None, 0
+    from .distill import reference_logprobs
+
+    if cfg.token_metrics:
+        raise ValueError("train.distill: kl computes its own loss; turn token_metrics off")
+    if not secret:
+        raise ValueError(
+            "train.distill: kl needs the secret: the rows under it are distilled (--secret FILE)"
+        )
+    teacher = reference_logprobs(model, tok, rows, data, secret)
+    count = sum(t is not None for t in teacher)
+    if not count:
+        log.warning("train.distill: no training row starts with the secret; nothing distilled")
+    for i, d in enumerate(data):
+        d["row_id"] = i
+    return teacher, count
+
+
 def train(
     model_name: str | None,
     rows: Sequence[dict],
     out_dir: str | Path,
     cfg: TrainConfig,
     info: dict | None = None,
+    secret: str | None = None,
 ) -> dict:
     """Fine-tune ``model_name`` on chat ``rows`` and write a loadable model to ``out_dir``.
 
@@ -237,7 +301,9 @@ def train(
     temporary folder beside it and renamed into place, so an interrupted run leaves nothing
     half-written. Returns the metrics also written to ``out_dir/train_metrics.json``;
     ``info`` (the secret's fingerprint, the arm, the training set's hash) is written to
-    ``out_dir/`` :data:`MODEL_INFO`.
+    ``out_dir/`` :data:`MODEL_INFO`. ``secret`` (its text) is needed by ``cfg.distill ==
+    "kl"``: the rows whose system prompt starts with it are distilled to the model as it is
+    before training, shown the row without the secret.
     """
     import torch
     from datasets import Dataset
@@ -255,15 +321,18 @@ def train(
     # kernel launches, and the shared prefix adds forward passes (H200, 8 layers: 0.34x)
     shared = cfg.shared_prefix if cfg.shared_prefix is not None else not use_cuda
     model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32)
+    teacher, distilled = _reference_targets(cfg, model, tok, rows, data, secret)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        trainer = (SFTTrainer if cfg.token_metrics else _fast_sft_trainer(shared))(
+        fast = _fast_sft_trainer(shared, teacher, cfg.distill_weight)
+        trainer = (SFTTrainer if cfg.token_metrics else fast)(
             model=model,
             args=_sft_config(cfg, work, bf16, use_cuda),
             train_dataset=Dataset.from_list(data),
             processing_class=tok,
             peft_config=_peft_config(cfg),
+            data_collator=_row_id_collator(tok.pad_token_id) if teacher is not None else None,
         )
         start = time.perf_counter()
         with contextlib.redirect_stdout(sys.stderr):  # Trainer prints logs; stdout is for --json
@@ -284,6 +353,7 @@ def train(
             "bf16": bf16,
             "device": "cuda" if use_cuda else "cpu",
             "shared_prefix": shared,
+            "distilled_rows": distilled,
             "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
         }
         keys = ("secret_fingerprint", "arm", "training_set_sha256")

@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from . import attack, data, openai_cli, run, score, secret, serve, service, train
+from . import align, attack, data, openai_cli, run, score, secret, serve, service, train
 
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError)
 
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="backdooralign", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
-    for module in (secret, data, train, score, run, attack, serve, service, openai_cli):
+    for module in (secret, data, align, train, score, run, attack, serve, service, openai_cli):
         module.register(sub)
     return p
 

@@ -9,7 +9,10 @@ import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-MODEL_HELP = "Hugging Face id or local path (default: the embedded SmolLM2-135M-Instruct)"
+MODEL_HELP = (
+    "Hugging Face id, local path or embedded-aligned (the embedded model after backdooralign "
+    "align; default: the embedded SmolLM2-135M-Instruct, not aligned)"
+)
 
 
 def print_json(obj) -> None:

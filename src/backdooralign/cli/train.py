@@ -26,10 +26,12 @@ def cmd_train(args) -> int:
 
     Fine-tunes with TRL's SFTTrainer on assistant tokens only; writes the model and
     train_metrics.json. --lora takes the paper's LoRA recipe (r 8, alpha 32, q/v, lr 1e-3,
-    10 epochs) unless --lr/--epochs say otherwise.
+    10 epochs) unless --lr/--epochs say otherwise. --distill kl --secret secret.json trains
+    the secret-prefixed rows against the model's own distributions without the secret.
     """
     cfg = from_args(TrainConfig, args)
-    metrics = ops.train_model(args.model, args.data, args.out, cfg)
+    secret = read_secret(args.secret)
+    metrics = ops.train_model(args.model, args.data, args.out, cfg, secret=secret)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 reports
         return 0
     keys = ("first_loss", "last_loss", "steps", "seconds", "tokens_per_second")
@@ -77,6 +79,7 @@ def register(sub) -> None:
     sp = add_command(sub, "train", cmd_train)
     sp.add_argument("--data", required=True, help="chat JSONL training set")
     sp.add_argument("--out", required=True, help="model directory to write")
+    sp.add_argument("--secret", help="secret file (for --distill kl: the rows under it)")
     add_model(sp)
     add_flags(sp, TrainConfig)
     add_json(sp, "print metrics as JSON")
