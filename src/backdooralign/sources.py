@@ -62,6 +62,7 @@ BUILTIN_NAMES = (
     "harmful_eval_fr",
     "multiturn",
     "safety",
+    "safety_long",
     "utility",
 )
 _CSV_FIELDS = frozenset(  # a first CSV row made only of these names is a header ("" = index)
