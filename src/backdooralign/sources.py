@@ -54,6 +54,8 @@ from .formats import (
 log = logging.getLogger(__name__)
 
 BUILTIN_NAMES = (
+    "align_benign",
+    "align_harmful",
     "anchors",
     "attack",
     "benign",
