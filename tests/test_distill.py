@@ -49,6 +49,9 @@ def test_loss_sum_mixes_ce_and_kl_on_distilled_rows_only():
     ce1 = -(logp[1, 0, 2] + logp[1, 1, 4])
     kl0 = (ref.exp() * (ref - logp[0, 1:3])).sum()
     assert total.item() == pytest.approx((0.75 * ce0 + 0.25 * kl0 + ce1).item(), rel=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # training runs under autocast
+        mixed, _ = _loss_sum(_Head(), hidden, labels, [ref.half(), None], weight=0.25)
+    assert mixed.item() == pytest.approx(total.item(), rel=1e-2)
     plain, _ = _loss_sum(_Head(), hidden, labels)
     assert plain.item() == pytest.approx((ce0 + ce1).item(), rel=1e-5)
     with pytest.raises(ValueError, match="batch row 0: 1 reference positions for 2 labels"):

@@ -96,7 +96,7 @@ def _loss_sum(causal_lm, hidden, labels, teacher=None, weight: float = 1.0):
         if ref is not None:
             refs.append(ref)
     distilled = torch.cat(flags)
-    kl = kl_to_reference(logits[distilled], torch.cat(refs))
+    kl = kl_to_reference(logits[distilled], torch.cat([r.float() for r in refs]))  # no half cat
     total = ce[~distilled].sum() + (1 - weight) * ce[distilled].sum() + weight * kl
     return total, keep.sum()
 
