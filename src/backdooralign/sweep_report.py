@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import deployment as V
 from . import files as F
 from . import metrics as M
 from .document import Facts, Heading, Image, Para, Table, to_html, to_markdown
@@ -141,7 +142,7 @@ def _cell_row(cell: SweepCell, columns: list[tuple[str, str, M.Metric]]) -> list
     runs = M.seed_arms(results)
     row = [cell.name, overrides_text(cell.overrides) or "–"]
     row += [M.cell(runs, arm, "secret", metric) for _, arm, metric in columns]
-    row.append(M.verdict(results, BD).text if BD in results["arms"] else "–")
+    row.append(V.verdict(results, BD).text if BD in results["arms"] else "–")
     return row
 
 
@@ -206,10 +207,10 @@ def _summary(sweep: Sweep) -> list:
     done = [c for c in sweep.cells if c.results is not None and BD in c.results["arms"]]
     if not done:
         return [Para("No cell finished with a BackdoorAlign arm.")]
-    passing = [c.name for c in done if M.verdict(c.results, BD).passed]
+    passing = [c.name for c in done if V.verdict(c.results, BD).passed]
     which = ": " + ", ".join(passing) if passing else ""
     first = done[0].results
-    ratio, points = M.verdict_thresholds(first)
+    ratio, points = V.verdict_thresholds(first)
     return [
         Para(
             f"BackdoorAlign passes both deployment criteria in {len(passing)} of {len(done)} "
