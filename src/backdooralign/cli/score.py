@@ -158,7 +158,9 @@ def cmd_score_over_refusal(args) -> int:
 
     Refusal rate on benign requests, by kind, without and with the secret: by the paper's
     substring rule and by the opening detector (does the first sentence decline?); by an LLM
-    judge too with --base-url and --judge-model.
+    judge too with --base-url and --judge-model. --prompts takes any prompt set, e.g. XSTest's
+    safe prompts (xstest:xstest_prompts.csv, xstest:hf:walledai/XSTest:test) or OR-Bench-Hard
+    (orbench:hf:bench-llm/or-bench:or-bench-hard-1k:train).
     """
     rows = D.limit_per_category(S.load_prompts(args.prompts), args.limit, "kind")
     secret = read_secret(args.secret)
