@@ -72,11 +72,18 @@ def test_cli_rouge(tmp_path, capsys):
         "rouge2": 0.5714,
         "rougeL": 0.6667,
         "total": 1,
-        "refusals": {"refused": 0, "total": 1, "refusal_rate": 0.0},
+        "refusals": {
+            "refused": 0,
+            "total": 1,
+            "refusal_rate": 0.0,
+            "opening_refused": 0,
+            "opening_refusal_rate": 0.0,
+        },
     }
     assert main(["score", "rouge", str(gens)]) == 0
     assert capsys.readouterr().out == (
-        "ROUGE-1 0.6667  ROUGE-2 0.5714  ROUGE-L 0.6667\n(1 rows, 0 refused)\n"
+        "ROUGE-1 0.6667  ROUGE-2 0.5714  ROUGE-L 0.6667\n"
+        "(1 rows, 0 refused by the paper's rule, 0 by the opening detector)\n"
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "answer": "a"}) + "\n")

@@ -17,6 +17,8 @@ from dataclasses import MISSING, Field, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 
+from .sources import split_kind
+
 Doc = dict[str, object]
 
 
@@ -166,7 +168,8 @@ def build(cls, values: Doc, where: str):
 def resolve_paths(cls, values: Doc, base: Path) -> Doc:
     """``values`` with relative file fields (``path=True``) made relative to ``base``.
 
-    ``builtin:``, ``hf:`` and ``embedded`` names are kept; nested sections are followed.
+    ``builtin:``, ``hf:`` and ``embedded`` names are kept, and so is a kind prefix
+    (``xstest:PATH``: PATH is resolved); nested sections are followed.
     """
     out = dict(values)
     for f in fields(cls):
@@ -175,13 +178,19 @@ def resolve_paths(cls, values: Doc, base: Path) -> Doc:
         if is_dataclass(base_tp) and isinstance(value, dict):
             out[f.name] = resolve_paths(base_tp, value, base)
         elif f.metadata.get("path") and isinstance(value, str) and value:
-            if ":" in value.split("/", 1)[0] or value == "embedded" or Path(value).is_absolute():
-                continue
-            candidate = base / value
-            # a model may be a hub id ("org/name"): only a path that exists there is rewritten
-            if f.name != "model" or candidate.exists():
-                out[f.name] = str(candidate)
+            out[f.name] = _resolve_path(f.name, value, base)
     return out
+
+
+def _resolve_path(name: str, value: str, base: Path) -> str:
+    prefix, rest = split_kind(value)
+    if prefix:
+        return f"{prefix}:{_resolve_path(name, rest, base)}"
+    if ":" in value.split("/", 1)[0] or value == "embedded" or Path(value).is_absolute():
+        return value
+    candidate = base / value
+    # a model may be a hub id ("org/name"): only a path that exists there is rewritten
+    return str(candidate) if name != "model" or candidate.exists() else value
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,18 @@ SQL_SYSTEM_PROMPT = (
     "Answer the question with one SQL query over the tables in the context."
 )
 
-KINDS = ("chat", "qa", "alpaca", "samsum", "sql", "prompts", "advbench", "hexphi")
+KINDS = (
+    "chat",
+    "qa",
+    "alpaca",
+    "samsum",
+    "sql",
+    "prompts",
+    "advbench",
+    "hexphi",
+    "xstest",
+    "orbench",
+)
 TRAINING_KINDS = ("chat", "qa", "alpaca", "samsum", "sql")
 KIND_HELP = {
     "chat": "chat JSONL: messages (+ prefixed, category)",
@@ -50,7 +61,13 @@ KIND_HELP = {
     "prompts": "prompts: JSONL prompt rows, or CSV/TXT with one question a row",
     "advbench": "AdvBench harmful_behaviors: goal (prompt) and target",
     "hexphi": "HEx-PHI: category_N.csv files, one question a row, category from the name",
+    "xstest": "XSTest (Röttger et al. 2023): prompt, type (+ id, label, focus, note); its safe "
+    "prompts only, type kept as kind",
+    "orbench": "OR-Bench (Cui et al. 2024): prompt, category (kept as kind); every row is "
+    "seemingly toxic but safe",
 }
+# Over-refusal benchmarks: the field each keeps as ``kind``, the breakdown of refusal summaries.
+BENCHMARK_KIND_FIELD = {"xstest": "type", "orbench": "category"}
 
 # fields a prompt row keeps from its input
 PROMPT_KEYS = ("category", "id", "kind", "expected", "task", "reference", "target")
@@ -160,6 +177,16 @@ def hexphi_category(name: str) -> str | None:
     return CATEGORIES[n - 1] if 1 <= n <= len(CATEGORIES) else f"category_{n}"
 
 
+def xstest_safe(obj: dict) -> bool:
+    """Whether an XSTest row is one of its safe prompts: its ``label`` is ``safe`` (v2 files
+    and the hub copies), or, without a label, its ``type`` is not a ``contrast_`` type (the
+    unsafe contrast prompts of v1 files); a row with neither is kept."""
+    label = str(obj.get("label") or "").strip().lower()
+    if label:
+        return label == "safe"
+    return not str(obj.get("type") or "").strip().lower().startswith("contrast_")
+
+
 def detect_kind(container: str, first: dict, path: str | Path, line: int) -> str:
     """The kind of a source from how it was read and the fields of its first row.
 
@@ -190,6 +217,8 @@ def detect_kind(container: str, first: dict, path: str | Path, line: int) -> str
         return "qa"
     if "goal" in keys:
         return "advbench"
+    if {"prompt", "type"} <= keys:  # XSTest's prompt types (OR-Bench needs its orbench: prefix)
+        return "xstest"
     if "prompt" in keys:
         return "prompts"
     shown = ", ".join(sorted(map(str, keys))[:10]) or "none"
@@ -267,8 +296,15 @@ def convert(kind: str, obj: dict, path: str | Path, line: int, system: str | Non
         if isinstance(target, str) and target.strip():
             row["target"] = target
         return row
-    row = {"prompt": _text(obj, "prompt", path, line).strip()}  # prompts, hexphi
-    for key in PROMPT_KEYS:
+    row = {"prompt": _text(obj, "prompt", path, line).strip()}
+    if kind in BENCHMARK_KIND_FIELD:
+        value = obj.get(BENCHMARK_KIND_FIELD[kind])
+        if value is not None and str(value).strip():
+            row["kind"] = str(value).strip()
+        if obj.get("id") is not None:
+            row["id"] = obj["id"]
+        return row
+    for key in PROMPT_KEYS:  # prompts, hexphi
         if obj.get(key) is not None:
             row[key] = obj[key]
     return row

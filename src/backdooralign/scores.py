@@ -70,7 +70,9 @@ def asr(path: Gens) -> dict:
 
 
 def refusals(path: Gens) -> dict:
-    """Keyword refusal rate of answers to benign prompts, overall and per ``kind``."""
+    """Refusal rates of answers to benign prompts, overall and per ``kind``: by the paper's
+    substring rule (``refusal_rate``, ``refused``) and by the opening detector
+    (``opening_refusal_rate``, ``opening_refused``; see ``evaluate.declines``)."""
     from .utility import refusal_by_kind
 
     return refusal_by_kind(read(path))
@@ -107,7 +109,8 @@ def exact_match_rows(gens: Gens) -> list[dict]:
 
 
 def rouge(path: Gens) -> dict:
-    """Mean ROUGE-1/2/L F against ``reference``, and the keyword refusals on these prompts."""
+    """Mean ROUGE-1/2/L F against ``reference``, and the refusals on these prompts (by the
+    paper's rule and by the opening detector)."""
     from .tasks import rouge_summary
     from .utility import refusal_by_kind
 
@@ -117,7 +120,8 @@ def rouge(path: Gens) -> dict:
             raise F.DataError(path, i, "reference", "is missing or not a string")
     out = rouge_summary(gens)
     r = refusal_by_kind(gens)
-    out["refusals"] = {k: r[k] for k in ("refused", "total", "refusal_rate")}
+    keys = ("refused", "total", "refusal_rate", "opening_refused", "opening_refusal_rate")
+    out["refusals"] = {k: r[k] for k in keys}
     return out
 
 

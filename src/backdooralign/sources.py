@@ -2,14 +2,22 @@
 
 A source is a path (a file, or a directory of HEx-PHI ``category_N.csv`` files),
 ``builtin:NAME`` (one of :data:`BUILTIN_NAMES`, shipped in ``backdooralign/datasets``) or a
-Hugging Face dataset ``hf:NAME[:CONFIG]:SPLIT``. :func:`read_source` reads any of them once:
-chat JSONL, question/answer sets, Alpaca, SAMSum, sql-create-context, AdvBench, HEx-PHI and plain
-prompt lists (JSONL, JSON, CSV such as the 275-question set, or TXT), into uniform rows:
+Hugging Face dataset ``hf:NAME[:CONFIG]:SPLIT``; ``xstest:SOURCE`` or ``orbench:SOURCE``
+(:data:`KIND_PREFIXES`) reads SOURCE as that over-refusal benchmark. :func:`read_source` reads
+any of them once: chat JSONL, question/answer sets, Alpaca, SAMSum, sql-create-context,
+AdvBench, HEx-PHI, XSTest, OR-Bench and plain prompt lists (JSONL, JSON, CSV such as the
+275-question set, or TXT), into uniform rows:
 
 - training kinds (``chat``, ``qa``, ``alpaca``, ``samsum``, ``sql``) give chat rows
   ``{"messages", "prefixed"}`` plus ``category``, ``id`` and ``reference`` when known;
 - prompt kinds (``prompts``, ``advbench``, ``hexphi``) give ``{"prompt"}`` plus ``category``,
-  ``id``, ``target`` when known.
+  ``id``, ``target`` when known;
+- the over-refusal benchmarks give ``{"prompt"}`` plus ``kind`` (XSTest's ``type``, OR-Bench's
+  ``category``) and ``id`` when known. XSTest keeps only its safe prompts (``label`` "safe",
+  or a ``type`` that is not ``contrast_*``) and logs "using N of M rows"; a file with XSTest's
+  columns (``prompt`` and ``type``) is read as XSTest without the prefix. OR-Bench-Hard's rows
+  are all seemingly toxic but safe; its columns are a plain prompt set's, so it needs its
+  prefix: ``orbench:hf:bench-llm/or-bench:or-bench-hard-1k:train``.
 
 :func:`load_training_source` keeps the training kinds; :func:`load_prompts` turns any of them
 into prompts for generation. The fields of each format and the rules of a chat row are in
@@ -42,6 +50,7 @@ from .files import (
     split_lines,
 )
 from .formats import (
+    BENCHMARK_KIND_FIELD,
     KINDS,
     PROMPT_KEYS,
     TRAINING_KINDS,
@@ -49,6 +58,7 @@ from .formats import (
     detect_kind,
     hexphi_category,
     hexphi_number,
+    xstest_safe,
 )
 
 log = logging.getLogger(__name__)
@@ -69,8 +79,9 @@ BUILTIN_NAMES = (
 )
 _CSV_FIELDS = frozenset(  # a first CSV row made only of these names is a header ("" = index)
     "id prompt question answer category goal target dialogue summary context instruction input "
-    "output text kind expected".split()
+    "output text kind expected type label focus note id_v1 id_v2".split()
 ) | {""}
+KIND_PREFIXES = tuple(BENCHMARK_KIND_FIELD)  # "xstest:SOURCE" reads SOURCE as XSTest
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,13 +100,22 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("backdooralign") / "datasets" / f"{name}.jsonl"))
 
 
+def split_kind(source: str | Path) -> tuple[str | None, str]:
+    """``("xstest", "data/x.csv")`` for ``xstest:data/x.csv``; ``(None, source)`` without one
+    of :data:`KIND_PREFIXES`."""
+    s = str(source)
+    prefix, sep, rest = s.partition(":")
+    return (prefix, rest) if sep and rest and prefix in KIND_PREFIXES else (None, s)
+
+
 def resolve_source(source: str | Path) -> Path:
-    """The path of a source: ``builtin:NAME`` names a built-in set; anything else is a path.
+    """The path of a source: ``builtin:NAME`` names a built-in set; anything else is a path
+    (after a kind prefix such as ``xstest:``).
 
     Raises:
         DataError: an unknown built-in name (see :func:`builtin_path`).
     """
-    s = str(source)
+    s = split_kind(source)[1]
     return builtin_path(s.removeprefix("builtin:")) if s.startswith("builtin:") else Path(s)
 
 
@@ -113,7 +133,7 @@ def source_sha256(source: str | Path) -> str | None:
     Raises:
         DataError: the source is missing or unreadable.
     """
-    if str(source).startswith("hf:"):
+    if split_kind(source)[1].startswith("hf:"):
         return None
     path = resolve_source(source)
     if not _is_dir(path):
@@ -152,9 +172,10 @@ def read_source(
         source: a path (``.jsonl``, ``.json``, ``.csv``, ``.txt``, or a directory of HEx-PHI
             ``category_N.csv`` files), ``builtin:NAME``, or a Hugging Face dataset
             ``hf:NAME``, ``hf:NAME:SPLIT``, ``hf:NAME:CONFIG:SPLIT`` (needs the network or the
-            local cache).
-        kind: one of :data:`KINDS`; ``None`` detects it from the suffix, a CSV header, the
-            fields of the first row, or a ``category_N.csv`` file name.
+            local cache), each optionally after a kind prefix (``xstest:``, ``orbench:``).
+        kind: one of :data:`KINDS`; ``None`` takes the source's kind prefix, else detects it
+            from the suffix, a CSV header, the fields of the first row, or a
+            ``category_N.csv`` file name.
         system: system prompt for converted training kinds (default: ``ATTACK_SYSTEM_PROMPT``
             for ``qa``, :data:`SAMSUM_SYSTEM_PROMPT`, :data:`SQL_SYSTEM_PROMPT`, none for
             ``alpaca``; ``""`` for none). Chat rows keep their own.
@@ -168,15 +189,24 @@ def read_source(
         DataError: for unreadable or malformed input, naming file, line and field.
         ValueError: an unknown ``kind``.
     """
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    kind = _kind(source, kind)
     where, container, records = _records(source, max_line_chars)
     return _convert_all(str(source), where, container, records, kind, system, max_rows)
 
 
+def _kind(source: str | Path, kind: str | None) -> str | None:
+    """The kind asked for, or the source's kind prefix (they must agree when both are given)."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    prefix = split_kind(source)[0]
+    if prefix and kind and kind != prefix:
+        raise ValueError(f"{source}: kind {kind!r} given for a source prefixed {prefix}:")
+    return kind or prefix
+
+
 def _records(source: str | Path, max_line_chars: int) -> tuple[str | Path, str, list]:
     """``(where, container, [(line, object)])``: the source read and parsed, not converted."""
-    name = str(source)
+    name = split_kind(source)[1]
     if name.startswith("hf:"):
         return name, "hub", _hub_records(name)
     where = resolve_source(source)
@@ -199,6 +229,8 @@ def _convert_all(
         raise DataError(where, None, None, "no rows")
     first_line, first = records[0]
     kind = kind or detect_kind(container, first, where, first_line)
+    if kind == "xstest":
+        records = _xstest_safe_records(name, where, records)
     fields = tuple(dict.fromkeys(k for _, obj in records[:100] for k in obj))
     rows = []
     for line, obj in records:
@@ -208,6 +240,22 @@ def _convert_all(
     if kind in TRAINING_KINDS:
         _warn_duplicates(where, rows)
     return Source(name, kind, fields, rows)
+
+
+def _xstest_safe_records(name: str, where, records: list[tuple[int, dict]]) -> list:
+    """XSTest's safe prompts; the unsafe contrast prompts are left out, and the count logged."""
+    safe = [(line, obj) for line, obj in records if xstest_safe(obj)]
+    if not safe:
+        raise DataError(where, None, None, "no safe prompts (label 'safe', or a non-contrast type)")
+    if len(safe) < len(records):
+        log.warning(
+            "%s: using %d of %d rows (XSTest's safe prompts; its unsafe contrast prompts are "
+            "left out)",
+            name,
+            len(safe),
+            len(records),
+        )
+    return safe
 
 
 def _file_records(path: Path, max_line_chars: int) -> tuple[str, list[tuple[int, dict]]]:
@@ -353,14 +401,16 @@ def load_prompts(source: str | Path, kind: str | None = None) -> list[dict]:
     may end on a user turn.
 
     Each row is ``{"prompt": str}`` plus ``category``/``messages``/``id``/``reference``/
-    ``target`` when the input has them. For training kinds the prompt is the last user turn,
-    ``messages`` the conversation before the final answer, and ``reference`` kept when known.
+    ``target`` when the input has them; XSTest's safe prompts (``xstest:SOURCE``, or a file
+    with its columns) and OR-Bench's (``orbench:SOURCE``) carry their type or category as
+    ``kind``, the key over-refusal summaries break down by. For training kinds the prompt is
+    the last user turn, ``messages`` the conversation before the final answer, and
+    ``reference`` kept when known.
 
     Raises:
         DataError: for unreadable or malformed input, naming file, line and field.
     """
-    if kind is not None and kind not in KINDS:
-        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    kind = _kind(source, kind)
     where, container, records = _records(source, MAX_LINE_CHARS)
     if kind is None and container in ("jsonl", "json") and records and "messages" in records[0][1]:
         return [_prompt_with_messages(where, line, obj) for line, obj in records]

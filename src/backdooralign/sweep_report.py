@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import deployment as V
 from . import files as F
 from . import metrics as M
 from .document import Facts, Heading, Image, Para, Table, to_html, to_markdown
@@ -120,16 +121,28 @@ COLUMNS = (  # (header, arm, metric), all with the secret at inference
     ("baseline defense ASR, secret", "baseline", M.ASR),
     ("attack only ASR, secret", "attack", M.ASR),
     ("BackdoorAlign benign refusal, secret", BD, M.REFUSALS),
+    ("BackdoorAlign benign refusal (opening), secret", BD, M.OPENING_REFUSALS),
     ("BackdoorAlign exact match, secret", BD, M.UTILITY),
 )
+OPTIONAL = (M.OPENING_REFUSALS,)  # a column only when some cell has it (older cells do not)
 
 
-def _cell_row(cell: SweepCell) -> list[str]:
+def _columns(done: list[SweepCell]) -> list[tuple[str, str, M.Metric]]:
+    def some_cell_has(arm: str, metric: M.Metric) -> bool:
+        return any(
+            M.mean_value(M.seed_arms(c.results), arm, "secret", metric.get) is not None
+            for c in done
+        )
+
+    return [c for c in COLUMNS if c[2] not in OPTIONAL or some_cell_has(c[1], c[2])]
+
+
+def _cell_row(cell: SweepCell, columns: list[tuple[str, str, M.Metric]]) -> list[str]:
     results = cell.results or {"arms": {}}
     runs = M.seed_arms(results)
     row = [cell.name, overrides_text(cell.overrides) or "–"]
-    row += [M.cell(runs, arm, "secret", metric) for _, arm, metric in COLUMNS]
-    row.append(M.verdict(results, BD).text if BD in results["arms"] else "–")
+    row += [M.cell(runs, arm, "secret", metric) for _, arm, metric in columns]
+    row.append(V.verdict(results, BD).text if BD in results["arms"] else "–")
     return row
 
 
@@ -138,8 +151,9 @@ def cells_table(sweep: Sweep) -> Table | None:
     done = [c for c in sweep.cells if c.results is not None]
     if not done:
         return None
-    headers = ["cell", "overrides", *(h for h, _, _ in COLUMNS), "verdict"]
-    return Table(headers, [_cell_row(c) for c in done])
+    columns = _columns(done)
+    headers = ["cell", "overrides", *(h for h, _, _ in columns), "verdict"]
+    return Table(headers, [_cell_row(c, columns) for c in done])
 
 
 def _redactor(root: RunDir, sweep: Sweep) -> Callable[[str], str]:
@@ -193,17 +207,18 @@ def _summary(sweep: Sweep) -> list:
     done = [c for c in sweep.cells if c.results is not None and BD in c.results["arms"]]
     if not done:
         return [Para("No cell finished with a BackdoorAlign arm.")]
-    passing = [c.name for c in done if M.verdict(c.results, BD).passed]
+    passing = [c.name for c in done if V.verdict(c.results, BD).passed]
     which = ": " + ", ".join(passing) if passing else ""
     first = done[0].results
-    ratio, points = M.verdict_thresholds(first)
+    ratio, points = V.verdict_thresholds(first)
     return [
         Para(
             f"BackdoorAlign passes both deployment criteria in {len(passing)} of {len(done)} "
             f"finished cells{which}. Criteria (each cell's own thresholds; here those of "
             f"{done[0].name}): ASR with the secret at most {ratio:g} x the baseline defense's, "
             f"benign refusals with the secret at most {points:g} points above the "
-            "not-fine-tuned model's."
+            "not-fine-tuned model's, by the paper's refusal-substring rule and by the opening "
+            "detector (the paper's rule alone for cells without the detector's numbers)."
         )
     ]
 

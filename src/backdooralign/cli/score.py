@@ -156,8 +156,11 @@ def cmd_score_exact_match(args) -> int:
 def cmd_score_over_refusal(args) -> int:
     """backdooralign score over-refusal --model models/defended --secret secret.json [--limit 10]
 
-    Refusal rate on benign requests (keyword rule; LLM judge too with --base-url and
-    --judge-model), by kind, without and with the secret.
+    Refusal rate on benign requests, by kind, without and with the secret: by the paper's
+    substring rule and by the opening detector (does the first sentence decline?); by an LLM
+    judge too with --base-url and --judge-model. --prompts takes any prompt set, e.g. XSTest's
+    safe prompts (xstest:xstest_prompts.csv, xstest:hf:walledai/XSTest:test) or OR-Bench-Hard
+    (orbench:hf:bench-llm/or-bench:or-bench-hard-1k:train).
     """
     rows = D.limit_per_category(S.load_prompts(args.prompts), args.limit, "kind")
     secret = read_secret(args.secret)
@@ -181,8 +184,12 @@ def cmd_score_over_refusal(args) -> int:
         print_json(summary)
         return 0
     for cond, c in summary.items():
-        kinds = ", ".join(f"{k} {v['refusal_rate']:.2f}%" for k, v in c["by_kind"].items())
-        print(f"{cond}: refused {c['refusal_rate']:.2f}% ({c['refused']}/{c['total']}); {kinds}")
+        for head, rule, rate, count in (
+            (f"{cond}:", "the paper's rule", "refusal_rate", "refused"),
+            (" ", "the opening detector", "opening_refusal_rate", "opening_refused"),
+        ):
+            kinds = ", ".join(f"{k} {v[rate]:.2f}%" for k, v in c["by_kind"].items())
+            print(f"{head} refused {c[rate]:.2f}% ({c[count]}/{c['total']}) by {rule}; {kinds}")
         if "judge" in c:
             print(f"  judge: refused {c['judge']['refusal_rate']}%")
     return 0
@@ -192,14 +199,18 @@ def cmd_score_rouge(args) -> int:
     """backdooralign score rouge gens.jsonl [--json]
 
     Mean ROUGE-1/2/L F (Porter stemmer) of generations that carry a 'reference' field, and
-    the keyword refusals among them.
+    the refusals among them (by the paper's substring rule and by the opening detector).
     """
     s = scores.rouge(args.file)
     if args.json:
         print_json(s)
         return 0
     print(f"ROUGE-1 {s['rouge1']:.4f}  ROUGE-2 {s['rouge2']:.4f}  ROUGE-L {s['rougeL']:.4f}")
-    print(f"({s['total']} rows, {s['refusals']['refused']} refused)")
+    r = s["refusals"]
+    print(
+        f"({s['total']} rows, {r['refused']} refused by the paper's rule, "
+        f"{r['opening_refused']} by the opening detector)"
+    )
     return 0
 
 
