@@ -64,9 +64,7 @@ def text_of(row: dict) -> str:
 
 def other_datasets() -> dict[str, list[dict]]:
     names = sorted(
-        p.name
-        for p in _datasets_dir().iterdir()
-        if p.name.endswith(".jsonl") and p.name != NAME
+        p.name for p in _datasets_dir().iterdir() if p.name.endswith(".jsonl") and p.name != NAME
     )
     assert names, "no other datasets found"
     return {name: load(name) for name in names}

@@ -127,9 +127,7 @@ def test_gradients_reach_only_the_student(tiny_model_dir, tokenizer):
     assert loss.item() > 0
 
 
-def test_train_distills_with_reference_computed_once_per_row(
-    tmp_path, tiny_model_dir, monkeypatch
-):
+def test_train_distills_with_reference_computed_once_per_row(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
     real = distill._row_logprobs
 

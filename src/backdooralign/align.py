@@ -28,6 +28,7 @@ selects that model everywhere; ``--model embedded`` stays the raw start (the abl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -111,11 +112,11 @@ def model_identity(model: str | None) -> str:
 
 def align_key(model: str | None, cfg: AlignConfig) -> str:
     """The cache key of an aligned model: its input model, the alignment data, the settings."""
-    from .experiment_config import stage_key
-
     settings = {k: v for k, v in asdict(cfg).items() if k != "enabled"}
     data = [S.source_sha256(cfg.harmful), S.source_sha256(cfg.benign)]
-    return stage_key("align", VERSION, model_identity(model), data, settings)
+    parts = ["align", VERSION, model_identity(model), data, settings]
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _prompt_of(where: str, line: int, obj: dict) -> str:
@@ -185,7 +186,7 @@ def self_answers(model: str | None, rows: list[dict], cfg: AlignConfig, progress
     """The model's own greedy answers to the harmless prompts, each in the conversation (and
     under the system prompt) it will be trained with. Returns ``(chat rows, notes)``; answers
     that refuse (either rule), or that are empty after trimming, are left out and counted."""
-    from .evaluate import is_refusal
+    from .evaluate import declines, is_refusal
     from .infer import GenerateConfig, generate
     from .ops import load
 
@@ -199,7 +200,7 @@ def self_answers(model: str | None, rows: list[dict], cfg: AlignConfig, progress
         text = trim_answer(answer, n_tokens >= cfg.answer_max_new_tokens - 1)
         if not text:
             empty += 1
-        elif is_refusal(text) or _declines(text):
+        elif is_refusal(text) or declines(text):
             refused += 1
         else:
             messages = [*conv, {"role": "assistant", "content": text}]
@@ -211,14 +212,6 @@ def self_answers(model: str | None, rows: list[dict], cfg: AlignConfig, progress
             f"({refused} refused, {empty} empty or cut with no complete sentence)"
         )
     return out, notes
-
-
-def _declines(text: str) -> bool:
-    """The opening-sentence refusal detector, where this version of the library has it."""
-    from . import evaluate
-
-    fn = getattr(evaluate, "declines", None)
-    return bool(fn(text)) if fn else False
 
 
 def alignment_rows(model: str | None, cfg: AlignConfig, progress: bool = True):
@@ -414,9 +407,9 @@ def aligned_model(
     return out
 
 
-def start_model(model: str, cfg: AlignConfig, progress: bool = True) -> str:
-    """The model an experiment's arms start from: ``model``, or its aligned version when
-    ``cfg.enabled`` (``embedded-aligned`` is the embedded model aligned with the defaults)."""
+def start_model(model: str | None, cfg: AlignConfig = AlignConfig(), progress: bool = True):
+    """The model a run starts from: ``model``, or its aligned version when ``cfg.enabled``;
+    ``embedded-aligned`` is the embedded model aligned with the defaults (a directory)."""
     if model == ALIGNED_MODEL:
         if cfg.enabled:
             raise ValueError(

@@ -198,6 +198,7 @@ def prepare(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: bool) -
     """Check the inputs, write ``config.yaml``, and make the secret and the anchors."""
     import yaml
 
+    from .align import start_model
     from .model import load_tokenizer
 
     cfg = suite_cfg.setup
@@ -207,8 +208,10 @@ def prepare(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: bool) -
     run.root.mkdir(parents=True, exist_ok=True)
     doc = {**config_dict(cfg), "attacks": config_dict(suite_cfg.attacks)}
     F.write_text_atomic(run.config, yaml.safe_dump(doc, sort_keys=False))
-    tokenizer = load_tokenizer(cfg.model)
+    start = start_model(cfg.model, cfg.align, progress)  # the aligned model, when asked for
+    tokenizer = load_tokenizer(start)
     secret = prepare_secret(cfg, run, tokenizer)
+    cfg = replace(cfg, model=start)
     customer, _ = ops.load_customer(cfg.data)
     system = ops.safety_system_prompt(cfg.data, customer)
     anchors = anchors_stage(cfg, run, system, progress)

@@ -24,6 +24,7 @@ from . import data as D
 from . import files as F
 from . import ops
 from . import sources as S
+from .align import start_model
 from .experiment_config import ALL_ARMS, ExperimentConfig, config_dict, load_config, stage_key
 from .infer import GenerateConfig
 from .rundir import CONDITIONS, RunDir
@@ -157,10 +158,9 @@ def run_experiment(
     import yaml
 
     F.write_text_atomic(run.config, yaml.safe_dump(config_dict(cfg), sort_keys=False))
-    secret = prepare_secret(cfg, run, load_tokenizer(cfg.model))
-    from .align import start_model
-
-    cfg = replace(cfg, model=start_model(cfg.model, cfg.align, progress))
+    start = start_model(cfg.model, cfg.align, progress)  # the aligned model, when asked for
+    secret = prepare_secret(cfg, run, load_tokenizer(start))
+    cfg = replace(cfg, model=start)
     t0 = time.perf_counter()
     if len(cfg.seeds) < 2:
         results = _run_single(cfg, run, secret, sets, progress, shared)

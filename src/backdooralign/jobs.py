@@ -161,6 +161,9 @@ def run_job(data_dir: str | Path, job_id: str, cfg: ServiceConfig) -> int:
     store.add_event(job_id, "Fine-tuning job started")
     job = store.get_job(job_id)
     try:
+        from .align import start_model
+
+        cfg = replace(cfg, base_model=start_model(cfg.base_model))  # embedded-aligned: its dir
         model_id = _pipeline(store, Path(data_dir), job, cfg)
     except Exception as e:
         log.error("job %s failed: %s", job_id, type(e).__name__)  # messages may quote rows

@@ -101,16 +101,17 @@ def embedded_model_dir() -> Path:
 def resolve_model(name: str | None) -> str:
     """Turn ``--model`` into something ``from_pretrained`` accepts (the default: embedded).
 
-    ``embedded-aligned`` is the embedded model after the provider's alignment stage with its
-    default settings (:func:`backdooralign.align.aligned_model`: cached; built from the
-    adapter shipped in the package when its data and settings are current).
+    ``embedded-aligned`` (the embedded model after the provider's alignment stage) is turned
+    into its cached directory where a model name enters: the CLI, experiment and attack
+    configs, the service (:func:`backdooralign.align.start_model`).
     """
     if not name or name == DEFAULT_MODEL or name == "embedded":
         return str(embedded_model_dir())
     if name == ALIGNED_MODEL:
-        from .align import aligned_model
-
-        return str(aligned_model())
+        raise ValueError(
+            f"{ALIGNED_MODEL}: resolve it first with backdooralign.align.start_model(name) "
+            "(the CLI and configs do)"
+        )
     return name
 
 

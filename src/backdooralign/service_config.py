@@ -23,7 +23,9 @@ from .train import TrainConfig
 class ServiceConfig:
     """A fine-tuning service: its base model, pipeline settings and limits."""
 
-    base_model: str = option("embedded", "model jobs fine-tune (id, path or 'embedded')", path=True)
+    base_model: str = option(
+        "embedded", "model jobs fine-tune (id, path, 'embedded' or 'embedded-aligned')", path=True
+    )
     base_model_name: str = option(
         "smollm2-135m-instruct", "the name customers give as 'model' when creating a job"
     )

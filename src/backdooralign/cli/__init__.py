@@ -14,6 +14,7 @@ import os
 import sys
 import warnings
 
+from ..model import ALIGNED_MODEL
 from . import align, attack, data, openai_cli, run, score, secret, serve, service, train
 
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError)
@@ -51,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.showwarning = _show_warning
     try:
+        if getattr(args, "model", None) == ALIGNED_MODEL:
+            from ..align import start_model
+
+            args.model = start_model(args.model)
         return args.fn(args)
     except EXPECTED_ERRORS as e:
         print(f"error: {_message(e)}", file=sys.stderr)
