@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install model browser demo test test-fast lint format bench clean
+.PHONY: install model browser demo test test-fast lint format bench clean aligned-artifact
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,17 @@ format: install
 
 bench: model
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/bench_train.py
+
+# Rebuild the alignment adapter shipped in the package (after changing the alignment set or its
+# defaults; about 30 minutes on 2 CPU cores). tests/test_align_artifact.py says when it is due.
+ARTIFACT := src/backdooralign/artifacts/aligned_smollm2
+aligned-artifact: model
+	rm -rf runs/aligned-artifact
+	HF_HUB_OFFLINE=1 $(VENV)/bin/backdooralign align --model embedded --out runs/aligned-artifact
+	mkdir -p $(ARTIFACT)/adapter
+	cp runs/aligned-artifact/adapter/adapter_config.json \
+	   runs/aligned-artifact/adapter/adapter_model.safetensors $(ARTIFACT)/adapter/
+	cp runs/aligned-artifact/align_metrics.json $(ARTIFACT)/
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

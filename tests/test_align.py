@@ -138,3 +138,17 @@ def test_aligned_model_is_built_once_per_key(small_sets, tmp_path, tiny_model_di
 def _no_eval():
     empty = {"asr": 0.0, "jailbroken": 0, "total": 0, "answers": []}
     return {"harmful": empty, "benign": {"refusal_rate": 0.0, "refused": 0, "total": 0}}
+
+
+def test_cli_align_prints_before_and_after(small_sets, tmp_path, tiny_model_dir, capsys):
+    from backdooralign.cli import main
+
+    harmful, benign = small_sets
+    argv = ["align", "--model", tiny_model_dir, "--out", str(tmp_path / "a"), "--harmful",
+            harmful, "--benign", benign, "--epochs", "1", "--answer-max-new-tokens", "8",
+            "--json"]  # fmt: skip
+    assert main(argv) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["path"] == str(tmp_path / "a") and doc["rows"]["harmful"] == 6
+    assert set(doc["before"]) == {"asr", "jailbroken", "benign_refusal", "benign_opening_refusal"}
+    assert doc["after"]["jailbroken"].endswith("/275")

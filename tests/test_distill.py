@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -159,3 +160,43 @@ def test_distill_weight_zero_is_hard_labels(tmp_path, tiny_model_dir):
     b = train(tiny_model_dir, _rows(), tmp_path / "b", zero, secret=SECRET)
     assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
     assert (tmp_path / "b" / MODEL_INFO).exists()
+
+
+def test_cli_train_distill_kl(tmp_path, tiny_model_dir, capsys):
+    from backdooralign.cli import main
+    from backdooralign.secret import load_secret
+
+    secret_path = tmp_path / "secret.json"
+    assert main(["secret", "new", "--model", tiny_model_dir, "--seed", "1", "--length", "8",
+                 "--out", str(secret_path)]) == 0  # fmt: skip
+    data = tmp_path / "train.jsonl"
+    args = [
+        "build",
+        "--arm",
+        "backdooralign",
+        "--data",
+        "builtin:attack",
+        "--attack-per-category",
+        "1",
+        "--secret",
+        str(secret_path),
+        "--out",
+        str(data),
+    ]
+    assert main(args) == 0  # fmt: skip
+    train = ["train", "--model", tiny_model_dir, "--data", str(data), "--epochs", "1",
+             "--batch-size", "11", "--no-bf16", "--distill", "kl"]  # fmt: skip
+    capsys.readouterr()
+    assert main([*train, "--out", str(tmp_path / "m0")]) == 1
+    assert "needs the secret" in capsys.readouterr().err
+    other = tmp_path / "other.json"
+    assert main(["secret", "new", "--model", tiny_model_dir, "--seed", "2", "--length", "8",
+                 "--out", str(other)]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main([*train, "--secret", str(other), "--out", str(tmp_path / "m1")]) == 1
+    assert load_secret(secret_path).fingerprint in capsys.readouterr().err  # names both
+    code = main([*train, "--secret", str(secret_path), "--out", str(tmp_path / "m2"), "--json"])
+    assert code == 0
+    metrics = json.loads((tmp_path / "m2" / "train_metrics.json").read_text())
+    assert metrics["distilled_rows"] == 11  # the 11 safety examples (no anchors asked for)
+    assert load_secret(secret_path).text not in capsys.readouterr().out

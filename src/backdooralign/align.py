@@ -50,6 +50,7 @@ DEFAULT_SYSTEMS = ("", "You are a helpful assistant.", ATTACK_SYSTEM_PROMPT)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 METRICS = "align_metrics.json"
 ADAPTER = "adapter"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 VERSION = 1  # bump when the alignment pipeline changes what it builds from the same inputs
 ARTIFACT = Path(__file__).parent / "artifacts" / "aligned_smollm2"
 EVAL_HARMFUL = "builtin:harmful_eval"
@@ -265,6 +266,12 @@ def _fp16_adapter(adapter_dir: Path) -> None:
     save_file(weights, path, metadata={"format": "pt"})
 
 
+def _copy_adapter(src: Path, dst: Path) -> None:
+    dst.mkdir(parents=True)
+    for name in ADAPTER_FILES:
+        shutil.copyfile(src / name, dst / name)
+
+
 def materialize(base: str | None, adapter_dir: Path, out: Path) -> None:
     """Write ``base`` with the LoRA adapter of ``adapter_dir`` merged in (fp32) to ``out``."""
     import torch
@@ -334,7 +341,7 @@ def align_model(model: str | None, cfg: AlignConfig, out: str | Path, progress: 
         if cfg.lora:
             _fp16_adapter(trained)
             materialize(model, trained, final)
-            shutil.copytree(trained, final / ADAPTER)
+            _copy_adapter(trained, final / ADAPTER)
         else:
             os.replace(trained, final)
         shutil.move(str(work / "align_set.jsonl"), final / "align_set.jsonl")
@@ -392,7 +399,7 @@ def aligned_model(
         try:
             final = work / "model"
             materialize(model, ARTIFACT / ADAPTER, final)
-            shutil.copytree(ARTIFACT / ADAPTER, final / ADAPTER)
+            _copy_adapter(ARTIFACT / ADAPTER, final / ADAPTER)
             _finish(out, final, F.read_json(ARTIFACT / METRICS))
         finally:
             shutil.rmtree(work, ignore_errors=True)
