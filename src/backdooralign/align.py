@@ -90,9 +90,12 @@ class AlignConfig:
     lora_r: int = option(8, "LoRA rank", minimum=1)
     lora_alpha: int = option(16, "LoRA alpha", minimum=1)
     lora_targets: tuple[str, ...] = option(ALL_LINEAR, "modules that get LoRA adapters")
-    epochs: float = option(3.0, "passes over the alignment set", minimum=0.01)
-    lr: float = option(1e-3, "peak learning rate", minimum=0)
+    epochs: float = option(2.0, "passes over the alignment set", minimum=0.01)
+    lr: float = option(5e-4, "peak learning rate", minimum=0)
     batch_size: int = option(8, "rows per optimizer step", minimum=1)
+    group_by_length: bool = option(
+        False, "batch rows of similar length (false: refusals and answers mixed in each batch)"
+    )
     seed: int = option(0, "training and shuffle seed")
 
 
@@ -166,6 +169,18 @@ def load_benign(cfg: AlignConfig) -> tuple[list[dict], list[str]]:
     return kept, notes
 
 
+def _memo(name: str, parts: list, fn):
+    """``fn()``'s JSON result, kept in the cache under a hash of ``parts``: the input
+    model's self-answers and numbers are the same for every alignment of that model."""
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    path = _cache_root().parent / "align-work" / f"{name}-{key[:16]}.json"
+    if path.is_file():
+        return F.read_json(path)
+    value = fn()
+    F.write_json(path, value)
+    return value
+
+
 def _system(cfg: AlignConfig, i: int) -> str | None:
     text = cfg.systems[i % len(cfg.systems)] if cfg.systems else ""
     return text or None
@@ -189,12 +204,18 @@ def self_answers(model: str | None, rows: list[dict], cfg: AlignConfig, progress
     that refuse (either rule), or that are empty after trimming, are left out and counted."""
     from .evaluate import declines, is_refusal
     from .infer import GenerateConfig, generate
+    from .model import load_tokenizer
     from .ops import load
 
-    model_obj, tok = load(model)
     convs = [build_conversation(r["prompt"], system=_system(cfg, i)) for i, r in enumerate(rows)]
     gen = GenerateConfig(max_new_tokens=cfg.answer_max_new_tokens, batch_size=32)
-    answers = generate(model_obj, tok, convs, gen, progress=progress, desc="align: self-answers")
+
+    def answer():
+        model_obj, tok = load(model)
+        return generate(model_obj, tok, convs, gen, progress=progress, desc="align: self-answers")
+
+    answers = _memo("answers", [model_identity(model), convs, gen.max_new_tokens], answer)
+    tok = load_tokenizer(model)
     out, refused, empty = [], 0, 0
     for conv, row, answer in zip(convs, rows, answers, strict=True):
         n_tokens = len(tok(answer, add_special_tokens=False)["input_ids"])
@@ -295,6 +316,7 @@ def _train_config(cfg: AlignConfig):
         lr=cfg.lr,
         batch_size=cfg.batch_size,
         seed=cfg.seed,
+        group_by_length=cfg.group_by_length,
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_targets=cfg.lora_targets,
@@ -354,7 +376,8 @@ def align_model(model: str | None, cfg: AlignConfig, out: str | Path, progress: 
                      "benign": sum(r["source"] == "align_benign" for r in rows)},
             "notes": notes,
             "train": {k: v for k, v in train_metrics.items() if k not in ("config", "losses")},
-            "before": evaluate_model(model, progress),
+            "before": _memo("eval", [VERSION, model_identity(model), EVAL_MAX_NEW_TOKENS],
+                            lambda: evaluate_model(model, progress)),
             "after": evaluate_model(str(final), progress),
         }  # fmt: skip
         times["evaluate"] = round(time.perf_counter() - t1, 1)
