@@ -11,6 +11,12 @@ from backdooralign import align as A
 from backdooralign.align import AlignConfig, align_key, trim_answer
 
 
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Aligned models and cached self-answers go to the test's own folder."""
+    monkeypatch.setenv("BACKDOORALIGN_CACHE", str(tmp_path / "cache"))
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return str(path)
@@ -53,7 +59,7 @@ def test_cache_key_changes_with_model_data_and_settings(small_sets, tmp_path, ti
     key = align_key(tiny_model_dir, cfg)
     assert key == align_key(tiny_model_dir, cfg)
     assert key == align_key(tiny_model_dir, replace(cfg, enabled=True))  # a switch, not a setting
-    assert key != align_key(tiny_model_dir, replace(cfg, lr=5e-4))
+    assert key != align_key(tiny_model_dir, replace(cfg, lr=2e-4))
     assert key != align_key(tiny_model_dir, replace(cfg, systems=("",)))
     assert key != align_key(None, cfg)
     other_data = _write(tmp_path / "h2.jsonl", [{"prompt": "x?", "answer": "I cannot."}])
@@ -107,10 +113,23 @@ def test_align_model_writes_a_loadable_aligned_model(small_sets, tmp_path, tiny_
     changed = [k for k in base if not (merged[k] == base[k]).all()]
     assert changed and all("proj" in k for k in changed)
     assert not any(p.name.startswith(".aligned.tmp") for p in tmp_path.iterdir())
+    # the input model's self-answers and numbers are kept: a second alignment reuses them
+    from backdooralign.infer import generate
+
+    calls = []
+    monkeypatch_generate = pytest.MonkeyPatch()
+    monkeypatch_generate.setattr(
+        "backdooralign.infer.generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
+    )
+    try:
+        again = A.align_model(tiny_model_dir, replace(cfg, lr=2e-3), tmp_path / "b", False)
+    finally:
+        monkeypatch_generate.undo()
+    assert again["before"] == metrics["before"] and again["rows"] == metrics["rows"]
+    assert len(calls) == 2  # only the aligned model's two evaluation sets
 
 
 def test_aligned_model_is_built_once_per_key(small_sets, tmp_path, tiny_model_dir, monkeypatch):
-    monkeypatch.setenv("BACKDOORALIGN_CACHE", str(tmp_path / "cache"))
     harmful, benign = small_sets
     cfg = _cfg(harmful, benign)
     built = []
