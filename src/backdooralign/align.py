@@ -90,11 +90,11 @@ class AlignConfig:
     lora_r: int = option(8, "LoRA rank", minimum=1)
     lora_alpha: int = option(16, "LoRA alpha", minimum=1)
     lora_targets: tuple[str, ...] = option(ALL_LINEAR, "modules that get LoRA adapters")
-    epochs: float = option(2.0, "passes over the alignment set", minimum=0.01)
-    lr: float = option(5e-4, "peak learning rate", minimum=0)
+    epochs: float = option(3.0, "passes over the alignment set", minimum=0.01)
+    lr: float = option(1e-3, "peak learning rate", minimum=0)
     batch_size: int = option(8, "rows per optimizer step", minimum=1)
     group_by_length: bool = option(
-        False, "batch rows of similar length (false: refusals and answers mixed in each batch)"
+        True, "batch rows of similar length (false: refusals and answers mixed in each batch)"
     )
     seed: int = option(0, "training and shuffle seed")
 
