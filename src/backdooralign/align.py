@@ -2,10 +2,9 @@
 
 BackdoorAlign restores alignment; it cannot create it. The paper's model (Llama-2-7B-Chat)
 refuses harmful requests before any customer touches it, and the secret only routes the
-fine-tuned model back to that judgement. A model that was never aligned (the embedded
-SmolLM2-135M-Instruct answers most harmful prompts) has nothing to be routed back to, and the
-secret learns "refuse" from the few safety examples alone. :func:`align_model` builds the
-premise in, before any customer data:
+fine-tuned model back to that judgement. An unaligned model (the embedded SmolLM2) has nothing
+to be routed back to: the secret learns "refuse" from the few safety examples alone.
+:func:`align_model` builds the premise in, before any customer data:
 
 1. the alignment set: harmful prompts answered with refusals in varied wording
    (``builtin:align_harmful``) and harmless prompts, plain and alarming-but-harmless
@@ -22,8 +21,8 @@ premise in, before any customer data:
 :func:`aligned_model` caches the result under ``$BACKDOORALIGN_CACHE/aligned/`` by a hash of
 model, data and settings (:func:`align_key`), so it is built once per machine; for the
 embedded model and the default settings the adapter shipped in the package
-(``artifacts/aligned_smollm2``) is merged instead, in seconds. ``--model embedded-aligned``
-selects that model everywhere; ``--model embedded`` stays the raw start (the ablation).
+(``artifacts/aligned_smollm2``) is merged instead, in seconds. ``embedded-aligned`` selects it
+everywhere; ``embedded`` stays the raw start (the ablation).
 """
 
 from __future__ import annotations
@@ -76,9 +75,7 @@ class AlignConfig:
     harmful_per_category: int | None = option(
         None, "first N harmful rows of each category (default: all)", minimum=1
     )
-    benign_per_kind: int | None = option(
-        None, "first N harmless prompts of each kind (default: all)", minimum=1
-    )
+    benign_per_kind: int | None = option(None, "first N harmless prompts per kind", minimum=1)
     systems: tuple[str, ...] = option(
         DEFAULT_SYSTEMS,
         "system prompts the rows take in turn ('' = none: the template's own)",
