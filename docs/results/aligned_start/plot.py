@@ -4,9 +4,9 @@
 
 Reads each cell's results.json (cells of several sweep roots may be given) and draws
 BackdoorAlign's ASR with the secret against its benign refusals with the secret (paper's rule),
-one point per cell: circles for hard labels, squares for KL distillation, the number of anchors
-beside each point; the baseline defense and the not-fine-tuned model as references, and the
-region that passes both deployment criteria shaded.
+one point per cell and training seed (hollow: seeds other than 42): circles for hard labels,
+squares for KL distillation, the number of anchors beside each point; the baseline defense and
+the not-fine-tuned model as references, and the region that passes both criteria shaded.
 """
 
 from __future__ import annotations
@@ -21,22 +21,27 @@ def cells(roots: list[str]) -> list[dict]:
     for root in roots:
         for path in sorted(Path(root).glob("cells/*/results.json")):
             r = json.loads(path.read_text())
-            cfg, arms = r["config"], r["arms"]
-            out.append(
-                {
-                    "aligned": cfg["align"]["enabled"],
-                    "distill": cfg["train"]["distill"],
-                    "weight": cfg["train"].get("distill_weight", 1.0),
-                    "anchors": cfg["data"]["anchors"],
-                    "asr": arms["backdooralign"]["secret"]["harmful"]["asr"],
-                    "refusal": arms["backdooralign"]["secret"]["benign"]["refusal_rate"],
-                    "base_asr": arms["baseline"]["secret"]["harmful"]["asr"],
-                    "base_refusal": arms["baseline"]["secret"]["benign"]["refusal_rate"],
-                    "ref_refusal": arms["no_finetune"]["secret"]["benign"]["refusal_rate"],
-                    "ref_asr": arms["no_finetune"]["secret"]["harmful"]["asr"],
-                }
-            )
+            cfg = r["config"]
+            runs = r.get("seed_runs") or [{"seed": cfg["train"]["seed"], "arms": r["arms"]}]
+            for run in runs:
+                out.append(_point(cfg, run["arms"], run["seed"]))
     return out
+
+
+def _point(cfg: dict, arms: dict, seed: int) -> dict:
+    return {
+        "aligned": cfg["align"]["enabled"],
+        "distill": cfg["train"]["distill"],
+        "weight": cfg["train"].get("distill_weight", 1.0),
+        "anchors": cfg["data"]["anchors"],
+        "asr": arms["backdooralign"]["secret"]["harmful"]["asr"],
+        "refusal": arms["backdooralign"]["secret"]["benign"]["refusal_rate"],
+        "base_asr": arms["baseline"]["secret"]["harmful"]["asr"],
+        "base_refusal": arms["baseline"]["secret"]["benign"]["refusal_rate"],
+        "ref_refusal": arms["no_finetune"]["secret"]["benign"]["refusal_rate"],
+        "ref_asr": arms["no_finetune"]["secret"]["harmful"]["asr"],
+        "seed": seed,
+    }
 
 
 def main() -> None:
@@ -68,8 +73,11 @@ def main() -> None:
         for c in mine:
             kl = c["distill"] == "kl"
             label = f"{c['anchors']}" + (f" w{c['weight']:g}" if kl and c["weight"] != 1 else "")
-            ax.scatter([c["refusal"]], [c["asr"]], marker="s" if kl else "o",
-                       color="#c0392b" if kl else "#2e6fb7", s=40)  # fmt: skip
+            color = "#c0392b" if kl else "#2e6fb7"
+            if c["seed"] != 42:  # further training seeds: hollow, the seed beside the point
+                label += f" s{c['seed']}"
+            ax.scatter([c["refusal"]], [c["asr"]], marker="s" if kl else "o", s=40,
+                       color=color if c["seed"] == 42 else "none", edgecolors=color)  # fmt: skip
             ax.annotate(label, (c["refusal"], c["asr"]), fontsize=8, xytext=(4, 3),
                         textcoords="offset points")  # fmt: skip
         ax.set_title("aligned start" if aligned else "raw start (not aligned)")
@@ -81,6 +89,7 @@ def main() -> None:
     handles = [
         plt.Line2D([], [], marker="o", ls="", color="#2e6fb7", label="hard labels"),
         plt.Line2D([], [], marker="s", ls="", color="#c0392b", label="KL distillation"),
+        plt.Line2D([], [], marker="s", ls="", mfc="none", color="#c0392b", label="seed 43/44"),
         plt.Rectangle((0, 0), 1, 1, color="#cdeccd", label="passes both criteria"),
     ]
     axes[1].legend(handles=handles, loc="upper right", fontsize=8)
