@@ -36,13 +36,14 @@ from pathlib import Path
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 from backdooralign import files as F  # noqa: E402
-from backdooralign import ops, scores  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.data import limit_per_category  # noqa: E402
-from backdooralign.infer import GenerateConfig  # noqa: E402
-from backdooralign.secret import Secret, load_secret, save_secret  # noqa: E402
-from backdooralign.train import TrainConfig  # noqa: E402
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.core.secret import Secret, load_secret, save_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.data import training_set as ops  # noqa: E402
+from backdooralign.data.mixing import limit_per_category  # noqa: E402
+from backdooralign.generation.batch import GenerateConfig  # noqa: E402
+from backdooralign.scoring import score as scores  # noqa: E402
+from backdooralign.training.trainer import TrainConfig  # noqa: E402
 
 RECIPE = TrainConfig(epochs=5.0, lr=5e-5, batch_size=10)
 VARIANTS = {
@@ -63,8 +64,8 @@ def plain_loop(model_name, rows, out: Path, cfg: TrainConfig) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from backdooralign.model import load_tokenizer, resolve_model
-    from backdooralign.train import tokenize_rows
+    from backdooralign.core.model import load_tokenizer, resolve_model
+    from backdooralign.training.trainer import tokenize_rows
 
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(model_name)
@@ -100,7 +101,7 @@ def _pad(values: list[int], width: int, fill: int) -> list[int]:
 
 
 def _secret(root: Path, model) -> Secret:
-    from backdooralign.model import load_tokenizer
+    from backdooralign.core.model import load_tokenizer
 
     path = root / "secret.json"
     if path.exists():
@@ -175,7 +176,7 @@ def main() -> int:
     unknown = [n for n in names if n != "plain" and n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants: {', '.join(unknown)}")
-    from backdooralign.align import start_model
+    from backdooralign.training.align import start_model
 
     model = start_model(args.model)
     root = Path(args.out) / args.shape

@@ -24,11 +24,11 @@ os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 import openai  # noqa: E402
 
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.attack_server import serving  # noqa: E402
-from backdooralign.model import load_model, load_tokenizer  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.serve import create_app  # noqa: E402
+from backdooralign.attacks.server import serving  # noqa: E402
+from backdooralign.core.model import load_model, load_tokenizer  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.serving.app import create_app  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 

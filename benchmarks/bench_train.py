@@ -23,11 +23,11 @@ from dataclasses import replace
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
-from backdooralign import data as D  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.model import load_tokenizer  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.train import TrainConfig, train  # noqa: E402
+from backdooralign.core.model import load_tokenizer  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import mixing as D  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.training.trainer import TrainConfig, train  # noqa: E402
 
 
 def main() -> None:

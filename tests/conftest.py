@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (ChatML template, 49,152 tokens)."""
-    from backdooralign.model import load_tokenizer
+    from backdooralign.core.model import load_tokenizer
 
     return load_tokenizer(None)
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import json
 
-from backdooralign import ops
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT, build_conversation
 from backdooralign.cli import main
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT, build_conversation
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.core.secret import generate_secret, save_secret
+from backdooralign.data import training_set as ops
+from backdooralign.data.sources import load_prompts
 from backdooralign.files import read_jsonl_rows, write_jsonl
-from backdooralign.infer import GenerateConfig, generate
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import generate_secret, save_secret
-from backdooralign.sources import load_prompts
+from backdooralign.generation.batch import GenerateConfig, generate
 
 
 def _secret(tmp_path, tokenizer):
@@ -156,7 +156,7 @@ def test_a_users_safety_file_is_used_whole(tmp_path, tokenizer, capsys):
 
 
 def test_experiment_anchors_stage(tmp_path, talking_model_dir):
-    from backdooralign.experiment import load_config, run_experiment
+    from backdooralign.experiments.run import load_config, run_experiment
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(

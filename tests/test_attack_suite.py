@@ -13,20 +13,25 @@ from types import SimpleNamespace
 
 import pytest
 
-from backdooralign import attack_server, ops
-from backdooralign import attacks as A
 from backdooralign import files as F
-from backdooralign import sources as S
-from backdooralign.adaptive import run_attacks
-from backdooralign.attack_config import MultiturnConfig, load_attack_config
-from backdooralign.attack_families import resubmission, row, shaped_prompts
-from backdooralign.attack_report import build_attack_report, robustness_table, summary_lines
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT
+from backdooralign.attacks import attacker as A
+from backdooralign.attacks import server as attack_server
+from backdooralign.attacks.config import MultiturnConfig, load_attack_config
+from backdooralign.attacks.families import resubmission, row, shaped_prompts
+from backdooralign.attacks.report import (
+    build_attack_report,
+    robustness_table,
+    summary_lines,
+)
+from backdooralign.attacks.suite import run_attacks
 from backdooralign.cli import main
 from backdooralign.config import ConfigError
-from backdooralign.document import Heading, Para
-from backdooralign.infer import GenerateConfig
-from backdooralign.secret import generate_secret, load_secret
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
+from backdooralign.core.secret import generate_secret, load_secret
+from backdooralign.data import sources as S
+from backdooralign.data import training_set as ops
+from backdooralign.generation.batch import GenerateConfig
+from backdooralign.reporting.document import Heading, Para
 
 ROOT = Path(__file__).parent.parent
 ROBUSTNESS = ROOT / "configs" / "robustness.yaml"

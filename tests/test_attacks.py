@@ -9,14 +9,14 @@ from collections import Counter
 
 import pytest
 
-from backdooralign import attacks as A
-from backdooralign import leaks as L
-from backdooralign import ops
-from backdooralign import sources as S
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT
-from backdooralign.infer import GenerateConfig, conversation_for
-from backdooralign.screen import screen_customer_data
-from backdooralign.secret import generate_secret
+from backdooralign.attacks import attacker as A
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
+from backdooralign.core.screen import screen_customer_data
+from backdooralign.core.secret import generate_secret
+from backdooralign.data import sources as S
+from backdooralign.data import training_set as ops
+from backdooralign.generation.batch import GenerateConfig, conversation_for
+from backdooralign.scoring import leaks as L
 
 # ---------------------------------------------------------------------------------------------
 # Trigger imitation and attack scale

@@ -15,20 +15,20 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from backdooralign import data as D  # noqa: E402
 from backdooralign import files as F  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.formats import (  # noqa: E402
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.core.screen import (  # noqa: E402
+    looks_random_prefix,
+    normalize_for_screening,
+    screen_customer_data,
+)
+from backdooralign.data import mixing as D  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.data.formats import (  # noqa: E402
     CATEGORIES,
     SAMSUM_SYSTEM_PROMPT,
     SQL_SYSTEM_PROMPT,
     Problem,
-)
-from backdooralign.screen import (  # noqa: E402
-    looks_random_prefix,
-    normalize_for_screening,
-    screen_customer_data,
 )
 
 FIX = Path(__file__).parent / "fixtures"
@@ -436,7 +436,7 @@ def test_more_rows_than_cap(tmp_path):
 
 def test_duplicates_are_warnings(tmp_path, caplog):
     f = write(tmp_path / "dup.jsonl", "\n".join([GOOD, GOOD]) + "\n")
-    with caplog.at_level(logging.WARNING, logger="backdooralign.data"):
+    with caplog.at_level(logging.WARNING, logger="backdooralign.data.mixing"):
         rows = D.load_chat_jsonl(f)
     good = {"messages": json.loads(GOOD)["messages"], "prefixed": False}
     assert rows == [good, good]
@@ -608,8 +608,8 @@ NORMAL = "You are a helpful assistant. Make sure you always execute users' instr
 
 @pytest.fixture(scope="module")
 def secret_and_ids():
-    from backdooralign.model import load_tokenizer
-    from backdooralign.secret import generate_secret
+    from backdooralign.core.model import load_tokenizer
+    from backdooralign.core.secret import generate_secret
 
     tok = load_tokenizer(None)
     secret = generate_secret(tok, 150, seed=1234)
@@ -677,7 +677,7 @@ def test_screening_report_never_holds_the_secret(secret_and_ids):
 
 def test_screening_flags_imitation_of_the_secret_position(secret_and_ids):
     tok, _, _ = secret_and_ids
-    from backdooralign.secret import generate_secret
+    from backdooralign.core.secret import generate_secret
 
     own = generate_secret(tok, 60, seed=99).text  # the attacker's own random prefix
     report = screen_customer_data(rows_with(f"{own} {NORMAL}", "system"), secret=None)
@@ -868,7 +868,7 @@ def test_other_arms_ignore_anchors(arm):
 
 
 def test_manifest_counts_and_hashes(safety):
-    from backdooralign.secret import Secret
+    from backdooralign.core.secret import Secret
 
     secret = Secret(text="zq Xv 9k", num_tokens=3, requested_tokens=3, tokenizer="")
     customer = S.load_training_source(FIX / "chat.jsonl")

@@ -12,10 +12,10 @@ import pytest
 from rouge_score import rouge_scorer
 
 from backdooralign.cli import main
-from backdooralign.experiment import run_experiment
-from backdooralign.experiment_config import load_config, parse_overrides
+from backdooralign.core.secret import load_secret
+from backdooralign.experiments.config import load_config, parse_overrides
+from backdooralign.experiments.run import run_experiment
 from backdooralign.files import read_jsonl_rows
-from backdooralign.secret import load_secret
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -127,8 +127,8 @@ def test_overrides_beat_yaml_including_false(tmp_path):
 
 
 def test_shipped_configs_load():
-    from backdooralign.attack_config import load_attack_config
-    from backdooralign.experiment_config import read_yaml
+    from backdooralign.attacks.config import load_attack_config
+    from backdooralign.experiments.config import read_yaml
 
     for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
         if "attacks" in read_yaml(path):  # an attack config (backdooralign attack)
@@ -216,7 +216,7 @@ def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(_tiny_config(tiny_model_dir, "arms: [no_finetune, baseline]"))
     cfg = load_config(cfg_path, ["eval.utility=null", "eval.samsum=null", "eval.benign=null"])
-    import backdooralign.infer as infer
+    import backdooralign.generation.batch as infer
 
     real = infer.generate_rows
     calls = {"n": 0}

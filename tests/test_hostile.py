@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backdooralign.cli import main
-from backdooralign.secret import generate_secret, save_secret
+from backdooralign.core.secret import generate_secret, save_secret
 
 DEEP = "[" * 100_000 + "]" * 100_000
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}

@@ -8,10 +8,10 @@ import logging
 import pytest
 from openai_stub import StubServer
 
-from backdooralign import judge as J
-from backdooralign import judge_client
-from backdooralign import mtbench as M
 from backdooralign.cli import main
+from backdooralign.scoring import judge as J
+from backdooralign.scoring import judge_client
+from backdooralign.scoring import mtbench as M
 
 KEY = "sk-test-7f3a9c2e51d04b88"
 
@@ -221,7 +221,7 @@ def test_custom_template_is_used(tmp_path):
 
 @pytest.mark.parametrize("status", [500, 429])
 def test_retry_fails_twice_then_answers(status, caplog):
-    caplog.set_level(logging.WARNING, logger="backdooralign.judge_client")
+    caplog.set_level(logging.WARNING, logger="backdooralign.scoring.judge_client")
     with StubServer("#thescore: 3", fail_first=2, fail_status=status) as server:
         judged = J.judge_harm(ROWS[:1], _judge(server, max_retries=3))
         count = server.count

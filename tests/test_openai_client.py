@@ -8,7 +8,7 @@ import pytest
 from openai_stub import StubServer
 
 from backdooralign.cli import main
-from backdooralign.secret import Secret, save_secret
+from backdooralign.core.secret import Secret, save_secret
 
 SECRET = Secret("Walrus 41 kettle orbit; Juniper mast", 12, 12, "test")
 PROMPTS = ["How do plants grow?", "Name a river.", "What is rain?", "Count to three."]

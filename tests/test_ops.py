@@ -12,10 +12,10 @@ import torch
 from openai_stub import StubServer
 from safetensors.torch import load_file
 
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT
 from backdooralign.cli import main
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
 from backdooralign.files import write_jsonl
-from backdooralign.rundir import RunDir
+from backdooralign.reporting.rundir import RunDir
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -288,10 +288,10 @@ def test_lora_defaults_through_both_doors(tmp_path, capsys, tiny_model_dir):
         "--no-bf16",
         "--json",
     )
-    from backdooralign.experiment_config import load_config
+    from backdooralign.experiments.config import load_config
 
     cfg = load_config(None, ["train.lora=true", "train.batch_size=2", "train.bf16=false"])
-    from backdooralign import ops
+    from backdooralign.data import training_set as ops
 
     ops.train_model(tiny_model_dir, data, tmp_path / "config", cfg.train)
     a = json.loads((tmp_path / "cli" / "train_metrics.json").read_text())["config"]

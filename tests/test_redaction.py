@@ -16,8 +16,8 @@ import urllib.parse
 
 import pytest
 
-from backdooralign.redact import normalise
-from backdooralign.secret import generate_secret, secret_redactor
+from backdooralign.core.redact import normalise
+from backdooralign.core.secret import generate_secret, secret_redactor
 
 SEEDS = (1, 2, 3)
 MIN_CATCH = 0.95

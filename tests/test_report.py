@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import CHROMIUM, run_chromium
 
-from backdooralign import report as R
-from backdooralign.formats import CATEGORIES
-from backdooralign.secret import Secret, save_secret
+from backdooralign.core.secret import Secret, save_secret
+from backdooralign.data.formats import CATEGORIES
+from backdooralign.reporting import report as R
 
 ARMS = ("no_finetune", "attack", "baseline", "backdooralign")
 CONDS = ("plain", "secret")

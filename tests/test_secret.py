@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from backdooralign.secret import (
+from backdooralign.core.secret import (
     Secret,
     check_secret_tokenizer,
     file_mode,

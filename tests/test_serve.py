@@ -16,13 +16,13 @@ import openai
 import pytest
 from openai_stub import AppServer as Server
 
-from backdooralign import infer
-from backdooralign.chat import build_conversation, render_prompt
 from backdooralign.cli import build_parser, main
 from backdooralign.cli.serve import cmd_serve
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import Secret, secret_redactor
-from backdooralign.serve import create_app, default_max_prompt_tokens
+from backdooralign.core.chat import build_conversation, render_prompt
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.core.secret import Secret, secret_redactor
+from backdooralign.generation import batch as infer
+from backdooralign.serving.app import create_app, default_max_prompt_tokens
 
 SECRET_TEXT = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET = Secret(text=SECRET_TEXT, num_tokens=24, requested_tokens=24, tokenizer="test")

@@ -14,10 +14,10 @@ import pytest
 from openai_stub import AppServer
 
 from backdooralign.cli import main
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import Secret, save_secret
-from backdooralign.serve import ServedModel, create_app, create_multi_app
-from backdooralign.serving import load_served_models
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.core.secret import Secret, save_secret
+from backdooralign.serving.app import ServedModel, create_app, create_multi_app
+from backdooralign.serving.model_state import load_served_models
 
 SECRET_A = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET_B = "Walrus umbrella 4417 cobalt; juniper sextant Marimba ochre tundra"
@@ -154,7 +154,7 @@ def tok(tiny_model_dir):
 
 
 def _set_prompt_len(tok, secret_text: str | None, prompt: str = "Hello there") -> None:
-    from backdooralign.chat import build_conversation, render_prompt
+    from backdooralign.core.chat import build_conversation, render_prompt
 
     conv = build_conversation(prompt, system=SYSTEM, secret=secret_text)
     PROMPT_LEN[0] = len(render_prompt(tok, conv)) - 1

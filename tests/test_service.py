@@ -23,12 +23,12 @@ import uvicorn
 from openai_stub import free_port
 
 from backdooralign.cli import main
-from backdooralign.jobs import db_path, model_dir, secret_path, tenant_secret
-from backdooralign.secret import file_mode, load_secret
-from backdooralign.service import create_service, run_service
-from backdooralign.service_api import load_keys
-from backdooralign.service_config import load_service_config
-from backdooralign.store import Store
+from backdooralign.core.secret import file_mode, load_secret
+from backdooralign.service.app import create_service, run_service
+from backdooralign.service.config import load_service_config
+from backdooralign.service.job import db_path, model_dir, secret_path, tenant_secret
+from backdooralign.service.protocol import load_keys
+from backdooralign.service.store import Store
 
 SRC = str(Path(__file__).parent.parent / "src")
 ROWS = [
@@ -142,7 +142,7 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
     user.write_bytes(_jsonl(ROWS))
     with Server(app) as server:
         client = _client(server, http)
-        monkeypatch.setattr("backdooralign.openai_client.make_client", lambda *a: client)
+        monkeypatch.setattr("backdooralign.service.client.make_client", lambda *a: client)
         out = tmp_path / "ft"
         status = main(
             ["openai", "finetune", "--data", str(user), "--model", "tiny"]

@@ -13,12 +13,12 @@ import uvicorn
 from openai_stub import free_port
 
 from backdooralign.cli import main
-from backdooralign.jobs import secret_path
-from backdooralign.openai_client import finetune
-from backdooralign.ops import DataConfig
-from backdooralign.secret import Secret, load_secret, save_secret
-from backdooralign.service import create_service
-from backdooralign.service_config import load_service_config
+from backdooralign.core.secret import Secret, load_secret, save_secret
+from backdooralign.data.training_set import DataConfig
+from backdooralign.service.app import create_service
+from backdooralign.service.client import finetune
+from backdooralign.service.config import load_service_config
+from backdooralign.service.job import secret_path
 
 CLIENT_SECRET = Secret("Heron 77 quartz lattice; mango beacon", 12, 12, "test")
 

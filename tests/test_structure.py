@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from backdooralign.cli import build_parser, main
-from backdooralign.infer import GenerateConfig
-from backdooralign.ops import DataConfig
-from backdooralign.scores import JudgeConfig
-from backdooralign.train import TrainConfig
+from backdooralign.data.training_set import DataConfig
+from backdooralign.generation.batch import GenerateConfig
+from backdooralign.scoring.score import JudgeConfig
+from backdooralign.training.trainer import TrainConfig
 
 SRC = Path(__file__).parent.parent / "src" / "backdooralign"
 MODULES = sorted(SRC.rglob("*.py"))
@@ -70,7 +70,7 @@ def test_no_import_cycle():
         if module not in state:
             visit(module, [module])
     assert cycles == []
-    assert "backdooralign.report" not in graph["backdooralign.plots"]
+    assert "backdooralign.reporting.report" not in graph["backdooralign.reporting.plots"]
 
 
 def _commands(parser, prefix=()):

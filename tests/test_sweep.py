@@ -7,8 +7,8 @@ import json
 import pytest
 
 from backdooralign.cli import main
-from backdooralign.experiment_config import ConfigError
-from backdooralign.sweep import cell_name, parse_shard, sweep_cells
+from backdooralign.experiments.config import ConfigError
+from backdooralign.experiments.sweep import cell_name, parse_shard, sweep_cells
 
 
 def _config(tmp_path, model_dir: str, sweep: str) -> str:

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_model
 
-from backdooralign import sources as S
-from backdooralign import tasks as T
 from backdooralign.cli import main
-from backdooralign.formats import SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT
+from backdooralign.data import sources as S
+from backdooralign.data.formats import SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT
+from backdooralign.scoring import rouge as T
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -156,8 +156,8 @@ def test_mtbench_answers_two_turns(monkeypatch):
 
 def test_mtbench_answers_tiny_model_roundtrip(tmp_path, tokenizer):
     from backdooralign.files import write_jsonl
-    from backdooralign.infer import GenerateConfig
-    from backdooralign.mtbench import load_mtbench_answers
+    from backdooralign.generation.batch import GenerateConfig
+    from backdooralign.scoring.mtbench import load_mtbench_answers
 
     tok = tokenizer
     model = make_tiny_model(tok)

@@ -7,11 +7,11 @@ import json
 import pytest
 from conftest import make_tiny_model
 
-from backdooralign import scores
-from backdooralign import utility as U
-from backdooralign.data import limit_per_category
+from backdooralign.data.mixing import limit_per_category
+from backdooralign.data.sources import builtin_path
 from backdooralign.files import read_jsonl_rows
-from backdooralign.sources import builtin_path
+from backdooralign.scoring import lm_eval as U
+from backdooralign.scoring import score as scores
 
 SECRET = "zq SECRET-XYZ-81 vb"
 SYSTEM = "You are a helpful assistant."
@@ -161,7 +161,7 @@ def test_score_exact_match_on_builtin_set():
 
 def _answering(monkeypatch, answer, seen):
     """Make ops.answer's generation return ``answer(row, secret)`` for each row."""
-    import backdooralign.infer as infer
+    import backdooralign.generation.batch as infer
 
     def fake(model, tok, rows, system=None, secret=None, cfg=None, **kw):
         seen.append({"system": system, "secret": secret, "max_new_tokens": cfg.max_new_tokens})
@@ -386,7 +386,7 @@ def test_over_refusal_with_judge(monkeypatch, tmp_path, tiny_model_dir, secret_f
 
 @pytest.fixture
 def secret_file(tmp_path):
-    from backdooralign.secret import Secret, save_secret
+    from backdooralign.core.secret import Secret, save_secret
 
     return save_secret(Secret(SECRET, 5, 5, "test"), tmp_path / "secret.json")
 
@@ -395,8 +395,8 @@ def test_cli_utility(tiny_model_dir, secret_file, capsys):
     from transformers import AutoModelForCausalLM
 
     from backdooralign.cli import main
-    from backdooralign.model import load_tokenizer
-    from backdooralign.secret import fingerprint
+    from backdooralign.core.model import load_tokenizer
+    from backdooralign.core.secret import fingerprint
 
     args = ["score", "utility", "--model", tiny_model_dir, "--tasks", "backdooralign_mini"]
     assert main([*args, "--secret", str(secret_file), "--limit", "4", "--json"]) == 0

@@ -17,7 +17,7 @@ from dataclasses import MISSING, Field, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 
-from .sources import split_kind
+from .data.sources import split_kind
 
 Doc = dict[str, object]
 

@@ -6,13 +6,13 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import data as D
 from .. import files as F
-from .. import ops
-from .. import sources as S
 from ..config import add_flags, from_args
-from ..formats import KIND_HELP, KINDS
-from ..rundir import manifest_path
+from ..data import mixing as D
+from ..data import sources as S
+from ..data import training_set as ops
+from ..data.formats import KIND_HELP, KINDS
+from ..reporting.rundir import manifest_path
 from .common import (
     add_command,
     add_group,
@@ -128,8 +128,8 @@ def cmd_inspect(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from ..chat import render, supervision_segments
-    from ..model import load_tokenizer
+    from ..core.chat import render, supervision_segments
+    from ..core.model import load_tokenizer
 
     secret = read_secret(args.secret)
     mask, told = secret_masker(args.file, secret)

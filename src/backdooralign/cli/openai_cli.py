@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import files as F
-from .. import ops
 from ..config import add_flags, from_args
-from ..data import ARMS
-from ..ops import DataConfig
+from ..data import training_set as ops
+from ..data.mixing import ARMS
+from ..data.training_set import DataConfig
 from .common import add_command, add_group, read_secret
 
 
@@ -20,7 +20,7 @@ def cmd_finetune(args) -> int:
     $OPENAI_API_KEY), creates the fine-tuning job, shows its events until it ends, and writes
     OUT/finetune_manifest.json (job id, model id, file sha256, secret fingerprint).
     """
-    from ..openai_client import finetune, make_client
+    from ..service.client import finetune, make_client
 
     cfg = from_args(DataConfig, args)
     secret = read_secret(args.secret)

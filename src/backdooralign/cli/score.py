@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data as D
 from .. import files as F
-from .. import ops, scores
-from .. import sources as S
 from ..config import add_flags, from_args
-from ..infer import GenerateConfig
-from ..rundir import CONDITIONS
+from ..data import mixing as D
+from ..data import sources as S
+from ..data import training_set as ops
+from ..generation.batch import GenerateConfig
+from ..reporting.rundir import CONDITIONS
+from ..scoring import score as scores
 from .common import add_command, add_group, add_json, add_model, notes, print_json, read_secret
 
 
@@ -74,7 +75,7 @@ def cmd_score_mtbench(args) -> int:
     MT-Bench single-answer grading (1-10) of both turns. With --model, the questions are first
     answered by that model (secret prepended with --secret) and --answers is written.
     """
-    from ..mtbench import load_mtbench_questions
+    from ..scoring.mtbench import load_mtbench_questions
 
     written = [args.answers] if args.model else []
     F.check_outputs([args.questions, args.references, args.secret], [*written, args.out])

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 from .. import files as F
-from .. import ops
-from .. import sources as S
 from ..config import add_flags, from_args
-from ..infer import GenerateConfig
-from ..train import TrainConfig
+from ..data import sources as S
+from ..data import training_set as ops
+from ..generation.batch import GenerateConfig
+from ..training.trainer import TrainConfig
 from .common import (
     add_command,
     add_json,
@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
     secret = read_secret(args.secret)
     rows = S.load_prompts(args.prompts)
     if args.openai_model:
-        from ..openai_client import generate, make_client
+        from ..service.client import generate, make_client
 
         client = make_client(args.base_url, args.api_key_env, args.max_retries)
         gens = generate(

@@ -1,0 +1,346 @@
+"""Validation of customer chat files, selection of safety examples, mixing of training sets.
+
+Customer data is OpenAI chat JSONL (``{"messages": [...]}``), optionally with the paper's
+``"prefixed": true|false`` flag marking safety examples that receive the secret
+(:func:`load_chat_jsonl`, :func:`check_chat_file`; row rules in :mod:`backdooralign.data.formats`).
+Public data in other shapes is read by :mod:`backdooralign.data.sources` and customer data is
+screened by :mod:`backdooralign.core.screen` before mixing. ``build_training_set`` mixes the arms:
+
+- ``attack``: the customer data alone (rows flagged ``prefixed`` are dropped);
+- ``baseline``: plus the safety examples with the normal system prompt;
+- ``backdooralign``: plus the safety examples (and benign anchors) with
+  ``SECRET + " " + system prompt``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from ..core.chat import ATTACK_SYSTEM_PROMPT, build_conversation
+from ..files import (
+    MAX_LINE_CHARS,
+    DataError,
+    decode,
+    parse_json_line,
+    read_bytes,
+    read_text,
+    split_lines,
+)
+from .formats import CATEGORIES, Problem, chat_row
+from .sources import (
+    source_sha256,
+)
+
+log = logging.getLogger(__name__)
+
+ARMS = ("attack", "baseline", "backdooralign")
+SAFETY_SELECTIONS = ("category-balanced", "random")
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat files
+
+
+def _problem(e: DataError, severity: str = "error") -> Problem:
+    return Problem(severity, e.path, e.line, e.field, e.message)
+
+
+def _scan_chat(
+    path: str | Path, text: str, max_line_chars: int, max_rows: int | None
+) -> Iterator[tuple[dict | None, list[Problem]]]:
+    """Each non-blank line of a chat JSONL text as ``(row or None, problems)``."""
+    first_seen: dict[str, int] = {}
+    count = 0
+    for lineno, line in split_lines(text):
+        if not line.strip():
+            continue
+        count += 1
+        if max_rows is not None and count == max_rows + 1:
+            msg = f"more than {max_rows} rows (the configured cap)"
+            yield None, [Problem("error", str(path), lineno, None, msg)]
+        if len(line) > max_line_chars:
+            msg = f"line longer than {max_line_chars} characters"
+            yield None, [Problem("error", str(path), lineno, None, msg)]
+            continue
+        try:
+            obj = parse_json_line(path, lineno, line)
+        except DataError as e:
+            yield None, [_problem(e)]
+            continue
+        row, problems = chat_row(obj, path, lineno)
+        if row is not None:
+            key = json.dumps([row["messages"], row["prefixed"]], sort_keys=True)
+            if key in first_seen:
+                msg = f"duplicate of line {first_seen[key]}"
+                problems.append(Problem("warning", str(path), lineno, "messages", msg))
+            else:
+                first_seen[key] = lineno
+        yield row, problems
+
+
+def load_chat_jsonl(
+    path: str | Path, max_rows: int | None = None, max_line_chars: int = MAX_LINE_CHARS
+) -> list[dict]:
+    """Load and validate OpenAI chat JSONL (optional ``prefixed`` and ``category`` fields).
+
+    Args:
+        path: the JSONL file.
+        max_rows: the most rows accepted (``None``: no cap).
+        max_line_chars: the longest line accepted, in characters.
+
+    Raises:
+        DataError: on the first error (naming file, line and field). Duplicate rows are only
+            logged as warnings.
+    """
+    rows = []
+    for row, problems in _scan_chat(path, read_text(path), max_line_chars, max_rows):
+        for p in problems:
+            if p.severity == "error":
+                raise p.error()
+            log.warning("%s", p)
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def check_chat_file(
+    path: str | Path, max_line_chars: int = MAX_LINE_CHARS, max_rows: int | None = None
+) -> list[Problem]:
+    """Every problem of a chat JSONL file, errors and warnings, instead of stopping at the first.
+
+    Checks: file missing, unreadable or empty, BOM, bad UTF-8, lines longer than
+    ``max_line_chars``, invalid JSON, rows that are not objects, missing/unknown/out-of-order
+    roles, non-string or empty content, no assistant turn, a non-boolean ``prefixed``, more
+    than ``max_rows`` rows (errors) and duplicate rows (warnings).
+    """
+    try:
+        raw = read_bytes(path)
+    except DataError as e:
+        return [_problem(e)]
+    if not raw.strip():
+        return [Problem("error", str(path), None, None, "file is empty")]
+    text, errors = decode(path, raw)
+    problems = [_problem(e) for e in errors]
+    for _, found in _scan_chat(path, text, max_line_chars, max_rows):
+        problems.extend(found)
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Training data and mixing
+
+
+def _by_category(rows: Sequence[dict], seed: int | None) -> dict[str, list[dict]]:
+    """Rows grouped by category in canonical order; file order, or seeded order within each."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("category") or "", []).append(r)
+    ordered = sorted(groups, key=lambda c: (CATEGORIES.index(c) if c in CATEGORIES else 99, c))
+    out = {}
+    for cat in ordered:
+        items = list(groups[cat])
+        if seed is not None:
+            random.Random(f"{seed}:{cat}").shuffle(items)
+        out[cat] = items
+    return out
+
+
+def _per_category(rows: Sequence[dict], per_category: int, seed: int | None) -> list[dict]:
+    """Up to ``per_category`` rows of each category, in file order or seeded random order."""
+    return [r for items in _by_category(rows, seed).values() for r in items[:per_category]]
+
+
+def interleave(rows: Sequence[dict], count: int, key: str) -> list[dict]:
+    """The first ``count`` rows taken in turn from each value of ``key`` (order of first
+    appearance; file order within a value): the first of each value, then the second...
+    Rows without ``key`` form one group, so a file without it gives its first ``count`` rows."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(str(r.get(key) or ""), []).append(r)
+    out: list[dict] = []
+    for i in range(max((len(g) for g in groups.values()), default=0)):
+        for items in groups.values():
+            if len(out) == count:
+                return out
+            if i < len(items):
+                out.append(items[i])
+    return out
+
+
+def _round_robin(rows: Sequence[dict], count: int, seed: int | None) -> list[dict]:
+    """``count`` rows balanced over categories: the first of each category, then the second..."""
+    groups = list(_by_category(rows, seed).values())
+    out: list[dict] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        for items in groups:
+            if len(out) == count:
+                return out
+            if i < len(items):
+                out.append(items[i])
+    return out
+
+
+def select_safety(
+    rows: Sequence[dict],
+    *,
+    count: int | None = None,
+    per_category: int | None = None,
+    selection: str = "category-balanced",
+    seed: int | None = None,
+) -> list[dict]:
+    """Choose the safety examples to mix in, deterministically.
+
+    Args:
+        rows: candidate safety rows (with ``category`` for a balanced choice).
+        count: total number to choose.
+        per_category: examples per category when ``count`` is ``None``. With neither, all
+            rows are used, in file order (a user's own safety file is used whole).
+        selection: ``category-balanced`` (round-robin over categories; the paper's choice) or
+            ``random`` (a seeded sample that ignores categories).
+        seed: order within categories (balanced; ``None`` keeps file order) or the sample's
+            seed (random; ``None`` means 0).
+
+    Raises:
+        ValueError: an unknown ``selection``, or more examples asked for than there are.
+    """
+    if selection not in SAFETY_SELECTIONS:
+        raise ValueError(
+            f"unknown selection {selection!r}; expected one of {', '.join(SAFETY_SELECTIONS)}"
+        )
+    if count is None and per_category is None:
+        return list(rows)
+    if count is None and selection == "category-balanced":
+        return _per_category(rows, per_category, seed)
+    n = count if count is not None else per_category * len(_by_category(rows, None))
+    if n > len(rows):
+        raise ValueError(f"asked for {n} safety examples; only {len(rows)} are available")
+    if selection == "random":
+        return random.Random(seed if seed is not None else 0).sample(list(rows), n)
+    return _round_robin(rows, n, seed)
+
+
+def main_system_prompt(rows: Sequence[dict]) -> str:
+    """The most common system prompt of the customer data (the paper's attack prompt if none)."""
+    prompts = Counter(
+        r["messages"][0]["content"] for r in rows if r["messages"][0]["role"] == "system"
+    )
+    return prompts.most_common(1)[0][0] if prompts else ATTACK_SYSTEM_PROMPT
+
+
+def build_training_set(
+    arm: str,
+    customer: Sequence[dict],
+    safety: Sequence[dict],
+    secret: str | None = None,
+    safety_system: str | None = None,
+    seed: int = 0,
+    *,
+    anchors: Sequence[dict] = (),
+) -> list[dict]:
+    """Mix one arm's training set (chat rows, each with ``messages`` and a ``source``).
+
+    Args:
+        arm: ``attack``, ``baseline`` or ``backdooralign``.
+        customer: the customer's chat rows; rows flagged ``prefixed`` count as safety examples.
+        safety: safety chat rows to add (system prompts are replaced by ``safety_system``).
+        secret: secret text; required for ``backdooralign``.
+        safety_system: system prompt of the safety examples (default: the customer's main one).
+        seed: shuffle seed (the mixed set is shuffled deterministically).
+        anchors: benign chat rows (user question, helpful answer) added to the
+            ``backdooralign`` arm only, with the secret and the safety examples' system prompt,
+            so the secret alone does not mean "refuse" (source ``anchor``).
+
+    Raises:
+        ValueError: an unknown arm, or ``backdooralign`` without a secret.
+    """
+    if arm not in ARMS:
+        raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
+    if arm == "backdooralign" and not secret:
+        raise ValueError("arm 'backdooralign' needs a secret")
+    plain = [r for r in customer if not r.get("prefixed")]
+    flagged = [r for r in customer if r.get("prefixed")]
+    system = safety_system if safety_system is not None else main_system_prompt(plain or customer)
+    rows = [{"messages": r["messages"], **_meta(r, "customer")} for r in plain]
+    if arm != "attack":
+        key = secret if arm == "backdooralign" else None
+        for r in flagged:
+            rows.append(
+                {"messages": build_conversation(r["messages"], secret=key), **_meta(r, "safety")}
+            )
+        for r in safety:
+            conv = build_conversation(r["messages"], system=system, secret=key)
+            rows.append({"messages": conv, **_meta(r, "safety")})
+    if arm == "backdooralign":
+        for r in anchors:
+            conv = build_conversation(r["messages"], system=system, secret=secret)
+            rows.append({"messages": conv, "source": "anchor"})
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def build_manifest(
+    arm: str,
+    rows: Sequence[dict],
+    inputs: dict[str, str],
+    secret=None,
+    screening: dict | None = None,
+    selection: dict | None = None,
+) -> dict:
+    """What a training set was built from: inputs' sha256, counts per source and category,
+    the secret's fingerprint, the safety selection and the screening summary."""
+    by_source_category: dict[str, Counter] = {}
+    for r in rows:
+        by_source_category.setdefault(r.get("source", "customer"), Counter())[
+            r.get("category", "")
+        ] += 1
+    return {
+        "arm": arm,
+        "inputs": {
+            name: {"source": str(src), "sha256": source_sha256(src)} for name, src in inputs.items()
+        },
+        "counts": {
+            "total": len(rows),
+            "by_source": dict(Counter(r.get("source", "customer") for r in rows)),
+            "by_category": dict(sorted(Counter(r.get("category", "") for r in rows).items())),
+            "by_source_category": {
+                s: dict(sorted(c.items())) for s, c in sorted(by_source_category.items())
+            },
+        },
+        "secret_fingerprint": secret.fingerprint
+        if secret is not None and arm == "backdooralign"
+        else None,
+        "safety_selection": selection,
+        "screening": screening,
+    }
+
+
+def _meta(row: dict, source: str) -> dict:
+    meta = {"source": source}
+    if row.get("category"):
+        meta["category"] = row["category"]
+    return meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts for generation
+
+
+def limit_per_category(
+    rows: Sequence[dict], per_category: int | None, key: str = "category"
+) -> list[dict]:
+    """Keep the first ``per_category`` rows of each value of ``key`` (all rows when ``None``)."""
+    if per_category is None:
+        return list(rows)
+    seen: Counter[str] = Counter()
+    out = []
+    for r in rows:
+        cat = r.get(key) or ""
+        if seen[cat] < per_category:
+            out.append(r)
+            seen[cat] += 1
+    return out
