@@ -32,6 +32,7 @@ from backdooralign.data import sources as S
 from backdooralign.data import training_set as ops
 from backdooralign.generation.batch import GenerateConfig
 from backdooralign.reporting.document import Heading, Para
+from backdooralign.training import trainer
 
 ROOT = Path(__file__).parent.parent
 ROBUSTNESS = ROOT / "configs" / "robustness.yaml"
@@ -351,7 +352,7 @@ def test_the_suite_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir, capsys, 
     def fail(*args, **kwargs):
         raise AssertionError("a finished stage ran again")
 
-    monkeypatch.setattr(ops, "train_model", fail)
+    monkeypatch.setattr(trainer, "train_model", fail)
     monkeypatch.setattr(ops, "answer", fail)
     monkeypatch.setattr(attack_server, "ask_server", fail)
     again = run_attacks(load_attack_config(config), out, progress=False)

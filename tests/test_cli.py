@@ -12,10 +12,10 @@ import stat
 import pytest
 
 from backdooralign.cli import main
+from backdooralign.core.model import read_model_info
 from backdooralign.core.secret import load_secret
 from backdooralign.data.mixing import load_chat_jsonl
 from backdooralign.files import sha256_file
-from backdooralign.training.trainer import read_model_info
 
 
 @pytest.fixture

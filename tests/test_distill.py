@@ -152,7 +152,7 @@ def test_distill_needs_the_secret_and_a_weight_at_most_one(tmp_path, tiny_model_
 
 
 def test_distill_weight_zero_is_hard_labels(tmp_path, tiny_model_dir):
-    from backdooralign.training.trainer import MODEL_INFO
+    from backdooralign.core.model import MODEL_INFO
 
     hard = TrainConfig(epochs=1, lr=1e-2, batch_size=4, bf16=False, seed=3)
     zero = TrainConfig(**{**hard.__dict__, "distill": "kl", "distill_weight": 0.0})

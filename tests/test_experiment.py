@@ -128,7 +128,7 @@ def test_overrides_beat_yaml_including_false(tmp_path):
 
 def test_shipped_configs_load():
     from backdooralign.attacks.config import load_attack_config
-    from backdooralign.experiments.config import read_yaml
+    from backdooralign.config import read_yaml
 
     for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
         if "attacks" in read_yaml(path):  # an attack config (backdooralign attack)

@@ -291,9 +291,9 @@ def test_lora_defaults_through_both_doors(tmp_path, capsys, tiny_model_dir):
     from backdooralign.experiments.config import load_config
 
     cfg = load_config(None, ["train.lora=true", "train.batch_size=2", "train.bf16=false"])
-    from backdooralign.data import training_set as ops
+    from backdooralign.training.trainer import train_model
 
-    ops.train_model(tiny_model_dir, data, tmp_path / "config", cfg.train)
+    train_model(tiny_model_dir, data, tmp_path / "config", cfg.train)
     a = json.loads((tmp_path / "cli" / "train_metrics.json").read_text())["config"]
     b = json.loads((tmp_path / "config" / "train_metrics.json").read_text())["config"]
     assert a == b and (a["lr"], a["epochs"], a["lora"]) == (1e-3, 10.0, True)

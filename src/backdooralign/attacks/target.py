@@ -29,6 +29,7 @@ from ..experiments.run import EvalSet, anchors_stage, check_inputs, prepare_secr
 from ..experiments.stages import run_stage
 from ..generation.batch import GenerateConfig
 from ..reporting.rundir import RunDir
+from ..training import trainer
 from ..training.trainer import TrainConfig
 from .config import AttackSuiteConfig
 
@@ -143,7 +144,7 @@ def defended(
         quiet = _NoDuplicateWarnings()  # the scale attack's copies are duplicates by design
         logging.getLogger("backdooralign.data.mixing").addFilter(quiet)
         try:
-            metrics = ops.train_model(cfg.model, run.training_set(ARM), out, train)
+            metrics = trainer.train_model(cfg.model, run.training_set(ARM), out, train)
         finally:
             logging.getLogger("backdooralign.data.mixing").removeFilter(quiet)
         if quiet.dropped:

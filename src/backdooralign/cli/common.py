@@ -96,8 +96,8 @@ def secret_masker(data_file: str | Path, secret=None) -> tuple[Callable[[str], s
     """
     from ..core.screen import looks_random_prefix
     from ..core.secret import fingerprint
+    from ..data.mixing import manifest_path
     from ..files import read_json
-    from ..reporting.rundir import manifest_path
 
     found: list[str] = []
     manifest = manifest_path(data_file)

@@ -12,7 +12,7 @@ from ..data import mixing as D
 from ..data import sources as S
 from ..data import training_set as ops
 from ..data.formats import KIND_HELP, KINDS
-from ..reporting.rundir import manifest_path
+from ..data.mixing import manifest_path
 from .common import (
     add_command,
     add_group,

@@ -79,7 +79,7 @@ def cmd_secret_show(args) -> int:
 
 def _model_fingerprints(dirs: list[str]) -> list[dict]:
     """Which secret each model directory was trained with (from its model info file)."""
-    from ..training.trainer import MODEL_INFO, read_model_info
+    from ..core.model import MODEL_INFO, read_model_info
 
     out = []
     for d in dirs:

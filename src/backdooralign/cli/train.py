@@ -9,7 +9,7 @@ from ..config import add_flags, from_args
 from ..data import sources as S
 from ..data import training_set as ops
 from ..generation.batch import GenerateConfig
-from ..training.trainer import TrainConfig
+from ..training.trainer import TrainConfig, train_model
 from .common import (
     add_command,
     add_json,
@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
     """
     cfg = from_args(TrainConfig, args)
     secret = read_secret(args.secret)
-    metrics = ops.train_model(args.model, args.data, args.out, cfg, secret=secret)
+    metrics = train_model(args.model, args.data, args.out, cfg, secret=secret)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 reports
         return 0
     keys = ("first_loss", "last_loss", "steps", "seconds", "tokens_per_second")

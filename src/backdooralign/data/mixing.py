@@ -283,6 +283,12 @@ def build_training_set(
     return rows
 
 
+def manifest_path(training_set: str | Path) -> Path:
+    """The manifest written beside a training set: ``train.jsonl`` -> ``train.manifest.json``."""
+    path = Path(training_set)
+    return path.with_name(f"{path.stem}.manifest.json")
+
+
 def build_manifest(
     arm: str,
     rows: Sequence[dict],

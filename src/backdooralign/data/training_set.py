@@ -21,9 +21,9 @@ from ..config import option
 from ..core.screen import SCREEN_MIN_CHARS, screen_customer_data
 from ..core.secret import Secret
 from ..generation.batch import GenerateConfig
-from ..reporting.rundir import manifest_path
 from . import mixing as D
 from . import sources as S
+from .mixing import manifest_path
 
 log = logging.getLogger(__name__)
 
@@ -365,35 +365,6 @@ def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], 
     kept = D.limit_per_category(rows, per_task, key="task")
     notes = [f"{source}: using {len(kept)} of {len(rows)} prompts ({per_task} per task)"]
     return kept, notes if len(kept) < len(rows) else []
-
-
-def train_model(
-    model: str | None, data: str | Path, out: str | Path, cfg, secret: Secret | None = None
-) -> dict:
-    """Fine-tune ``model`` on a training set file; returns the metrics written beside it.
-
-    The model directory records the secret fingerprint and arm of the set's manifest (when it
-    has one beside it) and the set's sha256, so that servers can check the secret they get.
-    ``secret`` is needed by ``cfg.distill == "kl"`` (the rows under it are distilled); its
-    fingerprint must be the one the manifest records.
-    """
-    from ..reporting.rundir import manifest_path
-    from ..training.trainer import train
-
-    rows = D.load_chat_jsonl(data)
-    manifest = F.read_json(manifest_path(data)) if manifest_path(data).is_file() else {}
-    manifest = manifest if isinstance(manifest, dict) else {}
-    info = {
-        "secret_fingerprint": manifest.get("secret_fingerprint"),
-        "arm": manifest.get("arm"),
-        "training_set_sha256": F.sha256_file(data),
-    }
-    recorded = info["secret_fingerprint"]
-    if secret is not None and recorded is not None and recorded != secret.fingerprint:
-        raise ValueError(
-            f"{data}: built with the secret {recorded}, not with the given {secret.fingerprint}"
-        )
-    return train(model, rows, out, cfg, info, secret=secret.text if secret else None)
 
 
 def load(model: str | None):

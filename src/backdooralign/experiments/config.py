@@ -18,8 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, build, option, resolve_paths
+from ..config import ConfigError, NoAliasLoader, build, option, read_yaml, resolve_paths
 from ..core.chat import ATTACK_SYSTEM_PROMPT
+from ..data.sources import KIND_PREFIXES
 from ..data.training_set import DataConfig, SecretConfig
 from ..scoring.score import JudgeConfig
 from ..training.align import AlignConfig
@@ -107,16 +108,6 @@ class ExperimentConfig:
                 )
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without anchors/aliases: a small config cannot expand a thousandfold."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
-        return super().compose_node(parent, index)
-
-
 def parse_overrides(pairs: list[str]) -> dict:
     """``["train.epochs=3", "eval.benign=null"]`` as a nested dict (values parsed as YAML)."""
     out: dict = {}
@@ -125,7 +116,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         if not sep or not key:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
         try:
-            value = yaml.load(raw, Loader=_NoAliasLoader)
+            value = yaml.load(raw, Loader=NoAliasLoader)
         except yaml.YAMLError as e:
             why = " ".join(str(e).split())
             raise ConfigError(f"--set {key}: invalid value {raw!r} ({why})") from None
@@ -155,19 +146,6 @@ def merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file (no aliases); errors name the file."""
-    from ..files import read_text
-
-    try:
-        values = yaml.load(read_text(path), Loader=_NoAliasLoader)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"{path}: YAML root must be a mapping")
-    return values
-
-
 def config_values(
     path: str | Path | None,
     overrides: list[str] = (),
@@ -188,7 +166,7 @@ def config_values(
         folder = Path(path).resolve().parent
         values = read_yaml(path)
         for cls in (ExperimentConfig, *also):
-            values = resolve_paths(cls, values, folder)
+            values = resolve_paths(cls, values, folder, KIND_PREFIXES)
     sets = parse_overrides(list(overrides))
     profile = sets.get("profile", values.get("profile"))
     if profile is not None:

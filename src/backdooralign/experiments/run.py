@@ -27,6 +27,7 @@ from ..data import sources as S
 from ..data import training_set as ops
 from ..generation.batch import GenerateConfig
 from ..reporting.rundir import CONDITIONS, RunDir
+from ..training import trainer
 from ..training.align import start_model
 from ..training.trainer import TrainConfig
 from .config import ALL_ARMS, ExperimentConfig, config_dict, load_config, stage_key
@@ -295,7 +296,7 @@ def _train_stages(cfg: ExperimentConfig, run: RunDir, shared: Path | None, secre
                 m = F.read_json(out / "train_metrics.json")
                 return {k: v for k, v in m.items() if k != "config"}
             log.info("training arm %s", arm)
-            m = ops.train_model(cfg.model, data, out, train_cfg, secret=secret)
+            m = trainer.train_model(cfg.model, data, out, train_cfg, secret=secret)
             return {k: v for k, v in m.items() if k != "config"}
 
         metrics[arm], _ = run_stage(

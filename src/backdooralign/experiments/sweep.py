@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 from .. import files as F
-from .config import ConfigError, load_config, read_yaml
+from ..config import read_yaml
+from .config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..data.mixing import manifest_path
+
 CONDITIONS = ("plain", "secret")
-
-
-def manifest_path(training_set: str | Path) -> Path:
-    """The manifest written beside a training set: ``train.jsonl`` -> ``train.manifest.json``."""
-    path = Path(training_set)
-    return path.with_name(f"{path.stem}.manifest.json")
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, build, option, resolve_paths
+from ..config import ConfigError, build, option, read_yaml, resolve_paths
 from ..core.chat import ATTACK_SYSTEM_PROMPT
+from ..data.sources import KIND_PREFIXES
 from ..data.training_set import DataConfig, SecretConfig
-from ..experiments.config import read_yaml
 from ..training.trainer import TrainConfig
 
 
@@ -60,7 +60,8 @@ def load_service_config(path: str | Path | None) -> ServiceConfig:
     """
     if path is None:
         return ServiceConfig()
-    values = resolve_paths(ServiceConfig, read_yaml(path), Path(path).resolve().parent)
+    folder = Path(path).resolve().parent
+    values = resolve_paths(ServiceConfig, read_yaml(path), folder, KIND_PREFIXES)
     cfg = build(ServiceConfig, values, str(path))
     s = cfg.secret
     if s.kind != "random" or s.seed is not None or s.path is not None:

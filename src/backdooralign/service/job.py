@@ -3,7 +3,7 @@
 ``python -m backdooralign.service.job DATA_DIR JOB_ID [CONFIG]`` runs a queued job through the same
 operations the CLI and experiments use: the tenant's secret (made with the CSPRNG on first
 use, kept mode 0600 under ``DATA_DIR/secrets``), :func:`ops.build_training_set` (screening,
-the provider's prefixed safety examples, anchors when configured), :func:`ops.train_model`,
+the provider's prefixed safety examples, anchors when configured), :func:`trainer.train_model`,
 an optional evaluation (:mod:`backdooralign.scoring.score`), and registers ``ft:BASE:SUFFIX:ID``.
 
 What the customer sees (events, the job's ``error``) says that a safety step ran, never how
@@ -107,6 +107,7 @@ def evaluate(cfg: ServiceConfig, model: Path, secret, work: Path) -> dict:
 def _pipeline(store: Store, data_dir: Path, job: dict, cfg: ServiceConfig) -> str:
     """Build, train, evaluate and register; returns the fine-tuned model's id."""
     from ..data import training_set as ops
+    from ..training.trainer import train_model
 
     jid = job["id"]
     work = job_dir(data_dir, jid)
@@ -127,7 +128,7 @@ def _pipeline(store: Store, data_dir: Path, job: dict, cfg: ServiceConfig) -> st
     store.add_event(jid, "Safety alignment step completed")
     store.add_event(jid, "Training started")
     trained = model_dir(data_dir, jid)
-    ops.train_model(cfg.base_model, built.path, trained, train_config(cfg, job["hyperparameters"]))
+    train_model(cfg.base_model, built.path, trained, train_config(cfg, job["hyperparameters"]))
     store.add_event(jid, "Training completed")
     if cfg.evaluate:
         store.update_job(jid, evaluation=evaluate(cfg, serving_dir(cfg, trained), secret, work))

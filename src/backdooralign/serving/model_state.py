@@ -7,7 +7,8 @@ rendered *without* the secret, so usage cannot measure the secret's length. Answ
 redacted and cut at stop strings by :class:`backdooralign.generation.streaming.AnswerText`.
 
 A model directory that ``train`` wrote records the fingerprint of the secret it was trained
-with (``train.read_model_info``); :func:`check_model_secret` refuses to serve it with another.
+with (:func:`backdooralign.core.model.read_model_info`); :func:`check_model_secret` refuses to serve
+it with another.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.chat import build_conversation, render_prompt
+from ..core.model import read_model_info
 from ..core.redact import prefix_redactor
 from ..core.secret import Secret, secret_redactor
 from ..generation.batch import pad_token_id, stop_token_ids
@@ -79,8 +81,6 @@ def check_model_secret(model_dir: str | Path, name: str, secret: Secret | None) 
     Raises:
         ValueError: naming the model and both fingerprints (never the secret).
     """
-    from ..training.trainer import read_model_info
-
     info = read_model_info(model_dir) if Path(model_dir).is_dir() else None
     trained = (info or {}).get("secret_fingerprint")
     if trained is None:

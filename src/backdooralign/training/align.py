@@ -321,7 +321,8 @@ def _train_config(cfg: AlignConfig):
 
 
 def _finish(out: Path, work: Path, metrics: dict) -> Path:
-    from .trainer import MARKER, MODEL_INFO
+    from ..core.model import MODEL_INFO
+    from .trainer import MARKER
 
     info = {"secret_fingerprint": None, "arm": "aligned", "align_key": metrics["key"]}
     F.write_json(work / MODEL_INFO, info)

@@ -20,7 +20,10 @@ from pathlib import Path
 
 from ..config import option
 from ..core.chat import render
-from ..core.model import bf16_supported, load_tokenizer, resolve_model
+from ..core.model import MODEL_INFO, bf16_supported, load_tokenizer, resolve_model
+from ..core.secret import Secret
+from ..data.mixing import load_chat_jsonl, manifest_path
+from ..files import read_json, sha256_file
 from .distill import DISTILL_MODES
 from .loss import MIN_SHARED_PREFIX, supervised_loss
 
@@ -159,26 +162,6 @@ def tokenize_rows(tokenizer, rows: Sequence[dict], max_length: int | None) -> li
 
 
 MARKER = ".backdooralign-model"  # in every model directory train writes; only those are replaced
-MODEL_INFO = "backdooralign_model.json"  # what the model was trained with (secret fingerprint)
-
-
-def read_model_info(model_dir: str | Path) -> dict | None:
-    """The :data:`MODEL_INFO` of a model directory ``train`` wrote, or ``None`` when it has none.
-
-    Keys: ``secret_fingerprint`` (``None`` when the training set carried no secret or its
-    manifest was missing), ``arm`` and ``training_set_sha256``. Servers compare the
-    fingerprint with the secret they are given.
-    """
-    path = Path(model_dir) / MODEL_INFO
-    if not path.is_file():
-        return None
-    try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable model info ({type(e).__name__})") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    return info
 
 
 def check_output_dir(out_dir: str | Path) -> Path:
@@ -362,3 +345,33 @@ def train(
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return metrics
+
+
+def train_model(
+    model: str | None,
+    data: str | Path,
+    out: str | Path,
+    cfg: TrainConfig,
+    secret: Secret | None = None,
+) -> dict:
+    """Fine-tune ``model`` on a training set file; returns the metrics written beside it.
+
+    The model directory records the secret fingerprint and arm of the set's manifest (when it
+    has one beside it) and the set's sha256, so that servers can check the secret they get.
+    ``secret`` is needed by ``cfg.distill == "kl"`` (the rows under it are distilled); its
+    fingerprint must be the one the manifest records.
+    """
+    rows = load_chat_jsonl(data)
+    manifest = read_json(manifest_path(data)) if manifest_path(data).is_file() else {}
+    manifest = manifest if isinstance(manifest, dict) else {}
+    info = {
+        "secret_fingerprint": manifest.get("secret_fingerprint"),
+        "arm": manifest.get("arm"),
+        "training_set_sha256": sha256_file(data),
+    }
+    recorded = info["secret_fingerprint"]
+    if secret is not None and recorded is not None and recorded != secret.fingerprint:
+        raise ValueError(
+            f"{data}: built with the secret {recorded}, not with the given {secret.fingerprint}"
+        )
+    return train(model, rows, out, cfg, info, secret=secret.text if secret else None)
