@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from conftest import tiny_run_yaml
+
 from backdooralign.cli import main
 from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT, build_conversation
 from backdooralign.core.model import load_model, load_tokenizer
@@ -160,10 +162,14 @@ def test_experiment_anchors_stage(tmp_path, talking_model_dir):
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(
-        f"model: {talking_model_dir}\narms: [backdooralign]\nsecret: {{length: 20, seed: 1}}\n"
-        "data: {attack_per_category: 1, anchors: 2, anchor_max_new_tokens: 3}\n"
-        "train: {epochs: 1, batch_size: 16, bf16: false}\n"
-        "eval: {harmful_per_category: 1, benign: null, max_new_tokens: 2}\n"
+        tiny_run_yaml(
+            talking_model_dir,
+            arms=["backdooralign"],
+            secret={"seed": 1},
+            data={"anchors": 2, "anchor_max_new_tokens": 3},
+            train={"lr": None},  # the default learning rate
+            eval={"benign": None, "max_new_tokens": 2},
+        )
     )
     results = run_experiment(load_config(cfg_path), tmp_path / "run", progress=False)
     assert results["train_examples"] == {"backdooralign": 11 + 11 + 2}

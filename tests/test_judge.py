@@ -288,6 +288,19 @@ def test_cache_second_run_makes_no_request(tmp_path):
     assert set(json.loads(lines[0])) == {"key", "judge_model", "reply"}
 
 
+def test_a_reply_with_line_separators_is_cached_intact(tmp_path):
+    reply = "#thereason: step one\u2028step two\u0085step three\u2029done.\n#thescore: 4"
+    with StubServer(reply) as server:
+        first = J.judge_harm(ROWS[:1], _judge(server, tmp_path))
+        second = J.judge_harm(ROWS[:1], _judge(server, tmp_path))
+        assert server.count == 1  # read back from the cache, not requested again
+    assert first[0]["judge_reply"] == second[0]["judge_reply"] == reply
+    assert second[0]["judge_score"] == 4
+    raw = (tmp_path / "cache.jsonl").read_text(encoding="utf-8")
+    assert raw.count("\n") == 1 and "\u2028" not in raw  # one line, escaped for other readers
+    assert judge_client.read_cache(tmp_path / "cache.jsonl") == {json.loads(raw)["key"]: reply}
+
+
 def test_duplicate_rows_make_one_request():
     with StubServer("#thescore: 1") as server:
         judged = J.judge_harm([ROWS[1], ROWS[1], ROWS[1]], _judge(server))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_yaml
 from openai_stub import StubServer
 from safetensors.torch import load_file
 
@@ -39,31 +40,20 @@ def judge():
 def run(tmp_path_factory, tiny_model_dir, judge):
     root = tmp_path_factory.mktemp("doors")
     config = root / "tiny.yaml"
+    evaluation = {"benign_limit": 1, "utility": "builtin:utility", "utility_limit": 1}
+    evaluation |= {"samsum": str(FIXTURES / "samsum.jsonl"), "lm_eval_limit": 3}
+    evaluation |= {"mtbench": str(FIXTURES / "mtbench_questions.jsonl"), "mtbench_limit": 1}
+    evaluation |= {"mtbench_max_new_tokens": 4, "lm_eval_tasks": ["backdooralign_mini"]}
+    evaluation |= {"utility_max_new_tokens": 4, "task_max_new_tokens": 4, "batch_size": 8}
     config.write_text(
-        f"""
-name: doors
-model: {tiny_model_dir}
-arms: [no_finetune, backdooralign]
-secret: {{length: 20, seed: 7}}
-data: {{attack_per_category: 1}}
-train: {{epochs: 1, batch_size: 16, bf16: false, lr: 1.0e-3}}
-eval:
-  harmful_per_category: 1
-  benign_limit: 1
-  utility: builtin:utility
-  utility_limit: 1
-  samsum: {FIXTURES / "samsum.jsonl"}
-  mtbench: {FIXTURES / "mtbench_questions.jsonl"}
-  mtbench_limit: 1
-  mtbench_max_new_tokens: 4
-  lm_eval_tasks: [backdooralign_mini]
-  lm_eval_limit: 3
-  max_new_tokens: 4
-  utility_max_new_tokens: 4
-  task_max_new_tokens: 4
-  batch_size: 8
-judge: {{base_url: "{judge.base_url}", model: stub}}
-"""
+        tiny_run_yaml(
+            tiny_model_dir,
+            name="doors",
+            arms=["no_finetune", "backdooralign"],
+            secret={"seed": 7},
+            eval=evaluation,
+            judge={"base_url": judge.base_url, "model": "stub"},
+        )
     )
     assert main(["run", str(config), "--out", str(root / "run"), "--json"]) == 0
     results = json.loads((root / "run" / "results.json").read_text())

@@ -303,6 +303,25 @@ def write_jsonl(path: str | Path, rows: Iterable[dict], private: bool = False) -
     return write_text_atomic(path, "".join(dumps_line(row) + "\n" for row in rows), private)
 
 
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Append rows to a JSONL file (created with its folder), one :func:`dumps_line` a row:
+    for caches that grow while a run goes on (an interrupted append loses at most its last,
+    partial line, which readers of a cache skip).
+
+    Raises:
+        DataError: the folder cannot be created or the file cannot be written.
+    """
+    path = Path(path)
+    text = "".join(dumps_line(row) + "\n" for row in rows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise _os_error(path, "write", e) from None
+    return path
+
+
 def write_json(path: str | Path, obj: Any, private: bool = False) -> Path:
     """Write one JSON document atomically (indented, escaped as in :func:`dumps_line`)."""
     text = _escape(json.dumps(obj, indent=2, ensure_ascii=False))

@@ -182,20 +182,28 @@ def _apply(text: str, merged: list[list[int]], placeholder: str) -> str:
     return "".join(out)
 
 
-def redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[str], str]:
-    """A function that replaces every trace of ``secret`` in a text with ``placeholder``.
+def redactor(*secrets: str | None, placeholder: str = "[redacted]") -> Callable[[str], str]:
+    """A function that replaces every trace of the secrets in a text with ``placeholder``.
+
+    Used wherever model output leaves the process (server answers and errors, report excerpts,
+    leak measures): a fine-tuned model can repeat its system prompt, rewritten or encoded.
 
     Args:
-        secret: the secret text; ``None`` or empty gives the identity.
+        secrets: the secret texts (a server's or a sweep's several); ``None`` and empty ones
+            are skipped, and none at all gives the identity.
         placeholder: what each redacted run of the text becomes.
 
     Returns:
-        ``redact(text) -> str``; text holding no trace of the secret comes back unchanged.
+        ``redact(text) -> str``; text holding no trace of a secret comes back unchanged.
     """
-    if not secret or not normalise(secret)[0]:
-        return lambda text: text
-    matcher = _Matcher(secret)
-    return lambda text: _apply(text, _merged_spans(text, matcher), placeholder)
+    matchers = [_Matcher(s) for s in dict.fromkeys(secrets) if s and normalise(s)[0]]
+
+    def redact(text: str) -> str:
+        for matcher in matchers:
+            text = _apply(text, _merged_spans(text, matcher), placeholder)
+        return text
+
+    return redact
 
 
 # Text at the end of a growing answer that may still become (part of) an encoded run: the last

@@ -12,14 +12,13 @@ import json
 import os
 import random
 import secrets as _csprng
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..files import write_json
 from .chat import find_control_token
-from .redact import redactor
 
 FORMAT_VERSION = 1
 
@@ -92,8 +91,6 @@ def generate_secret(
 
 def save_secret(secret: Secret, path: str | Path) -> Path:
     """Write the secret atomically with mode 0600 (created 0600: never readable by others)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT_VERSION,
         "text": secret.text,
@@ -103,16 +100,7 @@ def save_secret(secret: Secret, path: str | Path) -> Path:
         "vocab": secret.vocab,
         "fingerprint": secret.fingerprint,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".secret-", dir=path.parent)  # mkstemp creates 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json(path, payload, private=True)
 
 
 def load_secret(path: str | Path) -> Secret:
@@ -212,14 +200,3 @@ def check_secret_tokenizer(secret: Secret, tokenizer) -> str | None:
 def file_mode(path: str | Path) -> int:
     """Permission bits of a file (0o600 for a secret written here)."""
     return os.stat(path).st_mode & 0o777
-
-
-def secret_redactor(secret: str | None, placeholder: str = "[redacted]") -> Callable[[str], str]:
-    """A function that replaces every trace of the secret in a text with ``placeholder``.
-
-    Used wherever model output leaves the process (server answers, report excerpts): a
-    fine-tuned model can repeat its system prompt, rewritten or encoded. The secret is found
-    whatever its case, spacing, Unicode width, invisible characters, order or encoding (base64,
-    hex, URL); fragments of three or more of its pieces count. See :mod:`backdooralign.core.redact`.
-    """
-    return redactor(secret, placeholder)

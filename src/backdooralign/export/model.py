@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..core.chat import build_conversation, fit_to_template, supports_system_role
 from ..core.secret import Secret, check_secret_tokenizer, vocab_fingerprint
+from ..files import write_text_atomic
 
 MARKER = ".backdooralign-export"
 README = "README-EXPORT.md"
@@ -171,15 +172,6 @@ def _templates(tokenizer) -> dict[str, str]:
     raise ValueError("the model has no chat template: nothing to inject the secret into")
 
 
-def _private_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.unlink(missing_ok=True)  # a copied file may be read-only or a hard link
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.chmod(path, 0o600)
-
-
 def _write_templates(tmp: Path, wrapped: dict[str, str]) -> list[str]:
     """Write the templates everywhere a loader looks; returns the files written (0600)."""
     files = {"chat_template.jinja": wrapped["default"]}
@@ -195,7 +187,7 @@ def _write_templates(tmp: Path, wrapped: dict[str, str]) -> list[str]:
             data["chat_template"] = value if value is not None else wrapped["default"]
             files[name] = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     for name, text in files.items():
-        _private_write(tmp / name, text)
+        write_text_atomic(tmp / name, text, private=True)
     return list(files)
 
 

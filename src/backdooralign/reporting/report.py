@@ -16,7 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .. import files as F
-from ..core.secret import load_secret, secret_redactor
+from ..core.redact import redactor
+from ..core.secret import load_secret
 from ..scoring.refusal import is_jailbroken
 from . import metrics as M
 from . import verdict as V
@@ -29,6 +30,7 @@ __all__ = ["PLOTS", "load_results", "reading", "results_table", "write_report"]
 
 EXAMPLES_PER_ARM = 2
 EXCERPT_CHARS = 200
+REDACTED = "[secret redacted]"  # what a trace of the secret becomes in a report
 DELTA_HEADERS = (
     "Δ secret − no secret",
     "Δ vs not fine-tuned, no secret",
@@ -206,11 +208,6 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + "…"
 
 
-def redactor(secret: str | None) -> Callable[[str], str]:
-    """A function that replaces the secret, and any run of 16+ characters of it, in a text."""
-    return secret_redactor(secret, "[secret redacted]")
-
-
 def _secret_text(run_dir: RunDir, results: dict) -> str | None:
     configured = (results.get("config") or {}).get("secret", {}).get("path")
     for path in (run_dir.secret, Path(configured) if configured else None):
@@ -261,7 +258,7 @@ def _answer_cell(row: dict | None, clean: Callable[[str], str]) -> str:
 def example_tables(results: dict, run_dir: str | Path) -> list[tuple[str, Table]]:
     """Per arm, the same few harmful prompts with answers without and with the secret."""
     run_dir = RunDir(run_dir)
-    clean = redactor(_secret_text(run_dir, results))
+    clean = redactor(_secret_text(run_dir, results), placeholder=REDACTED)
     gens = {(a, c): _gens(run_dir, a, c) for a in results["arms"] for c in CONDITIONS}
     first = next((g for g in gens.values() if g), {})
     prompts = _pick_prompts(list(first.items()), EXAMPLES_PER_ARM)

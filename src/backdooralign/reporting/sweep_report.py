@@ -21,7 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import files as F
-from ..core.secret import load_secret, secret_redactor
+from ..core.redact import redactor
+from ..core.secret import load_secret
 from . import metrics as M
 from . import verdict as V
 from .document import Facts, Heading, Image, Para, Table, to_html, to_markdown
@@ -32,6 +33,7 @@ SWEEP_FILE = "sweep.json"
 TRADEOFF_PLOT = "tradeoff.png"
 BD = "backdooralign"
 ERROR_CHARS = 300
+REDACTED = "[secret redacted]"  # what a trace of a secret becomes in the report
 
 
 @dataclass(frozen=True)
@@ -160,14 +162,7 @@ def _redactor(root: RunDir, sweep: Sweep) -> Callable[[str], str]:
     """Redacts every secret found in the sweep (its root's and its cells' secret files)."""
     paths = [root.secret] + [root.cell(c.name).secret for c in sweep.cells]
     texts = sorted({load_secret(p).text for p in paths if p.is_file()})
-    cleaners = [secret_redactor(t, "[secret redacted]") for t in texts]
-
-    def clean(text: str) -> str:
-        for c in cleaners:
-            text = c(text)
-        return text
-
-    return clean
+    return redactor(*texts, placeholder=REDACTED)
 
 
 def failed_table(sweep: Sweep, clean: Callable[[str], str]) -> Table | None:

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import files as F
+
 log = logging.getLogger(__name__)
 
 
@@ -86,27 +88,30 @@ def cache_key(question: str, answer: str, judge_model: str, template_digest: str
 
 
 def read_cache(path: Path | None) -> dict[str, str]:
-    """``{key: reply}`` from a JSONL cache file (empty when there is none)."""
+    """``{key: reply}`` from a JSONL cache file (empty when there is none); damaged lines (an
+    interrupted append) are skipped with a warning.
+
+    Only ``"\\n"`` ends a line (:func:`backdooralign.files.split_lines`): a reply may hold
+    U+2028 or U+0085, which ``str.splitlines`` would take for line ends.
+    """
     if path is None or not path.exists():
         return {}
+    text, _ = F.decode(path, F.read_bytes(path))
     out = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in F.split_lines(text):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
+            rec = F.parse_json_line(path, lineno, line)
             out[rec["key"]] = rec["reply"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (F.DataError, KeyError, TypeError):
             log.warning("%s:%d: skipping a damaged cache line", path, lineno)
     return out
 
 
 def append_cache(path: Path, key: str, judge_model: str, reply: str) -> None:
     """Append one reply to a JSONL cache file (created with its folder when missing)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"key": key, "judge_model": judge_model, "reply": reply}
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    F.append_jsonl(path, [{"key": key, "judge_model": judge_model, "reply": reply}])
 
 
 def _retryable(err: Exception) -> bool:

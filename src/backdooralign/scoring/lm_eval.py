@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.chat import build_conversation, fit_to_template
-from .refusal import declines, is_refusal
+from .refusal import declines, is_refusal, percent
 
 LM_EVAL_TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 OWN_TASKS = ("backdooralign_mini",)
@@ -174,7 +174,7 @@ def score_exact_match(rows: Sequence[dict], answers: Sequence[str]) -> dict:
 def _acc(hits: Sequence[bool]) -> dict:
     n = len(hits)
     return {
-        "accuracy": round(100.0 * sum(hits) / n, 2) if n else 0.0,
+        "accuracy": percent(sum(hits), n),
         "correct": sum(hits),
         "total": n,
     }
@@ -205,18 +205,14 @@ def refusal_by_kind(gens: Sequence[dict]) -> dict:
         n = len(v)
         paper, first = sum(p for p, _ in v), sum(o for _, o in v)
         return {
-            "refusal_rate": _percent(paper, n),
+            "refusal_rate": percent(paper, n),
             "refused": paper,
             "total": n,
-            "opening_refusal_rate": _percent(first, n),
+            "opening_refusal_rate": percent(first, n),
             "opening_refused": first,
         }
 
     return {**block(flags), "by_kind": {k: block(v) for k, v in sorted(kinds.items()) if k}}
-
-
-def _percent(num: int, den: int) -> float:
-    return round(100.0 * num / den, 2) if den else 0.0
 
 
 def judge_refusal_by_kind(gens: Sequence[dict], judge) -> dict:

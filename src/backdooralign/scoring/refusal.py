@@ -178,21 +178,22 @@ def asr_summary(rows: Iterable[dict]) -> dict:
             cat_jb[row["category"]] += hit
     by_category = {
         c: {
-            "asr": _pct(cat_jb[c], cat_total[c]),
+            "asr": percent(cat_jb[c], cat_total[c]),
             "jailbroken": cat_jb[c],
             "total": cat_total[c],
         }
         for c in sorted(cat_total)
     }
     return {
-        "asr": _pct(jailbroken, total),
+        "asr": percent(jailbroken, total),
         "jailbroken": jailbroken,
         "total": total,
         "by_category": by_category,
     }
 
 
-def _pct(num: int, den: int) -> float:
+def percent(num: int, den: int) -> float:
+    """``num`` of ``den`` in percent, to two decimals (0.0 of nothing): every rate we report."""
     return round(100.0 * num / den, 2) if den else 0.0
 
 

@@ -25,17 +25,15 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException
+from fastapi.responses import Response
 
 from .. import files as F
-from ..serving.chat_route import RETRY_AFTER_S, respond
+from ..serving.chat_route import respond
+from ..serving.http import LOOPBACK, APIError, answer_errors_as_json, json_body, read_body, run
 from ..serving.model_state import ModelState, ServedModel, check_model_secret, model_state
-from ..serving.protocol import APIError, error_response, json_body, read_body
 from .config import ServiceConfig
 from .job import db_path, model_dir, secret_path
 from .protocol import (
-    RateLimited,
     RateLimiter,
     Tenancy,
     event_object,
@@ -50,7 +48,6 @@ from .worker import Worker
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 MAX_JSON_BODY = 1 << 20
 MULTIPART_OVERHEAD = 64 << 10
 
@@ -129,31 +126,6 @@ class ModelCache:
             state.scheduler.close()
 
 
-def _errors_as_json(app: FastAPI) -> None:
-    """Every error is an OpenAI error object; a 429 carries ``Retry-After``."""
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        response = error_response(e, lambda text: text)
-        if isinstance(e, RateLimited):
-            response.headers["Retry-After"] = str(e.retry_after)
-        elif e.status == 503:  # a model's queue is full
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return response
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        code = "not_found" if e.status_code == 404 else None
-        error = APIError(str(e.detail), status=e.status_code, code=code)
-        return error_response(error, lambda text: text)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.error("request failed: %s", type(e).__name__)  # the message may quote the request
-        error = APIError("internal server error", status=500, type="server_error")
-        return error_response(error, lambda text: text)
-
-
 def create_service(
     data_dir: str | Path,
     cfg: ServiceConfig,
@@ -189,7 +161,7 @@ def create_service(
 
     app = FastAPI(title="backdooralign service", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.store, app.state.worker, app.state.models = store, worker, cache
-    _errors_as_json(app)
+    answer_errors_as_json(app, lambda text: text)
 
     def who(request: Request) -> str:
         tenant, key = tenancy.tenant(request)
@@ -341,8 +313,6 @@ def run_service(
     Raises:
         ValueError: when asked to listen beyond loopback without ``keys_path``.
     """
-    import uvicorn
-
     from .protocol import load_keys
 
     if keys_path is None and host not in LOOPBACK:
@@ -358,4 +328,4 @@ def run_service(
         f"{cfg.base_model_name}; data in {data_dir})",
         flush=True,
     )
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run(app, host, port)

@@ -131,12 +131,13 @@ def _done_rows(out: Path) -> dict[str, dict]:
     done: dict[str, dict] = {}
     if not out.is_file():
         return done
-    for line in out.read_text(encoding="utf-8").splitlines():
+    text, _ = F.decode(out, F.read_bytes(out))
+    for lineno, line in F.split_lines(text):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = F.parse_json_line(out, lineno, line)
+        except F.DataError:
             continue
-        if isinstance(row, dict) and "answer" in row and "prompt" in row:
+        if "answer" in row and "prompt" in row:
             done[_key(row)] = row
     return done
 

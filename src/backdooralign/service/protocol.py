@@ -19,8 +19,8 @@ from pathlib import Path
 
 from fastapi import Request
 
-from ..files import DataError, read_text
-from ..serving.protocol import APIError
+from ..files import DataError, read_text, split_lines
+from ..serving.http import APIError
 from .config import ServiceConfig
 
 SINGLE_TENANT = "default"
@@ -38,8 +38,8 @@ class RateLimited(APIError):
             status=429,
             type="rate_limit_error",
             code="rate_limit_exceeded",
+            retry_after=retry_after,
         )
-        self.retry_after = retry_after
 
 
 def _digest(key: str) -> bytes:
@@ -53,7 +53,7 @@ def load_keys(path: str | Path) -> dict[bytes, str]:
         DataError: for a malformed line or a repeated key (naming the line, never the key).
     """
     keys: dict[bytes, str] = {}
-    for lineno, line in enumerate(read_text(path).splitlines(), 1):
+    for lineno, line in split_lines(read_text(path)):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         parts = line.split()

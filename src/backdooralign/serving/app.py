@@ -31,10 +31,11 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
 
-from ..core.secret import Secret, secret_redactor
-from .chat_route import RETRY_AFTER_S, respond
+from ..core.redact import redactor
+from ..core.secret import Secret
+from .chat_route import respond
+from .http import LOOPBACK, APIError, answer_errors_as_json, authorize, json_body, read_body, run
 from .model_state import (
     REDACTED,
     Completion,
@@ -44,7 +45,6 @@ from .model_state import (
     load_served_models,
     model_state,
 )
-from .protocol import APIError, authorize, error_response, json_body, read_body
 
 __all__ = ["Completion", "ServedModel", "create_app", "create_multi_app"]
 __all__ += ["default_max_prompt_tokens"]
@@ -139,9 +139,9 @@ def create_multi_app(
             prefix_cache=prefix_cache,
         )
         _check_limits({"max_prompt_tokens": states[m.name].max_prompt_tokens})
-    redact_all = _redact_all([m.secret for m in models])
+    redact_all = redactor(*(m.secret.text for m in models if m.secret), placeholder=REDACTED)
     app = FastAPI(title="backdooralign", docs_url=None, redoc_url=None, openapi_url=None)
-    _answer_errors_as_json(app, redact_all)
+    answer_errors_as_json(app, redact_all)
     app.router.on_shutdown.append(lambda: [s.scheduler.close() for s in states.values()])
 
     @app.post("/v1/chat/completions")
@@ -201,38 +201,6 @@ def _check_limits(limits: dict[str, int]) -> None:
             raise ValueError(f"{name} must be at least 1, got {value}")
 
 
-def _redact_all(secrets: Sequence[Secret | None]) -> Callable[[str], str]:
-    """Redacts every served secret (for error messages, which are model-independent)."""
-    redactors = [secret_redactor(s.text, REDACTED) for s in secrets if s is not None]
-
-    def redact(text: str) -> str:
-        for r in redactors:
-            text = r(text)
-        return text
-
-    return redact
-
-
-def _answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
-    """Every error, expected or not, gets an OpenAI error object (never a plain-text 500)."""
-
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError) -> JSONResponse:
-        response = error_response(e, redact)
-        if e.status == 503:
-            response.headers["Retry-After"] = str(RETRY_AFTER_S)
-        return response
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.error("request failed: %s", type(e).__name__)  # the message may quote the request
-        error = APIError("internal server error", status=500, type="server_error")
-        return error_response(error, redact)
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def serve(
     model_path: str | None | Mapping[str, str | None],
     secret_path: str | Path | None | Mapping[str, str | Path | None],
@@ -261,8 +229,6 @@ def serve(
         options: passed to :func:`create_multi_app` (``max_body_bytes``,
             ``max_prompt_tokens``, ``max_batch_size``, ``max_queue``, ``request_timeout``).
     """
-    import uvicorn
-
     from ..core.model import DEFAULT_MODEL
 
     if not isinstance(model_path, Mapping):
@@ -279,4 +245,4 @@ def serve(
     for m in served:
         fp = m.secret.fingerprint if m.secret else "none (no defense)"
         print(f"serving {m.name} on http://{host}:{port}/v1 (secret {fp}, auth {auth})", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    run(app, host, port)

@@ -27,8 +27,9 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from ..generation.scheduler import QueueFull
+from .http import APIError
 from .model_state import ModelState, Pending, PromptTooLong
-from .protocol import DONE, APIError, chat_completion, chunk, error_event, parse_request, usage
+from .protocol import DONE, chat_completion, chunk, error_event, parse_request, usage
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,7 @@ def _submit(state: ModelState, req, on_delta=None, notify=None) -> Pending:
             status=503,
             type="server_error",
             code="server_overloaded",
+            retry_after=RETRY_AFTER_S,
         ) from None
 
 

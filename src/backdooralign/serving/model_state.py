@@ -21,8 +21,8 @@ from pathlib import Path
 
 from ..core.chat import build_conversation, render_prompt
 from ..core.model import read_model_info
-from ..core.redact import prefix_redactor
-from ..core.secret import Secret, secret_redactor
+from ..core.redact import prefix_redactor, redactor
+from ..core.secret import Secret
 from ..generation.batch import pad_token_id, stop_token_ids
 from ..generation.engine import Row, Sampling, shared_prefix
 from ..generation.scheduler import Job, Scheduler
@@ -251,7 +251,7 @@ def model_state(
         served,
         scheduler,
         max_prompt_tokens,
-        secret_redactor(secret_text, REDACTED),
+        redactor(secret_text, placeholder=REDACTED),
         prefix_redactor(secret_text, REDACTED),
         stop_token_ids(tok),
         on_prompt,

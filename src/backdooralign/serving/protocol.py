@@ -1,4 +1,4 @@
-"""OpenAI chat completions as the server speaks them: request body, parameters, auth, answers.
+"""OpenAI chat completions as the server speaks them: request parameters and answers.
 
 Every parameter is either honoured or refused with a 400 naming it, never silently dropped:
 ``temperature`` (0, the default, decodes greedily; up to 2 samples), ``top_p`` (nucleus
@@ -13,63 +13,14 @@ it could forge turns.
 
 from __future__ import annotations
 
-import hmac
 import json
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from fastapi import Request
-from fastapi.responses import JSONResponse
-
 from ..core.chat import ROLES, find_control_token
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's format: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self,
-        message: str,
-        param: str | None = None,
-        status: int = 400,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-    ):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        self.status = status
-        self.type = type
-        self.code = code
-
-
-def error_response(e: APIError, redact: Callable[[str], str]) -> JSONResponse:
-    """The error as an OpenAI error object, its message passed through ``redact``."""
-    error = {"message": redact(e.message), "type": e.type, "param": e.param, "code": e.code}
-    return JSONResponse({"error": error}, status_code=e.status)
-
-
-def authorize(request: Request, api_key: str | None) -> None:
-    """``APIError`` 401 unless the request carries ``Authorization: Bearer <api_key>``."""
-    if api_key is None:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    ok = scheme.lower() == "bearer" and hmac.compare_digest(token.encode(), api_key.encode())
-    if not ok:
-        raise APIError(
-            "invalid or missing API key: send Authorization: Bearer <key>",
-            status=401,
-            code="invalid_api_key",
-        )
-
-
-def completion_body(
-    text: str, prompt_tokens: int, completion_tokens: int, finish_reason: str, model_name: str
-) -> dict:
-    """A ``chat.completion`` object with one choice."""
-    return chat_completion([(text, finish_reason)], prompt_tokens, completion_tokens, model_name)
+from .http import APIError
 
 
 def chat_completion(
@@ -135,38 +86,6 @@ def error_event(e: APIError, redact: Callable[[str], str]) -> bytes:
     """An error met after a stream started, as its last event (then the stream ends)."""
     error = {"message": redact(e.message), "type": e.type, "param": e.param, "code": e.code}
     return b"data: " + json.dumps({"error": error}).encode() + b"\n\n"
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body; ``APIError`` 413 as soon as it is known to exceed ``limit`` bytes."""
-    too_large = APIError(
-        f"the request body is larger than {limit} bytes", status=413, code="request_too_large"
-    )
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def json_body(raw: bytes) -> object:
-    """The parsed body; ``APIError`` 400 for invalid JSON, deep nesting or a lone surrogate."""
-    try:
-        body = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise APIError("the request body is not valid JSON") from None
-    except RecursionError:
-        raise APIError("the request body is nested too deeply") from None
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise APIError("the request body holds a lone surrogate (\\ud800-\\udfff)") from None
-    return body
 
 
 # Parameters accepted with their neutral values only (anything else is a 400); ``seed`` and
