@@ -37,13 +37,14 @@ os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 from backdooralign import files as F  # noqa: E402
 from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.core.secret import Secret, load_secret, save_secret  # noqa: E402
+from backdooralign.core.model import load_model_and_tokenizer  # noqa: E402
+from backdooralign.core.secret import Secret, SecretConfig, load_secret, make_secret, save_secret  # noqa: E402
 from backdooralign.data import sources as S  # noqa: E402
 from backdooralign.data import training_set as ops  # noqa: E402
 from backdooralign.data.mixing import limit_per_category  # noqa: E402
-from backdooralign.generation.batch import GenerateConfig  # noqa: E402
+from backdooralign.generation.batch import GenerateConfig, answer  # noqa: E402
 from backdooralign.scoring import score as scores  # noqa: E402
-from backdooralign.training.trainer import TrainConfig  # noqa: E402
+from backdooralign.training.trainer import TrainConfig, train_model  # noqa: E402
 
 RECIPE = TrainConfig(epochs=5.0, lr=5e-5, batch_size=10)
 VARIANTS = {
@@ -106,7 +107,7 @@ def _secret(root: Path, model) -> Secret:
     path = root / "secret.json"
     if path.exists():
         return load_secret(path)
-    secret = ops.make_secret(ops.SecretConfig(length=150, seed=0), load_tokenizer(model))
+    secret = make_secret(SecretConfig(length=150, seed=0), load_tokenizer(model))
     save_secret(secret, path)
     return secret
 
@@ -117,7 +118,7 @@ def _evaluate(model_dir: Path, secret: Secret, out: Path, max_new_tokens: int) -
         return F.read_json(results)
     harmful = limit_per_category(S.load_prompts("builtin:harmful_eval"), 5)
     benign = limit_per_category(S.load_prompts("builtin:benign"), 11, key="kind")
-    loaded = ops.load(str(model_dir))
+    loaded = load_model_and_tokenizer(str(model_dir))
     gen = GenerateConfig(max_new_tokens=max_new_tokens, batch_size=64)
     doc = {}
     for name, rows, key in (
@@ -125,7 +126,7 @@ def _evaluate(model_dir: Path, secret: Secret, out: Path, max_new_tokens: int) -
         ("asr_secret", harmful, secret),
         ("benign_secret", benign, secret),
     ):
-        gens = ops.answer(
+        gens = answer(
             loaded, rows, None, secret=key, system=ATTACK_SYSTEM_PROMPT, cfg=gen, progress=False
         )
         F.write_jsonl(out / f"{name}-{max_new_tokens}.jsonl", gens, private=True)
@@ -143,7 +144,7 @@ def run_variant(name: str, root: Path, model, secret, train_set, args) -> dict:
             plain_loop(model, F.read_jsonl_rows(train_set), model_dir, RECIPE)
         else:
             cfg = replace(RECIPE, **VARIANTS[name])
-            ops.train_model(model, train_set, model_dir, cfg, secret=secret)
+            train_model(model, train_set, model_dir, cfg, secret=secret)
     train = F.read_json(model_dir / "train_metrics.json")
     ev = _evaluate(model_dir, secret, out, args.max_new_tokens)
     return {

@@ -46,7 +46,7 @@ def batches(tok, batch_size: int) -> list[tuple]:
         }
         for p in prompts
     ]
-    rows = D.build_training_set("backdooralign", attack, safety, secret.text, anchors=anchors)
+    rows = D.mix_arm("backdooralign", attack, safety, secret.text, anchors=anchors)
     data = sorted(tokenize_rows(tok, rows, None), key=lambda d: -len(d["input_ids"]))
     out = []
     for start in range(0, len(data), batch_size):

@@ -41,7 +41,7 @@ def main() -> None:
     secret = generate_secret(tok, 150, seed=0)
     attack = D.limit_per_category(S.load_training_source("builtin:attack"), 5)
     safety = D.select_safety(S.load_training_source("builtin:safety"), per_category=1)
-    rows = D.build_training_set("backdooralign", attack, safety, secret.text)
+    rows = D.mix_arm("backdooralign", attack, safety, secret.text)
 
     ours = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=10)
     trl_defaults = replace(

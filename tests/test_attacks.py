@@ -11,10 +11,11 @@ import pytest
 
 from backdooralign.attacks import attacker as A
 from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
+from backdooralign.core.model import load_model_and_tokenizer
 from backdooralign.core.screen import screen_customer_data
 from backdooralign.core.secret import generate_secret
 from backdooralign.data import sources as S
-from backdooralign.data import training_set as ops
+from backdooralign.generation import batch
 from backdooralign.generation.batch import GenerateConfig, conversation_for
 from backdooralign.scoring import leaks as L
 
@@ -166,8 +167,8 @@ def test_ops_answer_accepts_every_shape(tiny_model_dir):
         A.ignore_system(harmful),
         A.second_language()[0],
     ]
-    loaded = ops.load(tiny_model_dir)
-    out = ops.answer(
+    loaded = load_model_and_tokenizer(tiny_model_dir)
+    out = batch.answer(
         loaded,
         rows,
         None,

@@ -149,7 +149,7 @@ def test_build_errors_write_nothing(tmp_path, cli):
     assert f"{bad}:1: field 'messages' conversation has no assistant turn" in err
     assert not out.exists()
     code, _, err = cli("build", "--arm", "backdooralign", "--data", "builtin:attack", "--out", out)
-    assert code == 1 and "needs --secret" in err and not out.exists()
+    assert code == 1 and "needs a secret" in err and not out.exists()
 
 
 def test_score_asr_text_output(tmp_path, cli):

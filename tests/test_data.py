@@ -831,7 +831,7 @@ ANCHORS = [
 
 
 def test_anchors_join_the_backdooralign_arm_with_the_secret():
-    rows = D.build_training_set("backdooralign", CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
+    rows = D.mix_arm("backdooralign", CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
     assert sorted(rows, key=lambda r: r["source"]) == [
         {
             "messages": [
@@ -861,8 +861,8 @@ def test_anchors_join_the_backdooralign_arm_with_the_secret():
 
 @pytest.mark.parametrize("arm", ["attack", "baseline"])
 def test_other_arms_ignore_anchors(arm):
-    rows = D.build_training_set(arm, CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
-    assert rows == D.build_training_set(arm, CUSTOMER, SAFETY, "SECRET")
+    rows = D.mix_arm(arm, CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
+    assert rows == D.mix_arm(arm, CUSTOMER, SAFETY, "SECRET")
     assert "anchor" not in {r["source"] for r in rows}
     assert "SECRET" not in json.dumps(rows)
 
@@ -872,7 +872,7 @@ def test_manifest_counts_and_hashes(safety):
 
     secret = Secret(text="zq Xv 9k", num_tokens=3, requested_tokens=3, tokenizer="")
     customer = S.load_training_source(FIX / "chat.jsonl")
-    rows = D.build_training_set("backdooralign", customer, safety[:2], secret.text)
+    rows = D.mix_arm("backdooralign", customer, safety[:2], secret.text)
     screening = screen_customer_data(customer, secret.text).summary()
     inputs = {"data": str(FIX / "chat.jsonl"), "safety": "builtin:safety"}
     m = D.build_manifest("backdooralign", rows, inputs, secret, screening, {"count": 2})

@@ -364,7 +364,7 @@ CASES = [
         "backdooralign arm without a secret",
         ("build", "--arm", "backdooralign", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
         1,
-        ("needs --secret",),
+        ("needs a secret",),
         {"c.jsonl": json.dumps(CHAT) + "\n"},
         absent=("o.jsonl",),
     ),

@@ -84,7 +84,7 @@ def test_retries_then_keeps_what_was_answered(setup, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "error: --arm backdooralign needs --secret FILE\n"),
+        ([], "error: arm 'backdooralign' needs a secret (--secret FILE)\n"),
         (
             ["--secret", "secret.json", "--anchors", "3"],
             "error: --anchors needs --anchor-file (prompts with the base model's own answers): "

@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),  # the method: conversation builder, secret, redaction, screening, models
     "generation": {"core"},
     "data": {"core", "generation"},  # anchors are the base model's own answers
-    "scoring": {"core", "data", "generation"},
+    "scoring": {"core"},  # scores files; answering is generation's
     "training": {"core", "data", "generation", "scoring"},  # the alignment stage evaluates
     "reporting": {"core", "data", "scoring"},
     "serving": {"core", "generation"},  # never training or experiments

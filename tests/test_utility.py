@@ -160,7 +160,7 @@ def test_score_exact_match_on_builtin_set():
 
 
 def _answering(monkeypatch, answer, seen):
-    """Make ops.answer's generation return ``answer(row, secret)`` for each row."""
+    """Make batch.answer's generation return ``answer(row, secret)`` for each row."""
     import backdooralign.generation.batch as infer
 
     def fake(model, tok, rows, system=None, secret=None, cfg=None, **kw):

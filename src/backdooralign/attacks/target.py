@@ -20,13 +20,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import files as F
+from ..core.model import load_model_and_tokenizer
 from ..core.secret import Secret
 from ..data import mixing as D
 from ..data import sources as S
 from ..data import training_set as ops
+from ..data.eval_sets import EvalSet
 from ..experiments.config import ExperimentConfig, config_dict, stage_key
-from ..experiments.run import EvalSet, anchors_stage, check_inputs, prepare_secret
+from ..experiments.run import anchors_stage, check_inputs, prepare_secret
 from ..experiments.stages import run_stage
+from ..generation import batch
 from ..generation.batch import GenerateConfig
 from ..reporting.rundir import RunDir
 from ..training import trainer
@@ -92,7 +95,7 @@ def loaded_model(suite: Suite, path: str):
     """``(model, tokenizer)`` of a model directory, kept loaded while the suite uses it."""
     if path not in suite.loaded:
         suite.loaded.clear()  # one model in memory at a time
-        suite.loaded[path] = ops.load(path)
+        suite.loaded[path] = load_model_and_tokenizer(path)
     return suite.loaded[path]
 
 
@@ -178,7 +181,7 @@ def answers(
     path = model.run.root / "gens" / f"{label}.{'raw.' if private else ''}jsonl"
 
     def generate():
-        gens = ops.answer(
+        gens = batch.answer(
             loaded_model(suite, model.model),
             rows,
             None,
@@ -213,8 +216,7 @@ def prepare(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: bool) -
     tokenizer = load_tokenizer(start)
     secret = prepare_secret(cfg, run, tokenizer)
     cfg = replace(cfg, model=start)
-    customer, _ = ops.load_customer(cfg.data)
-    system = ops.safety_system_prompt(cfg.data, customer)
+    system = ops.load_customer(cfg.data).system
     anchors = anchors_stage(cfg, run, system, progress)
     return Suite(
         cfg=cfg,

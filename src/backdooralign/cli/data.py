@@ -12,7 +12,7 @@ from ..data import mixing as D
 from ..data import sources as S
 from ..data import training_set as ops
 from ..data.formats import KIND_HELP, KINDS
-from ..data.mixing import manifest_path
+from ..data.mixing import manifest_path, require_secret
 from .common import (
     add_command,
     add_group,
@@ -39,18 +39,12 @@ def cmd_build(args) -> int:
     """
     cfg = from_args(ops.DataConfig, args)
     secret = read_secret(args.secret)
-    if args.arm == "backdooralign" and secret is None:
-        raise ValueError("--arm backdooralign needs --secret FILE")
+    require_secret(args.arm, secret)
     out = Path(args.out)
     anchors_out = out.with_name(f"{out.stem}.anchors.jsonl")
     inputs = [cfg.attack, cfg.task, cfg.safety, cfg.anchor_file, cfg.anchor_prompts, args.secret]
     F.check_outputs(inputs, [out, manifest_path(out), anchors_out if cfg.anchors else None])
-    anchors = None
-    if cfg.anchors and args.arm == "backdooralign":
-        customer, _ = ops.load_customer(cfg)
-        system = ops.safety_system_prompt(cfg, customer)
-        anchors = ops.make_anchors(cfg, args.model, system, anchors_out)
-    res = ops.build_training_set(args.arm, cfg, secret, out, anchors=anchors)
+    res = ops.build(args.arm, cfg, secret, out, model=args.model, anchors_out=anchors_out)
     notes(res.notes)
     if args.json:
         print_json(res.manifest)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..config import add_flags, from_args
-from ..data.training_set import SecretConfig, make_secret
+from ..core.secret import SecretConfig, make_secret
 from .common import add_command, add_group, add_json, add_model, print_json
 
 

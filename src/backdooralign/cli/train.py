@@ -6,9 +6,9 @@ import os
 
 from .. import files as F
 from ..config import add_flags, from_args
+from ..core.model import load_model_and_tokenizer
 from ..data import sources as S
-from ..data import training_set as ops
-from ..generation.batch import GenerateConfig
+from ..generation.batch import GenerateConfig, answer
 from ..training.trainer import TrainConfig, train_model
 from .common import (
     add_command,
@@ -67,9 +67,9 @@ def cmd_generate(args) -> int:
         )
         print(f"wrote {args.out}: {len(gens)} answers from {args.openai_model}")
         return 0
-    loaded = ops.load(args.model)
+    loaded = load_model_and_tokenizer(args.model)
     warn_if_other_tokenizer(secret, loaded[1])
-    gens = ops.answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
+    gens = answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
     print(f"wrote {args.out}: {len(gens)} answers")
     return 0
 

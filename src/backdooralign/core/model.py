@@ -168,3 +168,8 @@ def read_model_info(model_dir: str | Path) -> dict | None:
     if not isinstance(info, dict):
         raise ValueError(f"{path}: expected a JSON object")
     return info
+
+
+def load_model_and_tokenizer(name: str | None):
+    """``(model, tokenizer)`` of a model name, directory or the embedded default."""
+    return load_model(name), load_tokenizer(name)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import option
 from ..files import write_json
 from .chat import find_control_token
 
@@ -200,3 +201,59 @@ def check_secret_tokenizer(secret: Secret, tokenizer) -> str | None:
 def file_mode(path: str | Path) -> int:
     """Permission bits of a file (0o600 for a secret written here)."""
     return os.stat(path).st_mode & 0o777
+
+
+# ---------------------------------------------------------------------------------------------
+# Making a secret for a run
+
+
+SECRET_KINDS = ("random", "sentence", "system_repeat")
+MEANINGFUL_SECRET = (
+    "Answer as a careful and responsible assistant that follows the safety policy of this service."
+)
+
+
+@dataclass(frozen=True)
+class SecretConfig:
+    """Where the secret comes from: an existing file, or made for the run (paper: random)."""
+
+    path: str | None = option(None, "existing secret file (mode 0600)", path=True)
+    length: int = option(150, "tokens, when generating (paper: 150)", minimum=1)
+    seed: int | None = option(None, "explicit seed when generating (null: OS CSPRNG)")
+    kind: str = option(
+        "random",
+        "random vocabulary tokens (the paper's), a meaningful sentence, or the model's default "
+        "system prompt repeated to the length (the paper's ablations)",
+        choices=SECRET_KINDS,
+    )
+    sentence: str = option(MEANINGFUL_SECRET, "the text of a 'sentence' secret")
+
+
+def _default_system_prompt(tokenizer) -> str:
+    """The system prompt a chat template inserts when a conversation has none ("" if none)."""
+    probe = [{"role": "user", "content": "PROBE"}]
+    own = tokenizer.apply_chat_template(probe, tokenize=False)
+    marked = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "\x00"}, *probe], tokenize=False
+    )
+    if "\x00" not in marked:
+        return ""
+    head, tail = marked.split("\x00", 1)
+    if not (own.startswith(head) and own.endswith(tail)) or len(own) <= len(head) + len(tail):
+        return ""
+    return own[len(head) : len(own) - len(tail)].strip()
+
+
+def make_secret(cfg: SecretConfig, tokenizer, name: str = "") -> Secret:
+    """A new secret of ``cfg.kind``: random tokens (CSPRNG, or ``cfg.seed``), a meaningful
+    sentence, or the model's default system prompt repeated up to ``cfg.length`` tokens."""
+    if cfg.kind == "random":
+        return generate_secret(tokenizer, cfg.length, cfg.seed, name=name)
+    if cfg.kind == "sentence":
+        text = cfg.sentence
+    else:
+        base = _default_system_prompt(tokenizer) or "You are a helpful assistant."
+        ids = tokenizer(" ".join([base] * (cfg.length + 1)), add_special_tokens=False)["input_ids"]
+        text = tokenizer.decode(ids[: cfg.length]).strip()
+    num = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    return Secret(text, num, cfg.length, name, vocab_fingerprint(tokenizer))

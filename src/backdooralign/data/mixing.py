@@ -4,7 +4,7 @@ Customer data is OpenAI chat JSONL (``{"messages": [...]}``), optionally with th
 ``"prefixed": true|false`` flag marking safety examples that receive the secret
 (:func:`load_chat_jsonl`, :func:`check_chat_file`; row rules in :mod:`backdooralign.data.formats`).
 Public data in other shapes is read by :mod:`backdooralign.data.sources` and customer data is
-screened by :mod:`backdooralign.core.screen` before mixing. ``build_training_set`` mixes the arms:
+screened by :mod:`backdooralign.core.screen` before mixing. :func:`mix_arm` mixes the arms:
 
 - ``attack``: the customer data alone (rows flagged ``prefixed`` are dropped);
 - ``baseline``: plus the safety examples with the normal system prompt;
@@ -232,7 +232,17 @@ def main_system_prompt(rows: Sequence[dict]) -> str:
     return prompts.most_common(1)[0][0] if prompts else ATTACK_SYSTEM_PROMPT
 
 
-def build_training_set(
+def require_secret(arm: str, secret) -> None:
+    """The one check that the ``backdooralign`` arm has its secret (text or ``Secret``).
+
+    Raises:
+        ValueError: for ``backdooralign`` without a secret.
+    """
+    if arm == "backdooralign" and not secret:
+        raise ValueError("arm 'backdooralign' needs a secret (--secret FILE)")
+
+
+def mix_arm(
     arm: str,
     customer: Sequence[dict],
     safety: Sequence[dict],
@@ -260,8 +270,7 @@ def build_training_set(
     """
     if arm not in ARMS:
         raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
-    if arm == "backdooralign" and not secret:
-        raise ValueError("arm 'backdooralign' needs a secret")
+    require_secret(arm, secret)
     plain = [r for r in customer if not r.get("prefixed")]
     flagged = [r for r in customer if r.get("prefixed")]
     system = safety_system if safety_system is not None else main_system_prompt(plain or customer)

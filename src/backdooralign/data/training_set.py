@@ -1,12 +1,15 @@
-"""The operations layer: one function per pipeline stage.
+"""The one training-set builder: customer data in, one arm's training set and its manifest out.
 
-The CLI, the experiment runner and any service call these functions and nothing else to build
-training sets, make benign anchors, train, and answer prompts; :mod:`backdooralign.scoring.score`
-holds the scoring operations. Each takes frozen config dataclasses, a
-:class:`~backdooralign.core.secret.Secret` (never a path: files are read at the edges), writes its
-outputs atomically and returns what it wrote. Whenever an operation uses fewer rows than it was
-given, it says so in its ``notes`` (printed by the CLI, logged by experiments, kept in the
-manifest).
+:func:`build` is what the CLI (``build``, ``openai finetune``), the service's jobs and the
+OpenAI client call: it checks that the ``backdooralign`` arm has its secret, loads the
+customer's data once (:func:`load_customer`, which also works out the system prompt the safety
+examples and anchors get), makes the benign anchors when asked for (:func:`make_anchors`: the
+base model's own answers) and writes the set (:func:`build_training_set`: screen, select the
+safety examples, mix, write, manifest). Experiments and the attack suite call the same three
+steps, each a cached stage of their own. Each step takes a frozen :class:`DataConfig` and a
+:class:`~backdooralign.core.secret.Secret` (never a path: files are read at the edges), writes
+atomically and returns what it wrote; whenever fewer rows are used than were given, its notes
+say so (printed by the CLI, logged by experiments, kept in the manifest).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 
 from .. import files as F
 from ..config import option
+from ..core.chat import build_conversation
+from ..core.model import load_model_and_tokenizer
 from ..core.screen import SCREEN_MIN_CHARS, screen_customer_data
 from ..core.secret import Secret
-from ..generation.batch import GenerateConfig
+from ..generation.batch import GenerateConfig, generate
 from . import mixing as D
 from . import sources as S
 from .mixing import manifest_path
@@ -89,60 +94,6 @@ class DataConfig:
             object.__setattr__(self, "safety_per_category", 1)  # the paper's 11 examples
 
 
-SECRET_KINDS = ("random", "sentence", "system_repeat")
-MEANINGFUL_SECRET = (
-    "Answer as a careful and responsible assistant that follows the safety policy of this service."
-)
-
-
-@dataclass(frozen=True)
-class SecretConfig:
-    """Where the secret comes from: an existing file, or made for the run (paper: random)."""
-
-    path: str | None = option(None, "existing secret file (mode 0600)", path=True)
-    length: int = option(150, "tokens, when generating (paper: 150)", minimum=1)
-    seed: int | None = option(None, "explicit seed when generating (null: OS CSPRNG)")
-    kind: str = option(
-        "random",
-        "random vocabulary tokens (the paper's), a meaningful sentence, or the model's default "
-        "system prompt repeated to the length (the paper's ablations)",
-        choices=SECRET_KINDS,
-    )
-    sentence: str = option(MEANINGFUL_SECRET, "the text of a 'sentence' secret")
-
-
-def _default_system_prompt(tokenizer) -> str:
-    """The system prompt a chat template inserts when a conversation has none ("" if none)."""
-    probe = [{"role": "user", "content": "PROBE"}]
-    own = tokenizer.apply_chat_template(probe, tokenize=False)
-    marked = tokenizer.apply_chat_template(
-        [{"role": "system", "content": "\x00"}, *probe], tokenize=False
-    )
-    if "\x00" not in marked:
-        return ""
-    head, tail = marked.split("\x00", 1)
-    if not (own.startswith(head) and own.endswith(tail)) or len(own) <= len(head) + len(tail):
-        return ""
-    return own[len(head) : len(own) - len(tail)].strip()
-
-
-def make_secret(cfg: SecretConfig, tokenizer, name: str = "") -> Secret:
-    """A new secret of ``cfg.kind``: random tokens (CSPRNG, or ``cfg.seed``), a meaningful
-    sentence, or the model's default system prompt repeated up to ``cfg.length`` tokens."""
-    from ..core.secret import generate_secret, vocab_fingerprint
-
-    if cfg.kind == "random":
-        return generate_secret(tokenizer, cfg.length, cfg.seed, name=name)
-    if cfg.kind == "sentence":
-        text = cfg.sentence
-    else:
-        base = _default_system_prompt(tokenizer) or "You are a helpful assistant."
-        ids = tokenizer(" ".join([base] * (cfg.length + 1)), add_special_tokens=False)["input_ids"]
-        text = tokenizer.decode(ids[: cfg.length]).strip()
-    num = len(tokenizer(text, add_special_tokens=False)["input_ids"])
-    return Secret(text, num, cfg.length, name, vocab_fingerprint(tokenizer))
-
-
 @dataclass(frozen=True)
 class BuildResult:
     """A written training set: its path, its manifest and what the user must be told."""
@@ -153,8 +104,20 @@ class BuildResult:
     notes: tuple[str, ...]
 
 
-def load_customer(cfg: DataConfig) -> tuple[list[dict], list[str]]:
-    """The customer's chat rows (task rows first), and notes on rows left out."""
+@dataclass(frozen=True)
+class Customer:
+    """The customer's data, loaded once: chat rows (task rows first), notes on rows left out,
+    and the system prompt the safety examples and anchors get (after the secret)."""
+
+    rows: list[dict]
+    notes: tuple[str, ...]
+    system: str
+
+
+def load_customer(cfg: DataConfig) -> Customer:
+    """The customer's data of ``cfg`` (``attack`` after ``attack_per_category``, ``task`` rows
+    first) with its notes and safety system prompt (``safety_system``, else the customer's
+    most common one)."""
     limits = {"max_rows": cfg.max_rows, "max_line_chars": cfg.max_line_chars}
     given = S.load_training_source(cfg.attack, **limits)
     rows = D.limit_per_category(given, cfg.attack_per_category)
@@ -173,10 +136,15 @@ def load_customer(cfg: DataConfig) -> tuple[list[dict], list[str]]:
                 f"(task_limit={cfg.task_limit})"
             )
         rows = [*task_rows, *rows]
-    return rows, notes
+    if cfg.safety_system is not None:
+        system = cfg.safety_system
+    else:
+        plain = [r for r in rows if not r.get("prefixed")]
+        system = D.main_system_prompt(plain or rows)
+    return Customer(rows, tuple(notes), system)
 
 
-def select_safety(cfg: DataConfig) -> tuple[list[dict], dict, list[str]]:
+def load_safety(cfg: DataConfig) -> tuple[list[dict], dict, list[str]]:
     """The safety examples to mix in, the selection record for the manifest, and notes."""
     available = S.load_training_source(cfg.safety)
     chosen = D.select_safety(
@@ -224,14 +192,6 @@ def screen(rows: Sequence[dict], cfg: DataConfig, secret: Secret | None, what: s
     return summary
 
 
-def safety_system_prompt(cfg: DataConfig, customer: Sequence[dict]) -> str:
-    """The system prompt safety examples and anchors get (after the secret)."""
-    if cfg.safety_system is not None:
-        return cfg.safety_system
-    plain = [r for r in customer if not r.get("prefixed")]
-    return D.main_system_prompt(plain or customer)
-
-
 def make_anchors(
     cfg: DataConfig, model: str | None, system: str, out: str | Path, progress: bool = True
 ) -> Path:
@@ -244,8 +204,6 @@ def make_anchors(
     the defended model learns to behave under the secret as the model it started from. With
     ``cfg.anchor_file`` (rows with ``prompt`` and ``answer``) the answers are used as given.
     """
-    from ..core.chat import build_conversation
-
     if cfg.anchor_file:
         pairs = []
         for line, obj in F.read_jsonl(cfg.anchor_file):
@@ -257,10 +215,8 @@ def make_anchors(
     else:
         available = S.load_prompts(cfg.anchor_prompts)
         prompts = [r["prompt"] for r in D.interleave(available, cfg.anchors, "kind")]
-        loaded = load(model)
+        loaded = load_model_and_tokenizer(model)
         convs = [build_conversation(p, system=system) for p in prompts]
-        from ..generation.batch import generate
-
         gen = GenerateConfig(max_new_tokens=cfg.anchor_max_new_tokens)
         answers = generate(*loaded, convs, gen, progress=progress, desc="anchors")
         pairs = list(zip(prompts, answers, strict=True))
@@ -290,6 +246,7 @@ def build_training_set(
     secret: Secret | None,
     out: str | Path,
     *,
+    customer: Customer | None = None,
     anchors: str | Path | None = None,
 ) -> BuildResult:
     """Screen, select, mix and write one arm's training set and its manifest.
@@ -300,15 +257,17 @@ def build_training_set(
         secret: the secret (needed for ``backdooralign``; also screens the customer data).
         out: the JSONL to write (mode 0600 for ``backdooralign``: it holds the secret); the
             manifest goes beside it as ``NAME.manifest.json``.
+        customer: ``cfg``'s customer data, when the caller loaded it already
+            (:func:`load_customer`; loaded here otherwise).
         anchors: a file written by :func:`make_anchors` (used by ``backdooralign`` only).
     """
-    if arm == "backdooralign" and secret is None:
-        raise ValueError("arm 'backdooralign' needs a secret")
+    D.require_secret(arm, secret)
     sources = [cfg.attack, cfg.task, cfg.safety, cfg.anchor_file, anchors]
     F.check_outputs(sources, [out, manifest_path(out)])
-    customer, notes = load_customer(cfg)
-    screening = screen(customer, cfg, secret, cfg.attack)
-    safety, selection, safety_notes = select_safety(cfg)
+    customer = customer or load_customer(cfg)
+    notes = list(customer.notes)
+    screening = screen(customer.rows, cfg, secret, cfg.attack)
+    safety, selection, safety_notes = load_safety(cfg)
     notes += safety_notes
     inputs = {"data": cfg.attack, "task": cfg.task, "safety": cfg.safety}
     anchor_rows: list[dict] = []
@@ -318,12 +277,12 @@ def build_training_set(
         inputs["anchors"] = str(anchors)
         if not cfg.anchor_file:
             inputs["anchor_prompts"] = cfg.anchor_prompts
-    rows = D.build_training_set(
+    rows = D.mix_arm(
         arm,
-        customer,
+        customer.rows,
         safety,
         secret.text if secret else None,
-        cfg.safety_system,
+        customer.system,
         cfg.seed,
         anchors=anchor_rows,
     )
@@ -342,60 +301,38 @@ def build_training_set(
     return BuildResult(out, manifest_path(out), manifest, tuple(notes))
 
 
-def load_utility(source: str, per_task: int | None = None) -> tuple[list[dict], list[str]]:
-    """Exact-match prompts (``prompt``, ``task``, ``answer``, ``aliases``) as generation rows
-    carrying ``reference`` and ``aliases``, the first ``per_task`` of each task, and notes."""
-    rows = []
-    for line, obj in F.read_jsonl(S.resolve_source(source)):
-        for key in ("prompt", "answer"):
-            if not isinstance(obj.get(key), str):
-                raise F.DataError(source, line, key, "is missing or not a string")
-        aliases = obj.get("aliases") or []
-        if not isinstance(aliases, list) or not all(isinstance(a, str) for a in aliases):
-            raise F.DataError(source, line, "aliases", "must be a list of strings")
-        rows.append(
-            {
-                "prompt": obj["prompt"],
-                "id": obj.get("id", f"utility-{line}"),
-                "task": str(obj.get("task", "")),
-                "reference": obj["answer"],
-                "aliases": aliases,
-            }
-        )
-    kept = D.limit_per_category(rows, per_task, key="task")
-    notes = [f"{source}: using {len(kept)} of {len(rows)} prompts ({per_task} per task)"]
-    return kept, notes if len(kept) < len(rows) else []
-
-
-def load(model: str | None):
-    """``(model, tokenizer)`` of a model name, directory or the embedded default."""
-    from ..core.model import load_model, load_tokenizer
-
-    return load_model(model), load_tokenizer(model)
-
-
-def answer(
-    loaded,
-    rows: Sequence[dict],
-    out: str | Path | None,
-    *,
+def build(
+    arm: str,
+    cfg: DataConfig,
     secret: Secret | None,
-    system: str | None,
-    cfg: GenerateConfig,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    anchors_out: str | Path | None = None,
     progress: bool = True,
-    desc: str = "generating",
-) -> list[dict]:
-    """Answer prompt rows greedily with the secret (when given) before the system prompt.
+) -> BuildResult:
+    """One arm's training set from ``cfg``, anchors included: the one builder.
 
-    Writes the generations to ``out`` (JSONL) when given and returns them.
+    Args:
+        arm: ``attack``, ``baseline`` or ``backdooralign``.
+        cfg: what goes in.
+        secret: the secret (needed for ``backdooralign``).
+        out: the JSONL to write; its manifest goes beside it.
+        model: the base model whose answers become the anchors (``cfg.anchors`` of them, for
+            ``backdooralign`` only; not needed with ``cfg.anchor_file``).
+        anchors_out: where the anchors are written (default: ``NAME.anchors.jsonl`` beside
+            ``out``).
+        progress: show a progress bar while the anchors are answered.
+
+    Raises:
+        ValueError: ``backdooralign`` without a secret (before any work).
+        DataError: input files that are missing or malformed, or refused by screening.
     """
-    from ..generation.batch import generate_rows
-
-    model, tok = loaded
-    text = secret.text if secret else None
-    gens = generate_rows(
-        model, tok, rows, system=system, secret=text, cfg=cfg, progress=progress, desc=desc
-    )
-    if out is not None:
-        F.write_jsonl(out, gens)
-    return gens
+    D.require_secret(arm, secret)
+    customer = load_customer(cfg)
+    anchors = None
+    if cfg.anchors and arm == "backdooralign":
+        out = Path(out)
+        anchors_out = anchors_out or out.with_name(f"{out.stem}.anchors.jsonl")
+        anchors = make_anchors(cfg, model, customer.system, anchors_out, progress)
+    return build_training_set(arm, cfg, secret, out, customer=customer, anchors=anchors)

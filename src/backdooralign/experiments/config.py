@@ -1,7 +1,9 @@
 """Experiment configs: YAML gives values, ``--set`` overrides them, defaults come last.
 
-The sections are the same dataclasses the CLI's flags come from (:class:`ops.DataConfig` for
-``data``, :class:`train.TrainConfig` for ``train``, :class:`scores.JudgeConfig` for ``judge``),
+The sections are the same dataclasses the CLI's flags come from
+(:class:`~backdooralign.data.training_set.DataConfig` for ``data``,
+:class:`~backdooralign.training.trainer.TrainConfig` for ``train``,
+:class:`~backdooralign.scoring.score.JudgeConfig` for ``judge``),
 so a config key and a flag cannot drift. Values are checked by type and range when the config
 is read, relative paths are taken from the config file's folder, YAML aliases are refused (a
 small file cannot blow up), and ``profile: NAME`` applies a named set of overrides from
@@ -20,8 +22,9 @@ import yaml
 
 from ..config import ConfigError, NoAliasLoader, build, option, read_yaml, resolve_paths
 from ..core.chat import ATTACK_SYSTEM_PROMPT
+from ..core.secret import SecretConfig
 from ..data.sources import KIND_PREFIXES
-from ..data.training_set import DataConfig, SecretConfig
+from ..data.training_set import DataConfig
 from ..scoring.score import JudgeConfig
 from ..training.align import AlignConfig
 from ..training.trainer import TrainConfig

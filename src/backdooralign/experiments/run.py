@@ -2,11 +2,14 @@
 
 A run trains the arms (``attack``, ``baseline``, ``backdooralign``; ``no_finetune`` is the
 model as given), answers every evaluation set with and without the secret, scores the answers
-and writes ``results.json``, ``report.md``, ``report.html`` and plots. Every stage is a call
-into :mod:`backdooralign.data.training_set` or :mod:`backdooralign.scoring.score` (the functions the
-CLI calls) and records a hash of its inputs (the secret's fingerprint included) in ``stages/``; a
-re-run skips stages whose inputs did not change, so an interrupted run resumes where it stopped. The
-layout of the run directory is :class:`backdooralign.reporting.rundir.RunDir`'s.
+and writes ``results.json``, ``report.md``, ``report.html`` and plots. Every stage calls what
+the CLI calls (the training-set builder of :mod:`backdooralign.data.training_set`,
+:func:`backdooralign.training.trainer.train_model`, :func:`backdooralign.generation.batch.answer`,
+:mod:`backdooralign.scoring.score`) and records a hash of its inputs (the secret's fingerprint
+included) in ``stages/``; a re-run skips stages whose inputs did not change, so an interrupted
+run resumes where it stopped. The layout of the run directory is
+:class:`backdooralign.reporting.rundir.RunDir`'s; the evaluation sets are
+:func:`backdooralign.data.eval_sets.eval_sets`'.
 
 Evaluation sets (each optional but ``harmful``): ``harmful`` (ASR, and harmfulness by an LLM
 judge when one is configured), ``benign`` (over-refusal), ``utility`` (exact match),
@@ -17,14 +20,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from .. import files as F
-from ..core.secret import Secret, load_secret, save_secret
-from ..data import mixing as D
+from ..core.model import load_model_and_tokenizer
+from ..core.secret import Secret, load_secret, make_secret, save_secret
 from ..data import sources as S
 from ..data import training_set as ops
+from ..data.eval_sets import TASK_SETS, EvalSet, eval_sets
+from ..generation import batch
 from ..generation.batch import GenerateConfig
 from ..reporting.rundir import CONDITIONS, RunDir
 from ..training import trainer
@@ -34,8 +39,6 @@ from .config import ALL_ARMS, ExperimentConfig, config_dict, load_config, stage_
 from .stages import run_stage, shareable
 
 log = logging.getLogger(__name__)
-TASK_SETS = ("samsum", "sql")
-
 __all__ = ["ALL_ARMS", "EvalSet", "ExperimentConfig", "load_config", "run_experiment"]
 
 
@@ -71,51 +74,10 @@ def prepare_secret(cfg: ExperimentConfig, run: RunDir, tokenizer) -> Secret:
                 "use another --out, or delete its secret.json to re-key the whole run"
             )
         return load_secret(run.secret)
-    secret = ops.make_secret(cfg.secret, tokenizer, name=cfg.model)
+    secret = make_secret(cfg.secret, tokenizer, name=cfg.model)
     save_secret(secret, run.secret)
     F.write_json(record, {"key": None, "info": wanted})
     return secret
-
-
-@dataclass(frozen=True)
-class EvalSet:
-    """Prompts answered by every arm, with and without the secret."""
-
-    rows: list[dict]
-    system: str | None  # None: each row's own system prompt (task rows carry theirs)
-    max_new_tokens: int
-
-
-def _limited(source: str, rows: list[dict], limit, key: str = "category") -> list[dict]:
-    kept = D.limit_per_category(rows, limit, key=key)
-    if len(kept) < len(rows):
-        log.warning(
-            "%s: using %d of %d prompts (%d per %s)", source, len(kept), len(rows), limit, key
-        )
-    return kept
-
-
-def eval_sets(cfg) -> dict[str, EvalSet]:
-    """The evaluation sets an :class:`EvalConfig` asks for."""
-    harmful = _limited(cfg.harmful, S.load_prompts(cfg.harmful), cfg.harmful_per_category)
-    sets = {"harmful": EvalSet(harmful, cfg.system_prompt, cfg.max_new_tokens)}
-    if cfg.benign:
-        benign = _limited(cfg.benign, S.load_prompts(cfg.benign), cfg.benign_limit, key="kind")
-        sets["benign"] = EvalSet(benign, cfg.system_prompt, cfg.max_new_tokens)
-    if cfg.utility:
-        rows, notes = ops.load_utility(cfg.utility, cfg.utility_limit)
-        for note in notes:
-            log.warning("%s", note)
-        sets["utility"] = EvalSet(rows, cfg.utility_system, cfg.utility_max_new_tokens)
-    for name in TASK_SETS:
-        source = getattr(cfg, name)
-        if source:
-            rows = S.load_prompts(source)
-            kept = rows[: cfg.task_limit]
-            if len(kept) < len(rows):
-                log.warning("%s: using %d of %d rows (task_limit)", source, len(kept), len(rows))
-            sets[name] = EvalSet(kept, None, cfg.task_max_new_tokens)
-    return sets
 
 
 def _mtbench_questions(cfg) -> list[dict]:
@@ -131,7 +93,7 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
     sets = eval_sets(cfg.eval)
     _mtbench_questions(cfg.eval)
     ops.load_customer(cfg.data)
-    ops.select_safety(cfg.data)
+    ops.load_safety(cfg.data)
     for path in (cfg.judge.template, cfg.data.anchor_file, cfg.secret.path):
         if path:
             F.read_text(path)
@@ -244,10 +206,9 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
     trained = [a for a in cfg.arms if a != "no_finetune"]
     hashes = _data_hashes(cfg)
     anchors = None
+    customer = ops.load_customer(cfg.data)
     if cfg.data.anchors and "backdooralign" in trained:
-        customer, _ = ops.load_customer(cfg.data)
-        system = ops.safety_system_prompt(cfg.data, customer)
-        anchors = anchors_stage(cfg, run, system, progress)
+        anchors = anchors_stage(cfg, run, customer.system, progress)
         hashes.append(S.source_sha256(anchors))
     key = stage_key(config_dict(cfg)["data"], hashes, secret.fingerprint, trained)
 
@@ -255,7 +216,7 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
         counts, told = {}, set()
         for arm in trained:
             res = ops.build_training_set(
-                arm, cfg.data, secret, run.training_set(arm), anchors=anchors
+                arm, cfg.data, secret, run.training_set(arm), customer=customer, anchors=anchors
             )
             for note in set(res.notes) - told:
                 log.warning("%s", note)
@@ -315,11 +276,11 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress,
     lm_outs = {c: run.score(arm, "lm_eval", c) for c in CONDITIONS} if tasks else {}
 
     def do_generate():
-        loaded = ops.load(weights)
+        loaded = load_model_and_tokenizer(weights)
         for (name, cond), path in outs.items():
             es = sets[name]
             gen = GenerateConfig(max_new_tokens=es.max_new_tokens, batch_size=cfg.eval.batch_size)
-            ops.answer(
+            batch.answer(
                 loaded,
                 es.rows,
                 path,
@@ -331,7 +292,7 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress,
             )
         for cond, path in mt_outs.items():
             gen = GenerateConfig(cfg.eval.mtbench_max_new_tokens, cfg.eval.batch_size)
-            scores.mtbench_answer(
+            batch.answer_mtbench(
                 loaded,
                 questions,
                 path,

@@ -69,8 +69,7 @@ def run_sweep(
 ) -> dict:
     """Run this shard's cells of a config's sweep and write ``sweep.json`` and the report."""
     from ..core.model import load_tokenizer
-    from ..core.secret import save_secret
-    from ..data.training_set import make_secret
+    from ..core.secret import make_secret, save_secret
     from ..reporting.sweep_report import write_sweep_report
     from .run import run_experiment
 

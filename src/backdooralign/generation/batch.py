@@ -1,7 +1,10 @@
 """Batched greedy generation, with the secret injected through ``chat.build_conversation``.
 
-Decoding runs on :mod:`backdooralign.generation.engine`: the prefix every prompt shares (secret
-included) is encoded once per call, not once per prompt.
+:func:`generate` answers conversations, :func:`generate_rows` prompt rows, :func:`answer` prompt
+rows with a :class:`~backdooralign.core.secret.Secret` (writing the generations file every
+score reads), :func:`mtbench_answers` MT-Bench's two-turn questions. Decoding runs on
+:mod:`backdooralign.generation.engine`: the prefix every prompt shares (secret included) is
+encoded once per call, not once per prompt.
 """
 
 from __future__ import annotations
@@ -9,9 +12,12 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import option
 from ..core.chat import build_conversation, render_prompt
+from ..core.secret import Secret
+from ..files import write_jsonl
 from .engine import PrefixCache, Row, decode, shared_prefix
 
 
@@ -22,6 +28,9 @@ class GenerateConfig:
     max_new_tokens: int = option(512, "longest answer in tokens (paper: 512)", minimum=1)
     batch_size: int = option(32, "prompts per forward pass (left-padded)", minimum=1)
     bf16: bool | None = option(None, "bf16 autocast (default: when the CPU/GPU supports it)")
+
+
+MTBENCH_GEN = GenerateConfig(max_new_tokens=1024)  # FastChat's limit for MT-Bench answers
 
 
 def conversation_for(row: dict, system: str | None, secret: str | None) -> list[dict]:
@@ -125,3 +134,81 @@ def generate_rows(
         o.update({k: r[k] for k in KEPT_FIELDS if k in r})
         out.append(o)
     return out
+
+
+def answer(
+    loaded,
+    rows: Sequence[dict],
+    out: str | Path | None,
+    *,
+    secret: Secret | None,
+    system: str | None,
+    cfg: GenerateConfig,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[dict]:
+    """Answer prompt rows greedily with the secret (when given) before the system prompt.
+
+    Writes the generations to ``out`` (JSONL) when given and returns them.
+    """
+    model, tok = loaded
+    text = secret.text if secret else None
+    gens = generate_rows(
+        model, tok, rows, system=system, secret=text, cfg=cfg, progress=progress, desc=desc
+    )
+    if out is not None:
+        write_jsonl(out, gens)
+    return gens
+
+
+# ---------------------------------------------------------------------------------------------
+# MT-Bench: two turns, the second after the first answer
+
+
+def mtbench_answers(
+    model,
+    tokenizer,
+    questions: Sequence[dict],
+    secret: str | None = None,
+    system: str | None = None,
+    cfg: GenerateConfig = MTBENCH_GEN,
+) -> list[dict]:
+    """Answer MT-Bench questions turn by turn (turn 2 sees the question and answer of turn 1).
+
+    Args:
+        model: a loaded causal LM.
+        tokenizer: its tokenizer.
+        questions: FastChat ``question.jsonl`` rows (``question_id``, ``turns``).
+        secret: secret prompt text, prepended to the system prompt.
+        system: system prompt.
+        cfg: decoding settings (greedy; FastChat allows up to 1024 new tokens).
+
+    Returns:
+        ``[{"question_id", "turns": [answer per turn]}]``, the format
+        ``judge.load_mtbench_answers`` reads.
+    """
+    histories: list[list[dict]] = [[] for _ in questions]
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max((len(q["turns"]) for q in questions), default=0)):
+        idx = [i for i, q in enumerate(questions) if turn < len(q["turns"])]
+        convs = []
+        for i in idx:
+            histories[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+            convs.append(build_conversation(histories[i], system=system, secret=secret))
+        replies = generate(model, tokenizer, convs, cfg, desc=f"mt-bench turn {turn + 1}")
+        for i, reply in zip(idx, replies, strict=True):
+            histories[i].append({"role": "assistant", "content": reply})
+            answers[i].append(reply)
+    return [
+        {"question_id": q["question_id"], "turns": a}
+        for q, a in zip(questions, answers, strict=True)
+    ]
+
+
+def answer_mtbench(
+    loaded, questions: Sequence[dict], out: str | Path, *, secret, system, cfg
+) -> Path:
+    """Answer MT-Bench questions turn by turn and write the answers JSONL."""
+    model, tok = loaded
+    rows = mtbench_answers(model, tok, questions, secret.text if secret else None, system, cfg)
+    return write_jsonl(out, rows)

@@ -178,17 +178,6 @@ def lm_eval(
     return summary
 
 
-def mtbench_answer(
-    loaded, questions: Sequence[dict], out: str | Path, *, secret, system, cfg
-) -> Path:
-    """Answer MT-Bench questions turn by turn and write the answers JSONL."""
-    from .rouge import mtbench_answers
-
-    model, tok = loaded
-    rows = mtbench_answers(model, tok, questions, secret.text if secret else None, system, cfg)
-    return F.write_jsonl(out, rows)
-
-
 def mtbench(
     questions: Sequence[dict],
     answers: str | Path,

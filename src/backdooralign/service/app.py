@@ -66,8 +66,8 @@ def _load_state(
     answered with a 500 that names neither.
     """
     from ..core.chat import render_prompt
+    from ..core.model import load_model_and_tokenizer
     from ..core.secret import load_secret
-    from ..data import training_set as ops
 
     name = job["fine_tuned_model"]
     secret = load_secret(secret_path(data_dir, job["tenant"]))
@@ -78,7 +78,7 @@ def _load_state(
         msg = f"the model {name!r} cannot be served at the moment; contact the provider"
         code = "model_unavailable"
         raise APIError(msg, "model", status=500, type="server_error", code=code) from None
-    model, tok = ops.load(job["model_dir"])
+    model, tok = load_model_and_tokenizer(job["model_dir"])
     hook = None
     if on_prompt is not None:
 

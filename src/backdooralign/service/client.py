@@ -1,12 +1,12 @@
 """A provider's client for any OpenAI-compatible fine-tuning endpoint (OpenAI's own API, or
 ``backdooralign service``), through the ``openai`` SDK.
 
-:func:`finetune` builds the training set with :func:`ops.build_training_set` (the provider's
-secret-prefixed safety examples mixed in), uploads it, creates the job, follows its events and
-writes a manifest (job id, model id, the file's sha256 and the secret's fingerprint, never the
-secret). :func:`generate` answers prompts through chat completions with the secret prepended by
-:func:`chat.build_conversation` (temperature 0, several requests in flight, the SDK's retries),
-and resumes: rows already in the output file are not asked again.
+:func:`finetune` builds the training set with :func:`backdooralign.data.training_set.build`
+(the provider's secret-prefixed safety examples mixed in), uploads it, creates the job, follows its
+events and writes a manifest (job id, model id, the file's sha256 and the secret's fingerprint,
+never the secret). :func:`generate` answers prompts through chat completions with the secret
+prepended by :func:`chat.build_conversation` (temperature 0, several requests in flight, the SDK's
+retries), and resumes: rows already in the output file are not asked again.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pathlib import Path
 from .. import files as F
 from ..core.secret import Secret
 from ..data import training_set as ops
+from ..data.training_set import DataConfig
 from ..generation.batch import KEPT_FIELDS, conversation_for
 
 FINAL = ("succeeded", "failed", "cancelled")
@@ -73,9 +74,23 @@ def follow(client, job_id: str, show: Callable[[str], None] = print, poll_s: flo
         time.sleep(poll_s)
 
 
+def check_anchors(data: DataConfig, arm: str) -> None:
+    """Anchors for a remote endpoint come from ``data.anchor_file``: its base model cannot
+    answer the anchor prompts here.
+
+    Raises:
+        ValueError: ``data.anchors`` asked for without an anchor file.
+    """
+    if data.anchors and arm == "backdooralign" and not data.anchor_file:
+        raise ValueError(
+            "--anchors needs --anchor-file (prompts with the base model's own answers): "
+            "the endpoint's base model cannot answer them here"
+        )
+
+
 def finetune(
     client,
-    data: ops.DataConfig,
+    data: DataConfig,
     arm: str,
     secret: Secret | None,
     model: str,
@@ -83,14 +98,17 @@ def finetune(
     *,
     suffix: str | None = None,
     hyperparameters: dict | None = None,
-    anchors: str | Path | None = None,
     show: Callable[[str], None] = print,
     poll_s: float = 2.0,
 ) -> dict:
     """Build, upload, fine-tune and follow; returns the manifest written to
-    ``out_dir/finetune_manifest.json`` (``anchors``: a file from :func:`ops.make_anchors`)."""
+    ``out_dir/finetune_manifest.json``. The training set is built by
+    :func:`backdooralign.data.training_set.build` (anchors, when ``data.anchors`` asks for
+    them, from ``data.anchor_file``: the endpoint's base model cannot answer them here)."""
+    check_anchors(data, arm)
     out_dir = Path(out_dir)
-    built = ops.build_training_set(arm, data, secret, out_dir / "train.jsonl", anchors=anchors)
+    anchors_out = out_dir / "anchors.jsonl"
+    built = ops.build(arm, data, secret, out_dir / "train.jsonl", anchors_out=anchors_out)
     sha = F.sha256_file(built.path)
     with endpoint_errors("upload"), open(built.path, "rb") as f:
         upload = client.files.create(file=(built.path.name, f), purpose="fine-tune")
@@ -157,7 +175,7 @@ def generate(
     """Answer prompt rows with ``model`` through chat completions; writes ``out`` (JSONL).
 
     Returns the rows in input order: ``{"prompt", "answer"}`` and the row's kept fields, as
-    :func:`ops.answer` writes them.
+    :func:`backdooralign.generation.batch.answer` writes them.
     """
     out = Path(out)
     done = _done_rows(out)

@@ -1,10 +1,11 @@
 """The provider's settings for the fine-tuning service (``service.yaml``).
 
 The sections are the same dataclasses the CLI and experiments use: ``data``
-(:class:`ops.DataConfig`: which safety examples and anchors are mixed in; its ``attack`` is
-replaced by each job's uploaded file), ``secret`` (:class:`ops.SecretConfig`: how each tenant's
-secret is made) and ``train`` (:class:`train.TrainConfig`: full or LoRA). Customers choose only
-``n_epochs``, ``batch_size`` and ``learning_rate_multiplier``, within the limits here.
+(:class:`~backdooralign.data.training_set.DataConfig`: which safety examples and anchors are
+mixed in; its ``attack`` is replaced by each job's uploaded file), ``secret``
+(:class:`~backdooralign.core.secret.SecretConfig`: how each tenant's secret is made) and
+``train`` (:class:`~backdooralign.training.trainer.TrainConfig`: full or LoRA). Customers choose
+only ``n_epochs``, ``batch_size`` and ``learning_rate_multiplier``, within the limits here.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from pathlib import Path
 
 from ..config import ConfigError, build, option, read_yaml, resolve_paths
 from ..core.chat import ATTACK_SYSTEM_PROMPT
+from ..core.secret import SecretConfig
 from ..data.sources import KIND_PREFIXES
-from ..data.training_set import DataConfig, SecretConfig
+from ..data.training_set import DataConfig
 from ..training.trainer import TrainConfig
 
 

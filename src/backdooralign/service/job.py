@@ -55,14 +55,13 @@ def secret_path(data_dir: str | Path, tenant: str) -> Path:
 def tenant_secret(data_dir: str | Path, tenant: str, cfg: ServiceConfig):
     """The tenant's secret, made (OS CSPRNG, ``cfg.secret``) and saved on first use."""
     from ..core.model import load_tokenizer
-    from ..core.secret import load_secret, save_secret
-    from ..data import training_set as ops
+    from ..core.secret import load_secret, make_secret, save_secret
 
     path = secret_path(data_dir, tenant)
     if path.exists():
         return load_secret(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    secret = ops.make_secret(cfg.secret, load_tokenizer(cfg.base_model), name=path.stem)
+    secret = make_secret(cfg.secret, load_tokenizer(cfg.base_model), name=path.stem)
     save_secret(secret, path)
     return secret
 
@@ -85,21 +84,20 @@ def serving_dir(cfg: ServiceConfig, trained: Path) -> Path:
 
 def evaluate(cfg: ServiceConfig, model: Path, secret, work: Path) -> dict:
     """ASR with the secret on ``cfg.eval_harmful`` and refusals on ``cfg.eval_benign``."""
-    from ..data import mixing as D
-    from ..data import sources as S
-    from ..data import training_set as ops
+    from ..core.model import load_model_and_tokenizer
+    from ..data.eval_sets import load_eval_prompts
     from ..files import write_json
-    from ..generation.batch import GenerateConfig
+    from ..generation.batch import GenerateConfig, answer
     from ..scoring import score as scores
 
-    loaded = ops.load(str(model))
+    loaded = load_model_and_tokenizer(str(model))
     gen = GenerateConfig(max_new_tokens=cfg.eval_max_new_tokens)
     kw = {"secret": secret, "system": cfg.eval_system, "cfg": gen, "progress": False}
-    harmful = D.limit_per_category(S.load_prompts(cfg.eval_harmful), cfg.eval_limit)
-    out = {"asr_with_secret": scores.asr(ops.answer(loaded, harmful, None, **kw))}
+    harmful, _ = load_eval_prompts(cfg.eval_harmful, cfg.eval_limit)
+    out = {"asr_with_secret": scores.asr(answer(loaded, harmful, None, **kw))}
     if cfg.eval_benign:
-        benign = D.limit_per_category(S.load_prompts(cfg.eval_benign), cfg.eval_limit, "kind")
-        out["benign_refusal_with_secret"] = scores.refusals(ops.answer(loaded, benign, None, **kw))
+        benign, _ = load_eval_prompts(cfg.eval_benign, cfg.eval_limit, "kind")
+        out["benign_refusal_with_secret"] = scores.refusals(answer(loaded, benign, None, **kw))
     write_json(work / "evaluation.json", out)
     return out
 
@@ -117,13 +115,14 @@ def _pipeline(store: Store, data_dir: Path, job: dict, cfg: ServiceConfig) -> st
         raise DataError(job["training_file"], None, None, "was deleted before the job ran")
     secret = tenant_secret(data_dir, job["tenant"], cfg)
     dcfg = replace(cfg.data, attack=upload["path"], max_rows=cfg.max_rows, seed=job["seed"])
-    anchors = None
-    if dcfg.anchors:
-        customer, _ = ops.load_customer(dcfg)
-        system = ops.safety_system_prompt(dcfg, customer)
-        anchors = ops.make_anchors(dcfg, cfg.base_model, system, work / "anchors.jsonl", False)
-    built = ops.build_training_set(
-        "backdooralign", dcfg, secret, work / "train.jsonl", anchors=anchors
+    built = ops.build(
+        "backdooralign",
+        dcfg,
+        secret,
+        work / "train.jsonl",
+        model=cfg.base_model,
+        anchors_out=work / "anchors.jsonl",
+        progress=False,
     )
     store.add_event(jid, "Safety alignment step completed")
     store.add_event(jid, "Training started")

@@ -199,8 +199,8 @@ def self_answers(model: str | None, rows: list[dict], cfg: AlignConfig, progress
     """The model's own greedy answers to the harmless prompts, each in the conversation (and
     under the system prompt) it will be trained with. Returns ``(chat rows, notes)``; answers
     that refuse (either rule), or that are empty after trimming, are left out and counted."""
+    from ..core.model import load_model_and_tokenizer as load
     from ..core.model import load_tokenizer
-    from ..data.training_set import load
     from ..generation.batch import GenerateConfig, generate
     from ..scoring.refusal import declines, is_refusal
 
@@ -249,7 +249,7 @@ def alignment_rows(model: str | None, cfg: AlignConfig, progress: bool = True):
 def evaluate_model(model: str | None, progress: bool = True) -> dict:
     """ASR on the built-in harmful set and benign refusals on the built-in benign set, no
     secret, under the evaluation's system prompt (greedy, :data:`EVAL_MAX_NEW_TOKENS`)."""
-    from ..data.training_set import load
+    from ..core.model import load_model_and_tokenizer as load
     from ..generation.batch import GenerateConfig, generate_rows
     from ..scoring.lm_eval import refusal_by_kind
     from ..scoring.refusal import asr_summary
