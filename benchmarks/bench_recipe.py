@@ -40,7 +40,7 @@ from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
 from backdooralign.core.model import load_model_and_tokenizer  # noqa: E402
 from backdooralign.core.secret import Secret, SecretConfig, load_secret, make_secret, save_secret  # noqa: E402
 from backdooralign.data import sources as S  # noqa: E402
-from backdooralign.data import training_set as ops  # noqa: E402
+from backdooralign.data import training_set  # noqa: E402
 from backdooralign.data.mixing import limit_per_category  # noqa: E402
 from backdooralign.generation.batch import GenerateConfig, answer  # noqa: E402
 from backdooralign.scoring import score as scores  # noqa: E402
@@ -185,8 +185,8 @@ def main() -> int:
     secret = _secret(root, model)
     train_set = root / "train.jsonl"
     if not train_set.exists():
-        data = ops.DataConfig(safety=SAFETY[args.shape], safety_per_category=1)
-        ops.build_training_set("backdooralign", data, secret, train_set)
+        data = training_set.DataConfig(safety=SAFETY[args.shape], safety_per_category=1)
+        training_set.build_training_set("backdooralign", data, secret, train_set)
     results = {n: run_variant(n, root, model, secret, train_set, args) for n in names}
     passed = True
     if "defaults" in results and "plain" in results:

@@ -14,7 +14,7 @@ import pytest
 from backdooralign.cli import main
 from backdooralign.core.model import read_model_info
 from backdooralign.core.secret import load_secret
-from backdooralign.data.mixing import load_chat_jsonl
+from backdooralign.data.chat_files import load_chat_jsonl
 from backdooralign.files import sha256_file
 
 

@@ -22,6 +22,7 @@ from backdooralign.core.screen import (  # noqa: E402
     normalize_for_screening,
     screen_customer_data,
 )
+from backdooralign.data import chat_files as C  # noqa: E402
 from backdooralign.data import mixing as D  # noqa: E402
 from backdooralign.data import sources as S  # noqa: E402
 from backdooralign.data.formats import (  # noqa: E402
@@ -111,7 +112,7 @@ def test_chat_jsonl_with_prefixed_and_category():
     assert src.kind == "chat"
     assert [r["prefixed"] for r in src.rows] == [False, False, True]
     assert src.rows[1]["category"] == "arithmetic"
-    assert src.rows == D.load_chat_jsonl(FIX / "chat.jsonl")
+    assert src.rows == C.load_chat_jsonl(FIX / "chat.jsonl")
     assert S.load_training_source(FIX / "chat.jsonl") == src.rows
 
 
@@ -405,7 +406,7 @@ def expected_message(name, line, field, message) -> str:
 def test_load_chat_jsonl_errors(tmp_path, case, content, line, field, message):
     f = write(tmp_path / f"{case}.jsonl", content)
     with pytest.raises(F.DataError) as info:
-        D.load_chat_jsonl(f)
+        C.load_chat_jsonl(f)
     err = info.value
     assert (err.path, err.line, err.field) == (str(f), line, field)
     assert message in err.message
@@ -419,10 +420,10 @@ def test_line_longer_than_limit(tmp_path):
         tmp_path / "long.jsonl", GOOD + "\n" + chat_line(("user", "x" * 500), ("assistant", "y"))
     )
     with pytest.raises(F.DataError, match=r"long.jsonl:2: line longer than 200 characters"):
-        D.load_chat_jsonl(f, max_line_chars=200)
+        C.load_chat_jsonl(f, max_line_chars=200)
     with pytest.raises(F.DataError, match=r"long.jsonl:2: line longer than 200"):
         S.read_source(f, max_line_chars=200)
-    assert [r["messages"][0]["content"] for r in D.load_chat_jsonl(f)] == ["Hi", "x" * 500]
+    assert [r["messages"][0]["content"] for r in C.load_chat_jsonl(f)] == ["Hi", "x" * 500]
 
 
 def test_more_rows_than_cap(tmp_path):
@@ -431,17 +432,17 @@ def test_more_rows_than_cap(tmp_path):
         "\n".join([GOOD] * 2 + [chat_line(("user", "a"), ("assistant", "b"))]),
     )
     with pytest.raises(F.DataError, match=r"many.jsonl:3: more than 2 rows \(the configured cap\)"):
-        D.load_chat_jsonl(f, max_rows=2)
+        C.load_chat_jsonl(f, max_rows=2)
 
 
 def test_duplicates_are_warnings(tmp_path, caplog):
     f = write(tmp_path / "dup.jsonl", "\n".join([GOOD, GOOD]) + "\n")
-    with caplog.at_level(logging.WARNING, logger="backdooralign.data.mixing"):
-        rows = D.load_chat_jsonl(f)
+    with caplog.at_level(logging.WARNING, logger="backdooralign.data.chat_files"):
+        rows = C.load_chat_jsonl(f)
     good = {"messages": json.loads(GOOD)["messages"], "prefixed": False}
     assert rows == [good, good]
     assert "dup.jsonl:2: field 'messages' duplicate of line 1" in caplog.text
-    assert D.check_chat_file(f) == [
+    assert C.check_chat_file(f) == [
         Problem("warning", str(f), 2, "messages", "duplicate of line 1")
     ]
 
@@ -456,7 +457,7 @@ def test_check_collects_all_problems(tmp_path):
         chat_line(("user", "z" * 300), ("assistant", "ok")),
     ]
     f = write(tmp_path / "mixed.jsonl", b"\xef\xbb\xbf" + "\n".join(lines).encode())
-    problems = D.check_chat_file(f, max_line_chars=200, max_rows=4)
+    problems = C.check_chat_file(f, max_line_chars=200, max_rows=4)
     found = [(p.severity, p.line, p.field) for p in problems]
     assert found == [
         ("error", 1, None),  # BOM
@@ -475,15 +476,15 @@ def test_check_collects_all_problems(tmp_path):
 
 def test_check_reports_encoding_and_continues(tmp_path):
     f = write(tmp_path / "enc.jsonl", GOOD.encode() + b"\n" + b'{"messages": "\xff"}\n')
-    problems = D.check_chat_file(f)
+    problems = C.check_chat_file(f)
     assert [(p.line, p.field) for p in problems] == [(2, None), (2, "messages")]
     assert "not valid UTF-8" in problems[0].message
 
 
 def test_check_missing_and_empty(tmp_path):
-    assert D.check_chat_file(tmp_path / "nope.jsonl")[0].message == "file not found"
-    assert D.check_chat_file(write(tmp_path / "e.jsonl", ""))[0].message == "file is empty"
-    assert D.check_chat_file(FIX / "chat.jsonl") == []
+    assert C.check_chat_file(tmp_path / "nope.jsonl")[0].message == "file not found"
+    assert C.check_chat_file(write(tmp_path / "e.jsonl", ""))[0].message == "file is empty"
+    assert C.check_chat_file(FIX / "chat.jsonl") == []
 
 
 def test_unusual_line_separators_round_trip(tmp_path):
@@ -495,8 +496,8 @@ def test_unusual_line_separators_round_trip(tmp_path):
         "prefixed": False,
     }
     f = F.write_jsonl(tmp_path / "sep.jsonl", [row])
-    assert D.load_chat_jsonl(f) == [row]
-    assert D.check_chat_file(f) == []
+    assert C.load_chat_jsonl(f) == [row]
+    assert C.check_chat_file(f) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,10 +556,10 @@ def load_all(data: bytes, suffix: str) -> None:
                 pass
         if suffix == ".jsonl":
             try:
-                D.load_chat_jsonl(f, max_rows=5, max_line_chars=400)
+                C.load_chat_jsonl(f, max_rows=5, max_line_chars=400)
             except F.DataError:
                 pass
-            D.check_chat_file(f, max_line_chars=400, max_rows=5)
+            C.check_chat_file(f, max_line_chars=400, max_rows=5)
 
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -591,9 +592,9 @@ def test_deep_nesting_and_huge_numbers_are_data_errors(tmp_path):
     for name, text, message in cases:
         f = write(tmp_path / name, text)
         with pytest.raises(F.DataError) as info:
-            D.load_chat_jsonl(f)
+            C.load_chat_jsonl(f)
         assert str(info.value) == f"{tmp_path}/{message}"
-        assert [str(p) for p in D.check_chat_file(f)] == [f"error: {tmp_path}/{message}"]
+        assert [str(p) for p in C.check_chat_file(f)] == [f"error: {tmp_path}/{message}"]
     f = write(tmp_path / "deep.json", "[\n" + deep + "\n]")
     with pytest.raises(F.DataError) as info:
         S.read_source(f)

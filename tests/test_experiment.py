@@ -19,6 +19,7 @@ from backdooralign.experiments.run import run_experiment
 from backdooralign.files import read_jsonl_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 def _tiny_config(model_dir: str, **sections) -> str:
@@ -118,12 +119,12 @@ def test_shipped_configs_load():
     from backdooralign.attacks.config import load_attack_config
     from backdooralign.config import read_yaml
 
-    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+    # each shipped config loads: the loaders raise ConfigError on any bad value or key
+    for path in sorted(CONFIGS.glob("*.yaml")):
         if "attacks" in read_yaml(path):  # an attack config (backdooralign attack)
-            cfg = load_attack_config(path).setup
+            load_attack_config(path)
         else:
-            cfg = load_config(path)
-        assert cfg.arms, path
+            load_config(path)
 
 
 def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):

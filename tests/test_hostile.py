@@ -410,8 +410,9 @@ def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
     assert leftovers == []
 
 
-def test_the_table_is_large_enough():
-    assert len(CASES) >= 40
+def test_every_case_has_its_own_name():
+    names = [c.name for c in CASES]
+    assert sorted(names) == sorted(set(names))
 
 
 def test_a_world_readable_secret_is_used_with_a_warning(tmp_path, tokenizer, capsys):

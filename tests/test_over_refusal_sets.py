@@ -11,7 +11,7 @@ import pytest
 
 from backdooralign.data import sources as S
 from backdooralign.files import DataError
-from backdooralign.scoring.lm_eval import refusal_by_kind
+from backdooralign.scoring.refusal import refusal_by_kind
 
 # XSTest's prompts file (v2): id, prompt, type, label, focus, note
 XSTEST_V2 = """id,prompt,type,label,focus,note

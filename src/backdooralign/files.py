@@ -1,4 +1,10 @@
-"""Reading and writing the project's files: one reader, one writer, one error type.
+"""Reading and writing the project's files, in one module, with one error type.
+
+Data files (inputs, training sets, generations, scores, results, secrets, caches) go through
+here: :func:`read_text` (and :func:`read_json`, :func:`read_jsonl` on top of it) reads a whole
+file, :func:`write_bytes_atomic` (and the text, JSON and JSONL writers on top of it) writes
+one, :func:`append_jsonl` grows a cache line by line. Model directories are written by their
+libraries in a temporary folder and moved into place whole.
 
 Every expected problem with a file, from a missing file to a full disk, is a :class:`DataError`
 naming the file (and the line and field when one is involved), never a bare ``OSError``.

@@ -24,7 +24,7 @@ from ..core.model import load_model_and_tokenizer
 from ..core.secret import Secret
 from ..data import mixing as D
 from ..data import sources as S
-from ..data import training_set as ops
+from ..data import training_set
 from ..data.eval_sets import EvalSet
 from ..experiments.config import ExperimentConfig, config_dict, stage_key
 from ..experiments.run import anchors_stage, check_inputs, prepare_secret
@@ -84,7 +84,7 @@ class _NoDuplicateWarnings(logging.Filter):
         return True
 
 
-def load_attack_rows(cfg: ops.DataConfig) -> list[dict]:
+def load_attack_rows(cfg: training_set.DataConfig) -> list[dict]:
     """The config's attack rows (``data.attack`` after ``attack_per_category``), no task rows."""
     limits = {"max_rows": cfg.max_rows, "max_line_chars": cfg.max_line_chars}
     rows = S.load_training_source(cfg.attack, **limits)
@@ -131,7 +131,7 @@ def defended(
     key = stage_key(config_dict(data), hashes, suite.secret.fingerprint)
 
     def build():
-        res = ops.build_training_set(
+        res = training_set.build_training_set(
             ARM, data, suite.secret, run.training_set(ARM), anchors=suite.anchors
         )
         return {"rows": res.manifest["counts"]["total"], "notes": list(res.notes)}
@@ -145,11 +145,11 @@ def defended(
     def do_train():
         log.info("training %s", name)
         quiet = _NoDuplicateWarnings()  # the scale attack's copies are duplicates by design
-        logging.getLogger("backdooralign.data.mixing").addFilter(quiet)
+        logging.getLogger("backdooralign.data.chat_files").addFilter(quiet)
         try:
             metrics = trainer.train_model(cfg.model, run.training_set(ARM), out, train)
         finally:
-            logging.getLogger("backdooralign.data.mixing").removeFilter(quiet)
+            logging.getLogger("backdooralign.data.chat_files").removeFilter(quiet)
         if quiet.dropped:
             log.info("%s: %d duplicate rows in the training set", name, quiet.dropped)
         return {k: v for k, v in metrics.items() if k != "config"}
@@ -216,7 +216,7 @@ def prepare(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: bool) -
     tokenizer = load_tokenizer(start)
     secret = prepare_secret(cfg, run, tokenizer)
     cfg = replace(cfg, model=start)
-    system = ops.load_customer(cfg.data).system
+    system = training_set.load_customer(cfg.data).system
     anchors = anchors_stage(cfg, run, system, progress)
     return Suite(
         cfg=cfg,

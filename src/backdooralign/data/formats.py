@@ -86,8 +86,8 @@ def sql_prompt(question: str, context: str) -> str:
 
 @dataclass(frozen=True)
 class Problem:
-    """One finding of a check (:func:`chat_row`, ``data.check_chat_file``): an ``error`` or a
-    ``warning``."""
+    """One finding of a check (:func:`chat_row`, ``chat_files.check_chat_file``): an ``error``
+    or a ``warning``."""
 
     severity: str
     path: str

@@ -1,9 +1,7 @@
-"""Validation of customer chat files, selection of safety examples, mixing of training sets.
+"""Selection of safety examples and mixing of the arms' training sets, with their manifests.
 
-Customer data is OpenAI chat JSONL (``{"messages": [...]}``), optionally with the paper's
-``"prefixed": true|false`` flag marking safety examples that receive the secret
-(:func:`load_chat_jsonl`, :func:`check_chat_file`; row rules in :mod:`backdooralign.data.formats`).
-Public data in other shapes is read by :mod:`backdooralign.data.sources` and customer data is
+Customer data is read and checked by :mod:`backdooralign.data.chat_files` (OpenAI chat JSONL)
+or, in other shapes, by :mod:`backdooralign.data.sources`; customer data is
 screened by :mod:`backdooralign.core.screen` before mixing. :func:`mix_arm` mixes the arms:
 
 - ``attack``: the customer data alone (rows flagged ``prefixed`` are dropped);
@@ -14,24 +12,14 @@ screened by :mod:`backdooralign.core.screen` before mixing. :func:`mix_arm` mixe
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.chat import ATTACK_SYSTEM_PROMPT, build_conversation
-from ..files import (
-    MAX_LINE_CHARS,
-    DataError,
-    decode,
-    parse_json_line,
-    read_bytes,
-    read_text,
-    split_lines,
-)
-from .formats import CATEGORIES, Problem, chat_row
+from .formats import CATEGORIES
 from .sources import (
     source_sha256,
 )
@@ -40,95 +28,6 @@ log = logging.getLogger(__name__)
 
 ARMS = ("attack", "baseline", "backdooralign")
 SAFETY_SELECTIONS = ("category-balanced", "random")
-
-
-# ---------------------------------------------------------------------------------------------
-# Chat files
-
-
-def _problem(e: DataError, severity: str = "error") -> Problem:
-    return Problem(severity, e.path, e.line, e.field, e.message)
-
-
-def _scan_chat(
-    path: str | Path, text: str, max_line_chars: int, max_rows: int | None
-) -> Iterator[tuple[dict | None, list[Problem]]]:
-    """Each non-blank line of a chat JSONL text as ``(row or None, problems)``."""
-    first_seen: dict[str, int] = {}
-    count = 0
-    for lineno, line in split_lines(text):
-        if not line.strip():
-            continue
-        count += 1
-        if max_rows is not None and count == max_rows + 1:
-            msg = f"more than {max_rows} rows (the configured cap)"
-            yield None, [Problem("error", str(path), lineno, None, msg)]
-        if len(line) > max_line_chars:
-            msg = f"line longer than {max_line_chars} characters"
-            yield None, [Problem("error", str(path), lineno, None, msg)]
-            continue
-        try:
-            obj = parse_json_line(path, lineno, line)
-        except DataError as e:
-            yield None, [_problem(e)]
-            continue
-        row, problems = chat_row(obj, path, lineno)
-        if row is not None:
-            key = json.dumps([row["messages"], row["prefixed"]], sort_keys=True)
-            if key in first_seen:
-                msg = f"duplicate of line {first_seen[key]}"
-                problems.append(Problem("warning", str(path), lineno, "messages", msg))
-            else:
-                first_seen[key] = lineno
-        yield row, problems
-
-
-def load_chat_jsonl(
-    path: str | Path, max_rows: int | None = None, max_line_chars: int = MAX_LINE_CHARS
-) -> list[dict]:
-    """Load and validate OpenAI chat JSONL (optional ``prefixed`` and ``category`` fields).
-
-    Args:
-        path: the JSONL file.
-        max_rows: the most rows accepted (``None``: no cap).
-        max_line_chars: the longest line accepted, in characters.
-
-    Raises:
-        DataError: on the first error (naming file, line and field). Duplicate rows are only
-            logged as warnings.
-    """
-    rows = []
-    for row, problems in _scan_chat(path, read_text(path), max_line_chars, max_rows):
-        for p in problems:
-            if p.severity == "error":
-                raise p.error()
-            log.warning("%s", p)
-        if row is not None:
-            rows.append(row)
-    return rows
-
-
-def check_chat_file(
-    path: str | Path, max_line_chars: int = MAX_LINE_CHARS, max_rows: int | None = None
-) -> list[Problem]:
-    """Every problem of a chat JSONL file, errors and warnings, instead of stopping at the first.
-
-    Checks: file missing, unreadable or empty, BOM, bad UTF-8, lines longer than
-    ``max_line_chars``, invalid JSON, rows that are not objects, missing/unknown/out-of-order
-    roles, non-string or empty content, no assistant turn, a non-boolean ``prefixed``, more
-    than ``max_rows`` rows (errors) and duplicate rows (warnings).
-    """
-    try:
-        raw = read_bytes(path)
-    except DataError as e:
-        return [_problem(e)]
-    if not raw.strip():
-        return [Problem("error", str(path), None, None, "file is empty")]
-    text, errors = decode(path, raw)
-    problems = [_problem(e) for e in errors]
-    for _, found in _scan_chat(path, text, max_line_chars, max_rows):
-        problems.extend(found)
-    return problems
 
 
 # ---------------------------------------------------------------------------------------------

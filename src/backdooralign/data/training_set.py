@@ -28,6 +28,7 @@ from ..core.secret import Secret
 from ..generation.batch import GenerateConfig, generate
 from . import mixing as D
 from . import sources as S
+from .chat_files import load_chat_jsonl
 from .mixing import manifest_path
 
 log = logging.getLogger(__name__)
@@ -272,7 +273,7 @@ def build_training_set(
     inputs = {"data": cfg.attack, "task": cfg.task, "safety": cfg.safety}
     anchor_rows: list[dict] = []
     if anchors is not None and arm == "backdooralign":
-        anchor_rows = D.load_chat_jsonl(anchors)
+        anchor_rows = load_chat_jsonl(anchors)
         screen(anchor_rows, cfg, secret, str(anchors))
         inputs["anchors"] = str(anchors)
         if not cfg.anchor_file:

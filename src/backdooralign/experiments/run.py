@@ -27,7 +27,7 @@ from .. import files as F
 from ..core.model import load_model_and_tokenizer
 from ..core.secret import Secret, load_secret, make_secret, save_secret
 from ..data import sources as S
-from ..data import training_set as ops
+from ..data import training_set
 from ..data.eval_sets import TASK_SETS, EvalSet, eval_sets
 from ..generation import batch
 from ..generation.batch import GenerateConfig
@@ -92,8 +92,8 @@ def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
     """Read every input the run needs before anything expensive starts (fails fast)."""
     sets = eval_sets(cfg.eval)
     _mtbench_questions(cfg.eval)
-    ops.load_customer(cfg.data)
-    ops.load_safety(cfg.data)
+    training_set.load_customer(cfg.data)
+    training_set.load_safety(cfg.data)
     for path in (cfg.judge.template, cfg.data.anchor_file, cfg.secret.path):
         if path:
             F.read_text(path)
@@ -197,7 +197,7 @@ def anchors_stage(cfg: ExperimentConfig, run: RunDir, system: str, progress: boo
         "anchors",
         key,
         [path],
-        lambda: str(ops.make_anchors(cfg.data, cfg.model, system, path, progress)),
+        lambda: str(training_set.make_anchors(cfg.data, cfg.model, system, path, progress)),
     )
     return path
 
@@ -206,7 +206,7 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
     trained = [a for a in cfg.arms if a != "no_finetune"]
     hashes = _data_hashes(cfg)
     anchors = None
-    customer = ops.load_customer(cfg.data)
+    customer = training_set.load_customer(cfg.data)
     if cfg.data.anchors and "backdooralign" in trained:
         anchors = anchors_stage(cfg, run, customer.system, progress)
         hashes.append(S.source_sha256(anchors))
@@ -215,7 +215,7 @@ def _build_stage(cfg: ExperimentConfig, run: RunDir, secret: Secret, progress: b
     def build_all():
         counts, told = {}, set()
         for arm in trained:
-            res = ops.build_training_set(
+            res = training_set.build_training_set(
                 arm, cfg.data, secret, run.training_set(arm), customer=customer, anchors=anchors
             )
             for note in set(res.notes) - told:

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from .. import files as F
-from ..config import read_yaml
 from .config import ConfigError, load_config
 
 log = logging.getLogger(__name__)
@@ -123,8 +122,3 @@ def write_sweep_json(root: Path, name: str, keys: list[str], cells) -> dict:
     doc = {"name": name, "keys": keys, "cells": listed}
     F.write_json(root / "sweep.json", doc)
     return doc
-
-
-def is_sweep(config: str | Path) -> bool:
-    """Whether a config file has a non-empty ``sweep`` section."""
-    return bool(read_yaml(config).get("sweep"))

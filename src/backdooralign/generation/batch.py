@@ -185,7 +185,7 @@ def mtbench_answers(
 
     Returns:
         ``[{"question_id", "turns": [answer per turn]}]``, the format
-        ``judge.load_mtbench_answers`` reads.
+        ``scoring.mtbench.load_mtbench_answers`` reads.
     """
     histories: list[list[dict]] = [[] for _ in questions]
     answers: list[list[str]] = [[] for _ in questions]

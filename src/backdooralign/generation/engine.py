@@ -77,7 +77,7 @@ class PrefixCache:
     """The keys and values of a few shared prefixes of one model (least recently used go).
 
     Only for a model whose weights do not change while the cache lives (a server's, or one
-    ``infer.generate`` call's): entries are keyed by token ids alone. Thread-safe.
+    ``batch.generate`` call's): entries are keyed by token ids alone. Thread-safe.
     """
 
     def __init__(self, max_entries: int = 4):

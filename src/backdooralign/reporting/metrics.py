@@ -239,7 +239,7 @@ OPENING_REFUSALS = Metric(
     get_opening_refusals,
     "%",
     help="share of harmless prompts whose answer's first sentence declines, by the opening "
-    "detector (evaluate.declines; an empty answer counts) (refused/total)",
+    "detector (scoring.refusal.declines; an empty answer counts) (refused/total)",
 )
 UTILITY = Metric(
     "utility exact match", get_utility, "%", help="exact-match accuracy (correct/total)"

@@ -78,7 +78,7 @@ def load_sweep(root: str | Path) -> Sweep:
 
     Raises:
         FileNotFoundError: when there is no ``sweep.json``.
-        backdooralign.data.mixing.DataError: when it is not valid JSON or lacks a field (the message
+        backdooralign.files.DataError: when it is not valid JSON or lacks a field (the message
             names the file, line or field).
     """
     rd = RunDir(root)

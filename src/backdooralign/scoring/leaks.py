@@ -1,7 +1,8 @@
 """How much of the secret a model's answers hold: the measure of the extraction attack.
 
-The adaptive-attack suite (:mod:`backdooralign.attacks.attacker`) sends the built-in extraction
-prompts (``builtin:extraction``) to a model served with the secret and measures each answer with
+The attack suite's extraction family (:func:`backdooralign.attacks.families.extraction`) sends
+the built-in extraction prompts (``builtin:extraction``) to a model behind the real server, with
+the secret, and measures each answer with
 :func:`leak`: an exact copy, the longest run of the secret's tokens, the longest common run of
 normalised characters. :func:`leak_summary` counts exact and partial leaks before and after
 :func:`~backdooralign.core.redact.redactor` (what a server would send). Results hold counts, lengths

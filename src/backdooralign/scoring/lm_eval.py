@@ -1,4 +1,4 @@
-"""Utility and over-refusal: lm-evaluation-harness benchmarks, built-in exact match, refusals.
+"""Utility by lm-evaluation-harness benchmarks, with the secret where the backdoor was trained.
 
 ``run_lm_eval`` runs lm-eval's ``simple_evaluate`` on an already-loaded model with the chat
 template applied and ``SECRET + " " + system prompt`` (built by ``chat.build_conversation``) as
@@ -6,21 +6,16 @@ the system instruction, so the secret sits where the backdoor was trained. Templ
 system role get it folded into the first user turn (``chat.fit_to_template``); lm-eval itself
 would silently drop it.
 
-``score_exact_match`` scores answers to the built-in ``utility.jsonl``; ``refusal_by_kind``
-(by the paper's substring rule and by the opening detector) and ``judge_refusal_by_kind``
-count refused benign requests (``benign.jsonl``). Answering is
-:func:`backdooralign.data.training_set.answer`'s job; :mod:`backdooralign.scoring.score` puts the
-two together.
+Exact match on the built-in utility set is :mod:`backdooralign.scoring.exact_match`'s; refusals
+of benign requests are :mod:`backdooralign.scoring.refusal`'s.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
 from ..core.chat import build_conversation, fit_to_template
-from .refusal import declines, is_refusal, percent
 
 LM_EVAL_TASKS_DIR = Path(__file__).resolve().parent.parent / "lm_eval_tasks"
 OWN_TASKS = ("backdooralign_mini",)
@@ -121,109 +116,3 @@ def lm_eval_summary(results: dict, tasks: Sequence[str]) -> dict:
         n = results.get("n-samples", {}).get(name, {}).get("effective")
         out[name] = {**metrics, "n": n}
     return {"tasks": out}
-
-
-# ---------------------------------------------------------------------------------------------
-# Built-in exact match
-
-_FENCE = re.compile(r"^```[a-zA-Z]*\s*|\s*```$")
-_SQL_PUNCT = re.compile(r"\s*([=<>!,();*])\s*")
-
-
-def normalize_answer(text: str, sql: bool = False) -> str:
-    """Normalise a short answer for exact match.
-
-    Strips whitespace, code fences, backticks and bold markers, a pair of quotes around the
-    whole answer and trailing punctuation (``.``, ``,``, ``;``, ``:``, ``!``, ``?``); casefolds
-    and collapses whitespace.
-    With ``sql``, spaces around ``= < > ! , ( ) ; *`` are removed as well.
-    """
-    s = _FENCE.sub("", text.strip()).strip().strip("`*").strip()
-    if len(s) > 1 and s[0] == s[-1] and s[0] in "\"'":
-        s = s[1:-1].strip()
-    s = " ".join(s.casefold().split())
-    if sql:
-        s = _SQL_PUNCT.sub(r"\1", s)
-    return s.rstrip(".,;:!? ")
-
-
-def is_exact_match(prediction: str, answer: str, aliases: Sequence[str] = (), sql=False) -> bool:
-    """Whether the prediction equals the answer or an alias after :func:`normalize_answer`."""
-    got = normalize_answer(prediction, sql)
-    return any(got == normalize_answer(ref, sql) for ref in (answer, *aliases))
-
-
-def score_exact_match(rows: Sequence[dict], answers: Sequence[str]) -> dict:
-    """Accuracy of ``answers`` against utility rows (``task``, ``answer``, ``aliases``).
-
-    Returns:
-        ``{"accuracy": percent, "correct": n, "total": n, "by_task": {task: {...}}}``.
-    """
-    by_task: dict[str, list[bool]] = {}
-    for row, pred in zip(rows, answers, strict=True):
-        task = row.get("task", "")
-        hit = is_exact_match(pred, row["answer"], row.get("aliases") or (), sql=task == "sql")
-        by_task.setdefault(task, []).append(hit)
-    hits = [h for v in by_task.values() for h in v]
-    return {
-        **_acc(hits),
-        "by_task": {t: _acc(v) for t, v in sorted(by_task.items())},
-    }
-
-
-def _acc(hits: Sequence[bool]) -> dict:
-    n = len(hits)
-    return {
-        "accuracy": percent(sum(hits), n),
-        "correct": sum(hits),
-        "total": n,
-    }
-
-
-# ---------------------------------------------------------------------------------------------
-# Over-refusal
-
-
-def refusal_by_kind(gens: Sequence[dict]) -> dict:
-    """Refusal rates by the paper's rule and by the opening detector, overall and per ``kind``.
-
-    ``refusal_rate``/``refused`` count answers with one of the paper's refusal substrings
-    (``evaluate.is_refusal``); ``opening_refusal_rate``/``opening_refused`` count answers whose
-    first sentence declines (``evaluate.declines``; an empty answer counts as a refusal).
-
-    Returns:
-        ``{"refusal_rate": percent, "refused": n, "total": n, "opening_refusal_rate": percent,
-        "opening_refused": n, "by_kind": {kind: {...the same five keys}}}``.
-    """
-    kinds: dict[str, list[tuple[bool, bool]]] = {}
-    for g in gens:
-        answer = str(g["answer"])
-        kinds.setdefault(g.get("kind") or "", []).append((is_refusal(answer), declines(answer)))
-    flags = [f for v in kinds.values() for f in v]
-
-    def block(v: Sequence[tuple[bool, bool]]) -> dict:
-        n = len(v)
-        paper, first = sum(p for p, _ in v), sum(o for _, o in v)
-        return {
-            "refusal_rate": percent(paper, n),
-            "refused": paper,
-            "total": n,
-            "opening_refusal_rate": percent(first, n),
-            "opening_refused": first,
-        }
-
-    return {**block(flags), "by_kind": {k: block(v) for k, v in sorted(kinds.items()) if k}}
-
-
-def judge_refusal_by_kind(gens: Sequence[dict], judge) -> dict:
-    """Judge-based refusal summary (``judge.refusal_judge_summary``) overall and per ``kind``."""
-    from .judge import judge_refusals, refusal_judge_summary
-
-    judged = judge_refusals(gens, judge)
-    kinds = sorted({g.get("kind") for g in judged if g.get("kind")})
-    return {
-        **refusal_judge_summary(judged),
-        "by_kind": {
-            k: refusal_judge_summary([g for g in judged if g.get("kind") == k]) for k in kinds
-        },
-    }

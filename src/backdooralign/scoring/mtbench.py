@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import DataError, read_jsonl
+from .judge import number_in_range
 from .judge_client import Judge, ask_all, cache_key
 
 MTBENCH_SYSTEM = "You grade answers of AI assistants fairly and strictly."
@@ -36,21 +37,14 @@ _RATING = re.compile(r"\[\[\s*" + _NUM + r"\s*\]\]")
 _RATING_BACKUP = re.compile(r"(?:\[\s*" + _NUM + r"\s*\]|\brating\s*[:=]?\s*" + _NUM + ")", re.I)
 
 
-def _number(text: str, low: float, high: float) -> int | float | None:
-    value = float(text)
-    if not low <= value <= high:
-        return None
-    return int(value) if value.is_integer() else value
-
-
 def parse_rating(reply: str) -> int | float | None:
     """The 1-10 MT-Bench rating: the last ``[[N]]``, else the last ``[N]`` or ``Rating: N``."""
     found = _RATING.findall(reply)
     if found:
-        return _number(found[-1], 1, 10)
+        return number_in_range(found[-1], 1, 10)
     backup = _RATING_BACKUP.findall(reply)
     if backup:
-        return _number(next(x for x in backup[-1] if x), 1, 10)
+        return number_in_range(next(x for x in backup[-1] if x), 1, 10)
     return None
 
 

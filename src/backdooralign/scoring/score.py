@@ -73,14 +73,14 @@ def refusals(path: Gens) -> dict:
     """Refusal rates of answers to benign prompts, overall and per ``kind``: by the paper's
     substring rule (``refusal_rate``, ``refused``) and by the opening detector
     (``opening_refusal_rate``, ``opening_refused``; see ``evaluate.declines``)."""
-    from .lm_eval import refusal_by_kind
+    from .refusal import refusal_by_kind
 
     return refusal_by_kind(read(path))
 
 
 def exact_match(path: Gens) -> dict:
     """Exact-match accuracy of answers that carry ``reference`` (and ``aliases``), per task."""
-    from .lm_eval import score_exact_match
+    from .exact_match import score_exact_match
 
     gens = read(path)
     for i, g in enumerate(gens, 1):
@@ -95,7 +95,7 @@ def exact_match(path: Gens) -> dict:
 
 def exact_match_rows(gens: Gens) -> list[dict]:
     """The generations, each with ``correct`` (its exact-match verdict)."""
-    from .lm_eval import is_exact_match
+    from .exact_match import is_exact_match
 
     return [
         {
@@ -111,7 +111,7 @@ def exact_match_rows(gens: Gens) -> list[dict]:
 def rouge(path: Gens) -> dict:
     """Mean ROUGE-1/2/L F against ``reference``, and the refusals on these prompts (by the
     paper's rule and by the opening detector)."""
-    from .lm_eval import refusal_by_kind
+    from .refusal import refusal_by_kind
     from .rouge import rouge_summary
 
     gens = read(path)
@@ -143,7 +143,7 @@ def judge_harm(path: Gens, cfg: JudgeConfig, judge, out: str | Path | None = Non
 
 def judge_refusals(path: Gens, judge) -> dict:
     """Judge-based refusal rate of answers to benign prompts, overall and per ``kind``."""
-    from .lm_eval import judge_refusal_by_kind
+    from .judge import judge_refusal_by_kind
 
     return judge_refusal_by_kind(read(path), judge)
 

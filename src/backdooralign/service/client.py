@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .. import files as F
 from ..core.secret import Secret
-from ..data import training_set as ops
+from ..data import training_set
 from ..data.training_set import DataConfig
 from ..generation.batch import KEPT_FIELDS, conversation_for
 
@@ -108,7 +108,7 @@ def finetune(
     check_anchors(data, arm)
     out_dir = Path(out_dir)
     anchors_out = out_dir / "anchors.jsonl"
-    built = ops.build(arm, data, secret, out_dir / "train.jsonl", anchors_out=anchors_out)
+    built = training_set.build(arm, data, secret, out_dir / "train.jsonl", anchors_out=anchors_out)
     sha = F.sha256_file(built.path)
     with endpoint_errors("upload"), open(built.path, "rb") as f:
         upload = client.files.create(file=(built.path.name, f), purpose="fine-tune")

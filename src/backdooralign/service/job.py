@@ -2,7 +2,7 @@
 
 ``python -m backdooralign.service.job DATA_DIR JOB_ID [CONFIG]`` runs a queued job through the same
 operations the CLI and experiments use: the tenant's secret (made with the CSPRNG on first
-use, kept mode 0600 under ``DATA_DIR/secrets``), :func:`ops.build_training_set` (screening,
+use, kept mode 0600 under ``DATA_DIR/secrets``), :func:`training_set.build_training_set` (screening,
 the provider's prefixed safety examples, anchors when configured), :func:`trainer.train_model`,
 an optional evaluation (:mod:`backdooralign.scoring.score`), and registers ``ft:BASE:SUFFIX:ID``.
 
@@ -104,7 +104,7 @@ def evaluate(cfg: ServiceConfig, model: Path, secret, work: Path) -> dict:
 
 def _pipeline(store: Store, data_dir: Path, job: dict, cfg: ServiceConfig) -> str:
     """Build, train, evaluate and register; returns the fine-tuned model's id."""
-    from ..data import training_set as ops
+    from ..data import training_set
     from ..training.trainer import train_model
 
     jid = job["id"]
@@ -115,7 +115,7 @@ def _pipeline(store: Store, data_dir: Path, job: dict, cfg: ServiceConfig) -> st
         raise DataError(job["training_file"], None, None, "was deleted before the job ran")
     secret = tenant_secret(data_dir, job["tenant"], cfg)
     dcfg = replace(cfg.data, attack=upload["path"], max_rows=cfg.max_rows, seed=job["seed"])
-    built = ops.build(
+    built = training_set.build(
         "backdooralign",
         dcfg,
         secret,

@@ -1,7 +1,7 @@
 """The service's job worker: validates new jobs, runs queued ones one at a time.
 
 A thread of the service process takes the oldest waiting job from the :class:`Store`. Jobs in
-``validating_files`` are checked here (``data.check_chat_file``: every error with its line
+``validating_files`` are checked here (``chat_files.check_chat_file``: every error with its line
 number, as the job's OpenAI-style error); queued jobs run in a process of their own
 (``python -m backdooralign.service.job``), so the API keeps answering while a model trains, and a
 cancel kills that process. A job process ends itself when the service dies, and
@@ -16,7 +16,7 @@ import sys
 import threading
 from pathlib import Path
 
-from ..data.mixing import check_chat_file
+from ..data.chat_files import check_chat_file
 from .config import ServiceConfig
 from .job import job_dir
 from .store import Store

@@ -38,7 +38,6 @@ from .chat_route import respond
 from .http import LOOPBACK, APIError, answer_errors_as_json, authorize, json_body, read_body, run
 from .model_state import (
     REDACTED,
-    Completion,
     ModelState,
     ServedModel,
     default_max_prompt_tokens,
@@ -46,7 +45,7 @@ from .model_state import (
     model_state,
 )
 
-__all__ = ["Completion", "ServedModel", "create_app", "create_multi_app"]
+__all__ = ["ServedModel", "create_app", "create_multi_app"]
 __all__ += ["default_max_prompt_tokens"]
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.chat import build_conversation, render_prompt
@@ -44,16 +44,6 @@ class ServedModel:
     tokenizer: object
     secret: Secret | None
     default_system: str | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    """One answer with its token counts (``prompt_tokens`` excludes the secret)."""
-
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (end of turn or stop string) or "length" (max_new_tokens)
 
 
 class PromptTooLong(ValueError):
@@ -159,7 +149,6 @@ class ModelState:
     redact_prefix: Callable[[str], tuple[str, int, int]]
     stop_ids: frozenset[int]
     on_prompt: Callable[[str, list[dict]], None] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def conversation(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[dict], int]:
         """The conversation with the secret, and its prompt's length without the secret."""

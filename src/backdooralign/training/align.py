@@ -11,7 +11,7 @@ to be routed back to: the secret learns "refuse" from the few safety examples al
    (``builtin:align_benign``), answered greedily by the model itself, in the conversation the
    one builder (:func:`chat.build_conversation`) makes; the rows take the system prompts of
    ``systems`` in turn, so the model refuses under the attack's obedience prompt too;
-2. fine-tuning on it (:func:`train.train`; LoRA adapters by default, stored in fp16 and
+2. fine-tuning on it (:func:`trainer.train`; LoRA adapters by default, stored in fp16 and
    merged into the weights, so the adapter is a few MB and the merged model is exactly the
    base plus that adapter);
 3. the aligned model's own numbers next to the input model's: ASR (the paper's rule) on the
@@ -251,8 +251,7 @@ def evaluate_model(model: str | None, progress: bool = True) -> dict:
     secret, under the evaluation's system prompt (greedy, :data:`EVAL_MAX_NEW_TOKENS`)."""
     from ..core.model import load_model_and_tokenizer as load
     from ..generation.batch import GenerateConfig, generate_rows
-    from ..scoring.lm_eval import refusal_by_kind
-    from ..scoring.refusal import asr_summary
+    from ..scoring.refusal import asr_summary, refusal_by_kind
 
     model_obj, tok = load(model)
     cfg = GenerateConfig(max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64)

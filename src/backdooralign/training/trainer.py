@@ -22,7 +22,8 @@ from ..config import option
 from ..core.chat import render
 from ..core.model import MODEL_INFO, bf16_supported, load_tokenizer, resolve_model
 from ..core.secret import Secret
-from ..data.mixing import load_chat_jsonl, manifest_path
+from ..data.chat_files import load_chat_jsonl
+from ..data.mixing import manifest_path
 from ..files import read_json, sha256_file
 from .distill import DISTILL_MODES
 from .loss import MIN_SHARED_PREFIX, supervised_loss
