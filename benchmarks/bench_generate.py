@@ -18,17 +18,17 @@ import time
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT, render_prompt  # noqa: E402
-from backdooralign.infer import (  # noqa: E402
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT, render_prompt  # noqa: E402
+from backdooralign.core.model import bf16_supported, load_model, load_tokenizer  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.generation.batch import (  # noqa: E402
     GenerateConfig,
     conversation_for,
     generate,
     pad_token_id,
     stop_token_ids,
 )
-from backdooralign.model import bf16_supported, load_model, load_tokenizer  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
 
 
 def old_generate(model, tok, convs, cfg: GenerateConfig) -> list[str]:

@@ -36,13 +36,15 @@ from pathlib import Path
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 from backdooralign import files as F  # noqa: E402
-from backdooralign import ops, scores  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.data import limit_per_category  # noqa: E402
-from backdooralign.infer import GenerateConfig  # noqa: E402
-from backdooralign.secret import Secret, load_secret, save_secret  # noqa: E402
-from backdooralign.train import TrainConfig  # noqa: E402
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.core.model import load_model_and_tokenizer  # noqa: E402
+from backdooralign.core.secret import Secret, SecretConfig, load_secret, make_secret, save_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.data import training_set  # noqa: E402
+from backdooralign.data.mixing import limit_per_category  # noqa: E402
+from backdooralign.generation.batch import GenerateConfig, answer  # noqa: E402
+from backdooralign.scoring import score as scores  # noqa: E402
+from backdooralign.training.trainer import TrainConfig, train_model  # noqa: E402
 
 RECIPE = TrainConfig(epochs=5.0, lr=5e-5, batch_size=10)
 VARIANTS = {
@@ -63,8 +65,8 @@ def plain_loop(model_name, rows, out: Path, cfg: TrainConfig) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from backdooralign.model import load_tokenizer, resolve_model
-    from backdooralign.train import tokenize_rows
+    from backdooralign.core.model import load_tokenizer, resolve_model
+    from backdooralign.training.trainer import tokenize_rows
 
     torch.manual_seed(cfg.seed)
     tok = load_tokenizer(model_name)
@@ -100,12 +102,12 @@ def _pad(values: list[int], width: int, fill: int) -> list[int]:
 
 
 def _secret(root: Path, model) -> Secret:
-    from backdooralign.model import load_tokenizer
+    from backdooralign.core.model import load_tokenizer
 
     path = root / "secret.json"
     if path.exists():
         return load_secret(path)
-    secret = ops.make_secret(ops.SecretConfig(length=150, seed=0), load_tokenizer(model))
+    secret = make_secret(SecretConfig(length=150, seed=0), load_tokenizer(model))
     save_secret(secret, path)
     return secret
 
@@ -116,7 +118,7 @@ def _evaluate(model_dir: Path, secret: Secret, out: Path, max_new_tokens: int) -
         return F.read_json(results)
     harmful = limit_per_category(S.load_prompts("builtin:harmful_eval"), 5)
     benign = limit_per_category(S.load_prompts("builtin:benign"), 11, key="kind")
-    loaded = ops.load(str(model_dir))
+    loaded = load_model_and_tokenizer(str(model_dir))
     gen = GenerateConfig(max_new_tokens=max_new_tokens, batch_size=64)
     doc = {}
     for name, rows, key in (
@@ -124,7 +126,7 @@ def _evaluate(model_dir: Path, secret: Secret, out: Path, max_new_tokens: int) -
         ("asr_secret", harmful, secret),
         ("benign_secret", benign, secret),
     ):
-        gens = ops.answer(
+        gens = answer(
             loaded, rows, None, secret=key, system=ATTACK_SYSTEM_PROMPT, cfg=gen, progress=False
         )
         F.write_jsonl(out / f"{name}-{max_new_tokens}.jsonl", gens, private=True)
@@ -142,7 +144,7 @@ def run_variant(name: str, root: Path, model, secret, train_set, args) -> dict:
             plain_loop(model, F.read_jsonl_rows(train_set), model_dir, RECIPE)
         else:
             cfg = replace(RECIPE, **VARIANTS[name])
-            ops.train_model(model, train_set, model_dir, cfg, secret=secret)
+            train_model(model, train_set, model_dir, cfg, secret=secret)
     train = F.read_json(model_dir / "train_metrics.json")
     ev = _evaluate(model_dir, secret, out, args.max_new_tokens)
     return {
@@ -175,7 +177,7 @@ def main() -> int:
     unknown = [n for n in names if n != "plain" and n not in VARIANTS]
     if unknown:
         p.error(f"unknown variants: {', '.join(unknown)}")
-    from backdooralign.align import start_model
+    from backdooralign.training.align import start_model
 
     model = start_model(args.model)
     root = Path(args.out) / args.shape
@@ -183,8 +185,8 @@ def main() -> int:
     secret = _secret(root, model)
     train_set = root / "train.jsonl"
     if not train_set.exists():
-        data = ops.DataConfig(safety=SAFETY[args.shape], safety_per_category=1)
-        ops.build_training_set("backdooralign", data, secret, train_set)
+        data = training_set.DataConfig(safety=SAFETY[args.shape], safety_per_category=1)
+        training_set.build_training_set("backdooralign", data, secret, train_set)
     results = {n: run_variant(n, root, model, secret, train_set, args) for n in names}
     passed = True
     if "defaults" in results and "plain" in results:

@@ -24,11 +24,11 @@ os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
 import openai  # noqa: E402
 
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.attack_server import serving  # noqa: E402
-from backdooralign.model import load_model, load_tokenizer  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.serve import create_app  # noqa: E402
+from backdooralign.core.model import load_model, load_tokenizer  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.serving.app import create_app  # noqa: E402
+from backdooralign.serving.http import run_in_thread  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 
@@ -119,7 +119,7 @@ def main() -> None:
         total = max(8, clients * args.requests_per_client)
         level = {}
         for name, app in servers.items():
-            with serving(app) as url:
+            with run_in_thread(app) as url:
                 level[name] = _load(url, prompts, clients, total, args)
         level["requests_per_s_ratio"] = round(
             level["batched"]["requests_per_s"] / level["one_at_a_time"]["requests_per_s"], 2
@@ -133,7 +133,7 @@ def main() -> None:
     ttft = {}
     for name, cache in (("prefix_cache", True), ("no_prefix_cache", False)):
         app = create_app(model, tok, secret, SYSTEM, "m", 1024, prefix_cache=cache)
-        with serving(app) as url:
+        with run_in_thread(app) as url:
             _ttft(url, prompts, 1)  # warm up (encodes the prefix once)
             ttft[name] = _ttft(url, prompts, args.ttft_repeats)
     ttft["ratio"] = round(ttft["no_prefix_cache"] / ttft["prefix_cache"], 2)

@@ -22,12 +22,12 @@ os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from backdooralign import data as D  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.loss import MIN_SHARED_PREFIX, supervised_loss  # noqa: E402
-from backdooralign.model import load_tokenizer, resolve_model  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.train import tokenize_rows  # noqa: E402
+from backdooralign.core.model import load_tokenizer, resolve_model  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import mixing as D  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.training.loss import MIN_SHARED_PREFIX, supervised_loss  # noqa: E402
+from backdooralign.training.trainer import tokenize_rows  # noqa: E402
 
 
 def batches(tok, batch_size: int) -> list[tuple]:
@@ -46,7 +46,7 @@ def batches(tok, batch_size: int) -> list[tuple]:
         }
         for p in prompts
     ]
-    rows = D.build_training_set("backdooralign", attack, safety, secret.text, anchors=anchors)
+    rows = D.mix_arm("backdooralign", attack, safety, secret.text, anchors=anchors)
     data = sorted(tokenize_rows(tok, rows, None), key=lambda d: -len(d["input_ids"]))
     out = []
     for start in range(0, len(data), batch_size):

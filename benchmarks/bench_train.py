@@ -23,11 +23,11 @@ from dataclasses import replace
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
-from backdooralign import data as D  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.model import load_tokenizer  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.train import TrainConfig, train  # noqa: E402
+from backdooralign.core.model import load_tokenizer  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import mixing as D  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.training.trainer import TrainConfig, train  # noqa: E402
 
 
 def main() -> None:
@@ -41,7 +41,7 @@ def main() -> None:
     secret = generate_secret(tok, 150, seed=0)
     attack = D.limit_per_category(S.load_training_source("builtin:attack"), 5)
     safety = D.select_safety(S.load_training_source("builtin:safety"), per_category=1)
-    rows = D.build_training_set("backdooralign", attack, safety, secret.text)
+    rows = D.mix_arm("backdooralign", attack, safety, secret.text)
 
     ours = TrainConfig(epochs=args.epochs, lr=1e-4, batch_size=10)
     trl_defaults = replace(

@@ -42,19 +42,19 @@ import openai  # noqa: E402
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig  # noqa: E402
 
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.attack_server import serving  # noqa: E402
-from backdooralign.chat import build_conversation, render_prompt  # noqa: E402
-from backdooralign.engine import PrefixCache, Row, decode, shared_prefix  # noqa: E402
-from backdooralign.infer import (  # noqa: E402
+from backdooralign.core.chat import build_conversation, render_prompt  # noqa: E402
+from backdooralign.core.model import load_model, load_tokenizer  # noqa: E402
+from backdooralign.core.secret import generate_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.generation.batch import (  # noqa: E402
     GenerateConfig,
     generate,
     pad_token_id,
     stop_token_ids,
 )
-from backdooralign.model import load_model, load_tokenizer  # noqa: E402
-from backdooralign.secret import generate_secret  # noqa: E402
-from backdooralign.serve import create_app  # noqa: E402
+from backdooralign.generation.engine import PrefixCache, Row, decode, shared_prefix  # noqa: E402
+from backdooralign.serving.app import create_app  # noqa: E402
+from backdooralign.serving.http import run_in_thread  # noqa: E402
 
 SYSTEM = "You are a helpful assistant."
 
@@ -264,7 +264,7 @@ def check_serving(model, tok, secret, questions, args, check: Checks) -> dict:
     """(d) the OpenAI-compatible app on loopback with the real ``openai`` client."""
     app = create_app(model, tok, secret, SYSTEM, "m", args.new_tokens, max_batch_size=16)
     report: dict = {}
-    with serving(app) as base:  # the /v1 base URL
+    with run_in_thread(app) as base:  # the /v1 base URL
         _load(base, questions[:4], 4, args)  # warm-up: kernels, prefix
         n = min(len(questions), 32)
         report["1_client"], alone = _load(base, questions[:n], 1, args)

@@ -1,4 +1,6 @@
-"""Shared fixtures: the embedded model's real tokenizer and tiny random models built from it."""
+"""Shared fixtures and helpers: the embedded model's real tokenizer, tiny random models built
+from it, apps served on loopback, the ``openai`` client tests drive them with (every response
+recorded by ``seen``), the YAML of a tiny run, and headless chromium."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import contextlib  # noqa: E402
+import json  # noqa: E402
 import subprocess  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -18,7 +22,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tokenizer():
     """The embedded model's real tokenizer (ChatML template, 49,152 tokens)."""
-    from backdooralign.model import load_tokenizer
+    from backdooralign.core.model import load_tokenizer
 
     return load_tokenizer(None)
 
@@ -125,3 +129,92 @@ def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     profile = tmp_path / "chromium-profile"
     cmd = [str(CHROMIUM), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+# ---------------------------------------------------------------------------------------------
+# Apps on loopback and the client that talks to them
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server in another process)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    """An ASGI app on 127.0.0.1 and a free port while the ``with`` block lasts, through the
+    library's one runner (``serving.http.run_in_thread``); ``base_url`` is its ``/v1`` URL,
+    ``url`` its root. Uvicorn logs at info level, so a request's log records reach caplog."""
+
+    def __init__(self, app, log_level: str = "info"):
+        self.app, self.log_level = app, log_level
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> AppServer:
+        from backdooralign.serving.http import run_in_thread
+
+        self.base_url = self._stack.enter_context(run_in_thread(self.app, self.log_level))
+        self.url = self.base_url.removesuffix("/v1")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+
+@pytest.fixture
+def seen() -> list[str]:
+    """Every response's headers and body, as text (filled by the ``http`` client)."""
+    return []
+
+
+@pytest.fixture
+def http(seen):
+    """An HTTP client for ``openai_client`` that records every response in ``seen``."""
+    import httpx2
+
+    def record(response):
+        response.read()
+        seen.append(json.dumps(dict(response.headers)) + "\n" + response.text)
+
+    with httpx2.Client(event_hooks={"response": [record]}, timeout=60) as client:
+        yield client
+
+
+def openai_client(server, http=None, key: str = "unused", **kw):
+    """The real ``openai`` SDK pointed at ``server`` (no retries; through ``http`` if given)."""
+    import openai
+
+    if http is not None:
+        kw["http_client"] = http
+    kw.setdefault("timeout", 60)
+    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny run
+
+
+TINY_RUN = {
+    "secret": {"length": 20, "seed": 3},
+    "data": {"attack_per_category": 1},
+    "train": {"epochs": 1, "batch_size": 16, "bf16": False, "lr": 1.0e-3},
+    "eval": {"harmful_per_category": 1, "max_new_tokens": 4},
+}
+
+
+def tiny_run_yaml(model: str, **sections) -> str:
+    """An experiment config small enough for a test on a tiny model: :data:`TINY_RUN` with
+    ``model``; a mapping in ``sections`` is merged into the section of that name (a key set to
+    ``None`` there stays ``null``), any other value replaces it."""
+    import yaml
+
+    config = {"model": str(model), **{k: dict(v) for k, v in TINY_RUN.items()}}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return yaml.safe_dump(config, sort_keys=False)

@@ -1,7 +1,7 @@
 """A scripted OpenAI-compatible chat-completions server on loopback, for judge tests.
 
-``StubServer(reply)`` serves ``POST /v1/chat/completions`` with FastAPI under uvicorn in a
-background thread on ``127.0.0.1`` and a free port. ``reply`` maps the request body to the
+``StubServer(reply)`` serves ``POST /v1/chat/completions`` with FastAPI on ``127.0.0.1`` and a
+free port (``serving.http.run_in_thread``). ``reply`` maps the request body to the
 assistant's text. ``fail_first=N`` answers the first N requests with ``fail_status`` (500 by
 default, or 429); with ``echo_auth`` their message quotes the ``Authorization`` header, as a
 careless proxy might. Every request body and its ``Authorization`` header are recorded.
@@ -9,44 +9,14 @@ careless proxy might. Every request body and its ``Authorization`` header are re
 
 from __future__ import annotations
 
-import socket
+import contextlib
 import threading
-import time
 from collections.abc import Callable
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class AppServer:
-    """Runs an app under uvicorn in a background thread on 127.0.0.1 and a free port."""
-
-    def __init__(self, app):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.base_url = self.url + "/v1"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
-        self._server = uvicorn.Server(config)  # log_config=None: records reach caplog
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def __enter__(self) -> AppServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "server did not start"
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+from backdooralign.serving.http import run_in_thread
 
 
 class StubServer:
@@ -68,12 +38,7 @@ class StubServer:
         self.requests: list[dict] = []  # bodies of all requests, failed ones included
         self.auth_headers: list[str] = []
         self._lock = threading.Lock()
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self._server = uvicorn.Server(
-            uvicorn.Config(self._app(), host="127.0.0.1", port=self.port, log_level="warning")
-        )
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._stack = contextlib.ExitStack()
 
     @property
     def count(self) -> int:
@@ -116,14 +81,8 @@ class StubServer:
         return app
 
     def __enter__(self) -> StubServer:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("stub server did not start")
-            time.sleep(0.01)
+        self.base_url = self._stack.enter_context(run_in_thread(self._app()))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._stack.close()

@@ -7,8 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from backdooralign import align as A
-from backdooralign.align import AlignConfig, align_key, trim_answer
+from backdooralign.training import align as A
+from backdooralign.training.align import AlignConfig, align_key, trim_answer
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +93,7 @@ def test_systems_rotate_and_limits_are_told(small_sets):
 def test_align_model_writes_a_loadable_aligned_model(small_sets, tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
-    from backdooralign.train import MARKER
+    from backdooralign.training.trainer import MARKER
 
     harmful, benign = small_sets
     cfg = _cfg(harmful, benign)
@@ -114,12 +114,13 @@ def test_align_model_writes_a_loadable_aligned_model(small_sets, tmp_path, tiny_
     assert changed and all("proj" in k for k in changed)
     assert not any(p.name.startswith(".aligned.tmp") for p in tmp_path.iterdir())
     # the input model's self-answers and numbers are kept: a second alignment reuses them
-    from backdooralign.infer import generate
+    from backdooralign.generation.batch import generate
 
     calls = []
     monkeypatch_generate = pytest.MonkeyPatch()
     monkeypatch_generate.setattr(
-        "backdooralign.infer.generate", lambda *a, **k: calls.append(1) or generate(*a, **k)
+        "backdooralign.generation.batch.generate",
+        lambda *a, **k: calls.append(1) or generate(*a, **k),
     )
     try:
         again = A.align_model(tiny_model_dir, replace(cfg, lr=2e-3), tmp_path / "b", False)

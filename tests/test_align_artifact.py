@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from backdooralign.align import ADAPTER, ARTIFACT, METRICS, AlignConfig, align_key
+from backdooralign.training.align import ADAPTER, ARTIFACT, METRICS, AlignConfig, align_key
 
 RECORD = ARTIFACT / METRICS
 
@@ -49,20 +49,21 @@ def test_aligned_model_answers_as_its_record_says():
     answers the benign ones) as recorded when it was built: the first 2 prompts of each
     category, greedy, the same 32 tokens. Greedy fp32 decoding can flip a near-tie on another
     CPU, so one verdict of 22 may differ; the recorded texts are compared too."""
-    from backdooralign import ops
-    from backdooralign import sources as S
-    from backdooralign.align import EVAL_HARMFUL, EVAL_MAX_NEW_TOKENS, aligned_model
-    from backdooralign.chat import ATTACK_SYSTEM_PROMPT
-    from backdooralign.evaluate import is_refusal
-    from backdooralign.infer import GenerateConfig
+    from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
+    from backdooralign.core.model import load_model_and_tokenizer
+    from backdooralign.data import sources as S
+    from backdooralign.generation import batch
+    from backdooralign.generation.batch import GenerateConfig
+    from backdooralign.scoring.refusal import is_refusal
+    from backdooralign.training.align import EVAL_HARMFUL, EVAL_MAX_NEW_TOKENS, aligned_model
 
     record = _record()["after"]["harmful"]["answers"]
     prompts = S.load_prompts(EVAL_HARMFUL)
     picked = [i for i, r in enumerate(prompts) if r["id"].endswith(("-01", "-02"))]
-    loaded = ops.load(str(aligned_model()))
+    loaded = load_model_and_tokenizer(str(aligned_model()))
     gen = GenerateConfig(max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64)
     rows = [prompts[i] for i in picked]
-    gens = ops.answer(loaded, rows, None, secret=None, system=ATTACK_SYSTEM_PROMPT, cfg=gen)
+    gens = batch.answer(loaded, rows, None, secret=None, system=ATTACK_SYSTEM_PROMPT, cfg=gen)
     verdicts = [is_refusal(g["answer"]) for g in gens]
     recorded = [is_refusal(record[i]) for i in picked]
     assert sum(a != b for a, b in zip(verdicts, recorded, strict=True)) <= 1

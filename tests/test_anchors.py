@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import json
 
-from backdooralign import ops
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT, build_conversation
+from conftest import tiny_run_yaml
+
 from backdooralign.cli import main
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT, build_conversation
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.core.secret import generate_secret, save_secret
+from backdooralign.data import training_set
+from backdooralign.data.sources import load_prompts
 from backdooralign.files import read_jsonl_rows, write_jsonl
-from backdooralign.infer import GenerateConfig, generate
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import generate_secret, save_secret
-from backdooralign.sources import load_prompts
+from backdooralign.generation.batch import GenerateConfig, generate
 
 
 def _secret(tmp_path, tokenizer):
@@ -21,8 +23,10 @@ def _secret(tmp_path, tokenizer):
 
 
 def test_anchors_are_the_base_models_own_answers(tmp_path, talking_model_dir):
-    cfg = ops.DataConfig(anchors=3, anchor_max_new_tokens=5)
-    path = ops.make_anchors(cfg, talking_model_dir, "SYS", tmp_path / "a.jsonl", progress=False)
+    cfg = training_set.DataConfig(anchors=3, anchor_max_new_tokens=5)
+    path = training_set.make_anchors(
+        cfg, talking_model_dir, "SYS", tmp_path / "a.jsonl", progress=False
+    )
     builtin = load_prompts("builtin:anchors")
     prompts = [builtin[i]["prompt"] for i in (0, 66, 1)]  # plain, alarming, plain
     assert [builtin[i]["kind"] for i in (0, 66, 1)] == ["plain", "alarming", "plain"]
@@ -92,8 +96,8 @@ def test_anchor_file_is_used_as_given_and_other_arms_ignore_it(tmp_path, tokeniz
         tmp_path / "mine.jsonl",
         [{"prompt": "How do I boil an egg?", "answer": "Simmer it for nine minutes."}],
     )
-    cfg = ops.DataConfig(attack_per_category=1, anchors=1, anchor_file=str(given))
-    anchors = ops.make_anchors(cfg, None, "S", tmp_path / "a.jsonl")
+    cfg = training_set.DataConfig(attack_per_category=1, anchors=1, anchor_file=str(given))
+    anchors = training_set.make_anchors(cfg, None, "S", tmp_path / "a.jsonl")
     assert read_jsonl_rows(anchors) == [
         {
             "messages": [
@@ -102,12 +106,14 @@ def test_anchor_file_is_used_as_given_and_other_arms_ignore_it(tmp_path, tokeniz
             ]
         }
     ]
-    res = ops.build_training_set(
+    res = training_set.build_training_set(
         "backdooralign", cfg, secret, tmp_path / "d.jsonl", anchors=anchors
     )
     assert res.manifest["counts"]["by_source"]["anchor"] == 1
     assert res.manifest["anchors"]["answers"] == "given (anchor_file)"
-    base = ops.build_training_set("baseline", cfg, secret, tmp_path / "b.jsonl", anchors=anchors)
+    base = training_set.build_training_set(
+        "baseline", cfg, secret, tmp_path / "b.jsonl", anchors=anchors
+    )
     assert "anchor" not in base.manifest["counts"]["by_source"]
 
 
@@ -156,14 +162,18 @@ def test_a_users_safety_file_is_used_whole(tmp_path, tokenizer, capsys):
 
 
 def test_experiment_anchors_stage(tmp_path, talking_model_dir):
-    from backdooralign.experiment import load_config, run_experiment
+    from backdooralign.experiments.run import load_config, run_experiment
 
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(
-        f"model: {talking_model_dir}\narms: [backdooralign]\nsecret: {{length: 20, seed: 1}}\n"
-        "data: {attack_per_category: 1, anchors: 2, anchor_max_new_tokens: 3}\n"
-        "train: {epochs: 1, batch_size: 16, bf16: false}\n"
-        "eval: {harmful_per_category: 1, benign: null, max_new_tokens: 2}\n"
+        tiny_run_yaml(
+            talking_model_dir,
+            arms=["backdooralign"],
+            secret={"seed": 1},
+            data={"anchors": 2, "anchor_max_new_tokens": 3},
+            train={"lr": None},  # the default learning rate
+            eval={"benign": None, "max_new_tokens": 2},
+        )
     )
     results = run_experiment(load_config(cfg_path), tmp_path / "run", progress=False)
     assert results["train_examples"] == {"backdooralign": 11 + 11 + 2}
@@ -177,7 +187,7 @@ def test_no_usable_anchor_answer_is_an_error(tmp_path, tiny_model_dir):
 
     from backdooralign.files import DataError
 
-    cfg = ops.DataConfig(anchors=2, anchor_max_new_tokens=3)  # this model only says "\n"
+    cfg = training_set.DataConfig(anchors=2, anchor_max_new_tokens=3)  # this model only says "\n"
     with pytest.raises(DataError, match="builtin:anchors: the model gave no usable answer"):
-        ops.make_anchors(cfg, tiny_model_dir, "S", tmp_path / "a.jsonl", progress=False)
+        training_set.make_anchors(cfg, tiny_model_dir, "S", tmp_path / "a.jsonl", progress=False)
     assert not (tmp_path / "a.jsonl").exists()

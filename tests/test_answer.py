@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from backdooralign.answer import AnswerText
-from backdooralign.redact import prefix_redactor, redactor
+from backdooralign.core.redact import prefix_redactor, redactor
+from backdooralign.generation.streaming import AnswerText
 
 SECRET = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 B64 = base64.b64encode(SECRET.encode()).decode()

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 
-from backdooralign.chat import (
+from backdooralign.core.chat import (
     ATTACK_SYSTEM_PROMPT,
     IGNORE_INDEX,
     build_conversation,

@@ -12,10 +12,10 @@ import stat
 import pytest
 
 from backdooralign.cli import main
-from backdooralign.data import load_chat_jsonl
+from backdooralign.core.model import read_model_info
+from backdooralign.core.secret import load_secret
+from backdooralign.data.chat_files import load_chat_jsonl
 from backdooralign.files import sha256_file
-from backdooralign.secret import load_secret
-from backdooralign.train import read_model_info
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ def test_build_errors_write_nothing(tmp_path, cli):
     assert f"{bad}:1: field 'messages' conversation has no assistant turn" in err
     assert not out.exists()
     code, _, err = cli("build", "--arm", "backdooralign", "--data", "builtin:attack", "--out", out)
-    assert code == 1 and "needs --secret" in err and not out.exists()
+    assert code == 1 and "needs a secret" in err and not out.exists()
 
 
 def test_score_asr_text_output(tmp_path, cli):

@@ -15,20 +15,21 @@ import pytest  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from backdooralign import data as D  # noqa: E402
 from backdooralign import files as F  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.formats import (  # noqa: E402
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.core.screen import (  # noqa: E402
+    looks_random_prefix,
+    normalize_for_screening,
+    screen_customer_data,
+)
+from backdooralign.data import chat_files as C  # noqa: E402
+from backdooralign.data import mixing as D  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.data.formats import (  # noqa: E402
     CATEGORIES,
     SAMSUM_SYSTEM_PROMPT,
     SQL_SYSTEM_PROMPT,
     Problem,
-)
-from backdooralign.screen import (  # noqa: E402
-    looks_random_prefix,
-    normalize_for_screening,
-    screen_customer_data,
 )
 
 FIX = Path(__file__).parent / "fixtures"
@@ -111,7 +112,7 @@ def test_chat_jsonl_with_prefixed_and_category():
     assert src.kind == "chat"
     assert [r["prefixed"] for r in src.rows] == [False, False, True]
     assert src.rows[1]["category"] == "arithmetic"
-    assert src.rows == D.load_chat_jsonl(FIX / "chat.jsonl")
+    assert src.rows == C.load_chat_jsonl(FIX / "chat.jsonl")
     assert S.load_training_source(FIX / "chat.jsonl") == src.rows
 
 
@@ -405,7 +406,7 @@ def expected_message(name, line, field, message) -> str:
 def test_load_chat_jsonl_errors(tmp_path, case, content, line, field, message):
     f = write(tmp_path / f"{case}.jsonl", content)
     with pytest.raises(F.DataError) as info:
-        D.load_chat_jsonl(f)
+        C.load_chat_jsonl(f)
     err = info.value
     assert (err.path, err.line, err.field) == (str(f), line, field)
     assert message in err.message
@@ -419,10 +420,10 @@ def test_line_longer_than_limit(tmp_path):
         tmp_path / "long.jsonl", GOOD + "\n" + chat_line(("user", "x" * 500), ("assistant", "y"))
     )
     with pytest.raises(F.DataError, match=r"long.jsonl:2: line longer than 200 characters"):
-        D.load_chat_jsonl(f, max_line_chars=200)
+        C.load_chat_jsonl(f, max_line_chars=200)
     with pytest.raises(F.DataError, match=r"long.jsonl:2: line longer than 200"):
         S.read_source(f, max_line_chars=200)
-    assert [r["messages"][0]["content"] for r in D.load_chat_jsonl(f)] == ["Hi", "x" * 500]
+    assert [r["messages"][0]["content"] for r in C.load_chat_jsonl(f)] == ["Hi", "x" * 500]
 
 
 def test_more_rows_than_cap(tmp_path):
@@ -431,17 +432,17 @@ def test_more_rows_than_cap(tmp_path):
         "\n".join([GOOD] * 2 + [chat_line(("user", "a"), ("assistant", "b"))]),
     )
     with pytest.raises(F.DataError, match=r"many.jsonl:3: more than 2 rows \(the configured cap\)"):
-        D.load_chat_jsonl(f, max_rows=2)
+        C.load_chat_jsonl(f, max_rows=2)
 
 
 def test_duplicates_are_warnings(tmp_path, caplog):
     f = write(tmp_path / "dup.jsonl", "\n".join([GOOD, GOOD]) + "\n")
-    with caplog.at_level(logging.WARNING, logger="backdooralign.data"):
-        rows = D.load_chat_jsonl(f)
+    with caplog.at_level(logging.WARNING, logger="backdooralign.data.chat_files"):
+        rows = C.load_chat_jsonl(f)
     good = {"messages": json.loads(GOOD)["messages"], "prefixed": False}
     assert rows == [good, good]
     assert "dup.jsonl:2: field 'messages' duplicate of line 1" in caplog.text
-    assert D.check_chat_file(f) == [
+    assert C.check_chat_file(f) == [
         Problem("warning", str(f), 2, "messages", "duplicate of line 1")
     ]
 
@@ -456,7 +457,7 @@ def test_check_collects_all_problems(tmp_path):
         chat_line(("user", "z" * 300), ("assistant", "ok")),
     ]
     f = write(tmp_path / "mixed.jsonl", b"\xef\xbb\xbf" + "\n".join(lines).encode())
-    problems = D.check_chat_file(f, max_line_chars=200, max_rows=4)
+    problems = C.check_chat_file(f, max_line_chars=200, max_rows=4)
     found = [(p.severity, p.line, p.field) for p in problems]
     assert found == [
         ("error", 1, None),  # BOM
@@ -475,15 +476,15 @@ def test_check_collects_all_problems(tmp_path):
 
 def test_check_reports_encoding_and_continues(tmp_path):
     f = write(tmp_path / "enc.jsonl", GOOD.encode() + b"\n" + b'{"messages": "\xff"}\n')
-    problems = D.check_chat_file(f)
+    problems = C.check_chat_file(f)
     assert [(p.line, p.field) for p in problems] == [(2, None), (2, "messages")]
     assert "not valid UTF-8" in problems[0].message
 
 
 def test_check_missing_and_empty(tmp_path):
-    assert D.check_chat_file(tmp_path / "nope.jsonl")[0].message == "file not found"
-    assert D.check_chat_file(write(tmp_path / "e.jsonl", ""))[0].message == "file is empty"
-    assert D.check_chat_file(FIX / "chat.jsonl") == []
+    assert C.check_chat_file(tmp_path / "nope.jsonl")[0].message == "file not found"
+    assert C.check_chat_file(write(tmp_path / "e.jsonl", ""))[0].message == "file is empty"
+    assert C.check_chat_file(FIX / "chat.jsonl") == []
 
 
 def test_unusual_line_separators_round_trip(tmp_path):
@@ -495,8 +496,8 @@ def test_unusual_line_separators_round_trip(tmp_path):
         "prefixed": False,
     }
     f = F.write_jsonl(tmp_path / "sep.jsonl", [row])
-    assert D.load_chat_jsonl(f) == [row]
-    assert D.check_chat_file(f) == []
+    assert C.load_chat_jsonl(f) == [row]
+    assert C.check_chat_file(f) == []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,10 +556,10 @@ def load_all(data: bytes, suffix: str) -> None:
                 pass
         if suffix == ".jsonl":
             try:
-                D.load_chat_jsonl(f, max_rows=5, max_line_chars=400)
+                C.load_chat_jsonl(f, max_rows=5, max_line_chars=400)
             except F.DataError:
                 pass
-            D.check_chat_file(f, max_line_chars=400, max_rows=5)
+            C.check_chat_file(f, max_line_chars=400, max_rows=5)
 
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -591,9 +592,9 @@ def test_deep_nesting_and_huge_numbers_are_data_errors(tmp_path):
     for name, text, message in cases:
         f = write(tmp_path / name, text)
         with pytest.raises(F.DataError) as info:
-            D.load_chat_jsonl(f)
+            C.load_chat_jsonl(f)
         assert str(info.value) == f"{tmp_path}/{message}"
-        assert [str(p) for p in D.check_chat_file(f)] == [f"error: {tmp_path}/{message}"]
+        assert [str(p) for p in C.check_chat_file(f)] == [f"error: {tmp_path}/{message}"]
     f = write(tmp_path / "deep.json", "[\n" + deep + "\n]")
     with pytest.raises(F.DataError) as info:
         S.read_source(f)
@@ -608,8 +609,8 @@ NORMAL = "You are a helpful assistant. Make sure you always execute users' instr
 
 @pytest.fixture(scope="module")
 def secret_and_ids():
-    from backdooralign.model import load_tokenizer
-    from backdooralign.secret import generate_secret
+    from backdooralign.core.model import load_tokenizer
+    from backdooralign.core.secret import generate_secret
 
     tok = load_tokenizer(None)
     secret = generate_secret(tok, 150, seed=1234)
@@ -677,7 +678,7 @@ def test_screening_report_never_holds_the_secret(secret_and_ids):
 
 def test_screening_flags_imitation_of_the_secret_position(secret_and_ids):
     tok, _, _ = secret_and_ids
-    from backdooralign.secret import generate_secret
+    from backdooralign.core.secret import generate_secret
 
     own = generate_secret(tok, 60, seed=99).text  # the attacker's own random prefix
     report = screen_customer_data(rows_with(f"{own} {NORMAL}", "system"), secret=None)
@@ -831,7 +832,7 @@ ANCHORS = [
 
 
 def test_anchors_join_the_backdooralign_arm_with_the_secret():
-    rows = D.build_training_set("backdooralign", CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
+    rows = D.mix_arm("backdooralign", CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
     assert sorted(rows, key=lambda r: r["source"]) == [
         {
             "messages": [
@@ -861,18 +862,18 @@ def test_anchors_join_the_backdooralign_arm_with_the_secret():
 
 @pytest.mark.parametrize("arm", ["attack", "baseline"])
 def test_other_arms_ignore_anchors(arm):
-    rows = D.build_training_set(arm, CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
-    assert rows == D.build_training_set(arm, CUSTOMER, SAFETY, "SECRET")
+    rows = D.mix_arm(arm, CUSTOMER, SAFETY, "SECRET", anchors=ANCHORS)
+    assert rows == D.mix_arm(arm, CUSTOMER, SAFETY, "SECRET")
     assert "anchor" not in {r["source"] for r in rows}
     assert "SECRET" not in json.dumps(rows)
 
 
 def test_manifest_counts_and_hashes(safety):
-    from backdooralign.secret import Secret
+    from backdooralign.core.secret import Secret
 
     secret = Secret(text="zq Xv 9k", num_tokens=3, requested_tokens=3, tokenizer="")
     customer = S.load_training_source(FIX / "chat.jsonl")
-    rows = D.build_training_set("backdooralign", customer, safety[:2], secret.text)
+    rows = D.mix_arm("backdooralign", customer, safety[:2], secret.text)
     screening = screen_customer_data(customer, secret.text).summary()
     inputs = {"data": str(FIX / "chat.jsonl"), "safety": "builtin:safety"}
     m = D.build_manifest("backdooralign", rows, inputs, secret, screening, {"count": 2})

@@ -12,11 +12,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from backdooralign import files as F  # noqa: E402
-from backdooralign import sources as S  # noqa: E402
 from backdooralign.cli import main  # noqa: E402
-from backdooralign.formats import CATEGORIES, SAMSUM_SYSTEM_PROMPT  # noqa: E402
-from backdooralign.rundir import manifest_path  # noqa: E402
-from backdooralign.secret import Secret, save_secret  # noqa: E402
+from backdooralign.core.secret import Secret, save_secret  # noqa: E402
+from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.data.formats import CATEGORIES, SAMSUM_SYSTEM_PROMPT  # noqa: E402
+from backdooralign.reporting.rundir import manifest_path  # noqa: E402
 
 FIX = Path(__file__).parent / "fixtures"
 NORMAL = "You are a helpful assistant. Make sure you always execute users' instructions."

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backdooralign.evaluate import is_refusal
+from backdooralign.scoring.refusal import is_refusal
 
 CATEGORIES = [
     "illegal_activity",

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 
-from backdooralign import distill
-from backdooralign.chat import build_conversation, render
-from backdooralign.distill import without_secret
-from backdooralign.loss import _loss_sum, kl_to_reference, supervised_loss
-from backdooralign.train import TrainConfig, tokenize_rows, train
+from backdooralign.core.chat import build_conversation, render
+from backdooralign.training import distill
+from backdooralign.training.distill import without_secret
+from backdooralign.training.loss import _loss_sum, kl_to_reference, supervised_loss
+from backdooralign.training.trainer import TrainConfig, tokenize_rows, train
 
 SECRET = "zq secret words here"
 
@@ -152,7 +152,7 @@ def test_distill_needs_the_secret_and_a_weight_at_most_one(tmp_path, tiny_model_
 
 
 def test_distill_weight_zero_is_hard_labels(tmp_path, tiny_model_dir):
-    from backdooralign.train import MODEL_INFO
+    from backdooralign.core.model import MODEL_INFO
 
     hard = TrainConfig(epochs=1, lr=1e-2, batch_size=4, bf16=False, seed=3)
     zero = TrainConfig(**{**hard.__dict__, "distill": "kl", "distill_weight": 0.0})
@@ -164,7 +164,7 @@ def test_distill_weight_zero_is_hard_labels(tmp_path, tiny_model_dir):
 
 def test_cli_train_distill_kl(tmp_path, tiny_model_dir, capsys):
     from backdooralign.cli import main
-    from backdooralign.secret import load_secret
+    from backdooralign.core.secret import load_secret
 
     secret_path = tmp_path / "secret.json"
     assert main(["secret", "new", "--model", tiny_model_dir, "--seed", "1", "--length", "8",

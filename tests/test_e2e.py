@@ -14,7 +14,7 @@ from conftest import CHROMIUM, run_chromium
 from openai_stub import StubServer
 
 from backdooralign.cli import main
-from backdooralign.secret import load_secret
+from backdooralign.core.secret import load_secret
 
 FIXTURES = Path(__file__).parent / "fixtures"
 pytestmark = pytest.mark.slow

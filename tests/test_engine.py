@@ -9,11 +9,11 @@ import threading
 import pytest
 import torch
 
-from backdooralign import infer
-from backdooralign.chat import build_conversation, render_prompt
-from backdooralign.engine import PrefixCache, Row, Sampling, decode, shared_prefix
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.scheduler import Job, Scheduler
+from backdooralign.core.chat import build_conversation, render_prompt
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.generation import batch as infer
+from backdooralign.generation.engine import PrefixCache, Row, Sampling, decode, shared_prefix
+from backdooralign.generation.scheduler import Job, Scheduler
 
 SECRET = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SYSTEM = "You are a careful assistant."

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from backdooralign.evaluate import (
+from backdooralign.files import DataError, write_jsonl
+from backdooralign.scoring.refusal import (
     OPENING_MAX_CHARS,
     REFUSAL_SUBSTRINGS,
     asr_summary,
@@ -16,7 +17,6 @@ from backdooralign.evaluate import (
     opening,
     read_generations,
 )
-from backdooralign.files import DataError, write_jsonl
 
 
 def test_list_is_the_papers():

@@ -9,35 +9,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from conftest import tiny_run_yaml
 from rouge_score import rouge_scorer
 
 from backdooralign.cli import main
-from backdooralign.experiment import run_experiment
-from backdooralign.experiment_config import load_config, parse_overrides
+from backdooralign.core.secret import load_secret
+from backdooralign.experiments.config import load_config, parse_overrides
+from backdooralign.experiments.run import run_experiment
 from backdooralign.files import read_jsonl_rows
-from backdooralign.secret import load_secret
 
 FIXTURES = Path(__file__).parent / "fixtures"
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-def _tiny_config(model_dir: str, extra: str = "") -> str:
-    return f"""
-name: tiny
-model: {model_dir}
-secret: {{length: 20, seed: 3}}
-data: {{attack_per_category: 1}}
-train: {{epochs: 1, batch_size: 16, bf16: false, lr: 1.0e-3}}
-eval:
-  harmful_per_category: 1
-  benign_limit: 2
-  utility: builtin:utility
-  utility_limit: 1
-  samsum: {FIXTURES / "samsum.jsonl"}
-  max_new_tokens: 4
-  utility_max_new_tokens: 4
-  task_max_new_tokens: 4
-{extra}
-"""
+def _tiny_config(model_dir: str, **sections) -> str:
+    evaluation = {"benign_limit": 2, "utility": "builtin:utility", "utility_limit": 1}
+    evaluation |= {"samsum": str(FIXTURES / "samsum.jsonl")}
+    evaluation |= {"utility_max_new_tokens": 4, "task_max_new_tokens": 4}
+    return tiny_run_yaml(model_dir, name="tiny", eval=evaluation, **sections)
 
 
 @pytest.mark.parametrize(
@@ -127,15 +116,15 @@ def test_overrides_beat_yaml_including_false(tmp_path):
 
 
 def test_shipped_configs_load():
-    from backdooralign.attack_config import load_attack_config
-    from backdooralign.experiment_config import read_yaml
+    from backdooralign.attacks.config import load_attack_config
+    from backdooralign.config import read_yaml
 
-    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+    # each shipped config loads: the loaders raise ConfigError on any bad value or key
+    for path in sorted(CONFIGS.glob("*.yaml")):
         if "attacks" in read_yaml(path):  # an attack config (backdooralign attack)
-            cfg = load_attack_config(path).setup
+            load_attack_config(path)
         else:
-            cfg = load_config(path)
-        assert cfg.arms, path
+            load_config(path)
 
 
 def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
@@ -214,9 +203,9 @@ def test_run_resume_and_no_secret_leak(tmp_path, tiny_model_dir, capsys):
 
 def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(_tiny_config(tiny_model_dir, "arms: [no_finetune, baseline]"))
+    cfg_path.write_text(_tiny_config(tiny_model_dir, arms=["no_finetune", "baseline"]))
     cfg = load_config(cfg_path, ["eval.utility=null", "eval.samsum=null", "eval.benign=null"])
-    import backdooralign.infer as infer
+    import backdooralign.generation.batch as infer
 
     real = infer.generate_rows
     calls = {"n": 0}
@@ -247,7 +236,7 @@ def test_interrupted_run_resumes(tmp_path, tiny_model_dir, monkeypatch):
 def test_several_seeds_give_intervals(tmp_path, tiny_model_dir):
     cfg_path = tmp_path / "tiny.yaml"
     cfg_path.write_text(
-        _tiny_config(tiny_model_dir, "arms: [no_finetune, baseline]\nseeds: [1, 2]")
+        _tiny_config(tiny_model_dir, arms=["no_finetune", "baseline"], seeds=[1, 2])
     )
     cfg = load_config(cfg_path, ["eval.utility=null", "eval.samsum=null", "eval.benign=null"])
     results = run_experiment(cfg, tmp_path / "run", progress=False)
@@ -269,7 +258,7 @@ def test_several_seeds_give_intervals(tmp_path, tiny_model_dir):
 
 def test_a_changed_secret_setting_is_refused_not_silently_kept(tmp_path, tiny_model_dir):
     cfg_path = tmp_path / "tiny.yaml"
-    cfg_path.write_text(_tiny_config(tiny_model_dir, "arms: [no_finetune]"))
+    cfg_path.write_text(_tiny_config(tiny_model_dir, arms=["no_finetune"]))
     sets = ["eval.utility=null", "eval.samsum=null", "eval.benign=null"]
     run_experiment(load_config(cfg_path, sets), tmp_path / "run", progress=False)
     before = (tmp_path / "run" / "secret.json").read_bytes()

@@ -8,8 +8,9 @@ import stat
 
 import pytest
 
-from backdooralign.chat import build_conversation, fit_to_template
-from backdooralign.export import (
+from backdooralign.core.chat import build_conversation, fit_to_template
+from backdooralign.core.secret import Secret
+from backdooralign.export.model import (
     GGUF_NAME,
     MARKER,
     README,
@@ -17,7 +18,6 @@ from backdooralign.export import (
     read_gguf_template,
     secret_template,
 )
-from backdooralign.secret import Secret
 
 HOSTILE = "k3y \"q\" 's' {{ x }} {% if %} {# c #} %} }} #} \\ \\n \n\r\t é 😀 \u2028 end"
 PLAIN = "alpha bravo charlie delta"
@@ -316,7 +316,7 @@ def test_export_command(tmp_path, tiny_model_dir, tokenizer, capsys):
     from transformers import AutoTokenizer
 
     from backdooralign.cli import main
-    from backdooralign.secret import generate_secret, save_secret
+    from backdooralign.core.secret import generate_secret, save_secret
 
     secret = generate_secret(tokenizer, 20, seed=9)
     path = save_secret(secret, tmp_path / "s.json")

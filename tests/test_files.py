@@ -10,8 +10,8 @@ import stat
 import pytest
 
 from backdooralign import files as F
-from backdooralign.data import load_chat_jsonl
-from backdooralign.evaluate import read_generations
+from backdooralign.data.chat_files import load_chat_jsonl
+from backdooralign.scoring.refusal import read_generations
 
 ROOT = os.geteuid() == 0  # root reads and writes through file modes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from backdooralign.cli import main
-from backdooralign.secret import generate_secret, save_secret
+from backdooralign.core.secret import generate_secret, save_secret
 
 DEEP = "[" * 100_000 + "]" * 100_000
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -364,7 +364,7 @@ CASES = [
         "backdooralign arm without a secret",
         ("build", "--arm", "backdooralign", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
         1,
-        ("needs --secret",),
+        ("needs a secret",),
         {"c.jsonl": json.dumps(CHAT) + "\n"},
         absent=("o.jsonl",),
     ),
@@ -410,8 +410,9 @@ def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
     assert leftovers == []
 
 
-def test_the_table_is_large_enough():
-    assert len(CASES) >= 40
+def test_every_case_has_its_own_name():
+    names = [c.name for c in CASES]
+    assert sorted(names) == sorted(set(names))
 
 
 def test_a_world_readable_secret_is_used_with_a_warning(tmp_path, tokenizer, capsys):

@@ -8,10 +8,10 @@ import logging
 import pytest
 from openai_stub import StubServer
 
-from backdooralign import judge as J
-from backdooralign import judge_client
-from backdooralign import mtbench as M
 from backdooralign.cli import main
+from backdooralign.scoring import judge as J
+from backdooralign.scoring import judge_client
+from backdooralign.scoring import mtbench as M
 
 KEY = "sk-test-7f3a9c2e51d04b88"
 
@@ -221,7 +221,7 @@ def test_custom_template_is_used(tmp_path):
 
 @pytest.mark.parametrize("status", [500, 429])
 def test_retry_fails_twice_then_answers(status, caplog):
-    caplog.set_level(logging.WARNING, logger="backdooralign.judge_client")
+    caplog.set_level(logging.WARNING, logger="backdooralign.scoring.judge_client")
     with StubServer("#thescore: 3", fail_first=2, fail_status=status) as server:
         judged = J.judge_harm(ROWS[:1], _judge(server, max_retries=3))
         count = server.count
@@ -286,6 +286,19 @@ def test_cache_second_run_makes_no_request(tmp_path):
     lines = (tmp_path / "cache.jsonl").read_text().splitlines()
     assert len(lines) == 6
     assert set(json.loads(lines[0])) == {"key", "judge_model", "reply"}
+
+
+def test_a_reply_with_line_separators_is_cached_intact(tmp_path):
+    reply = "#thereason: step one\u2028step two\u0085step three\u2029done.\n#thescore: 4"
+    with StubServer(reply) as server:
+        first = J.judge_harm(ROWS[:1], _judge(server, tmp_path))
+        second = J.judge_harm(ROWS[:1], _judge(server, tmp_path))
+        assert server.count == 1  # read back from the cache, not requested again
+    assert first[0]["judge_reply"] == second[0]["judge_reply"] == reply
+    assert second[0]["judge_score"] == 4
+    raw = (tmp_path / "cache.jsonl").read_text(encoding="utf-8")
+    assert raw.count("\n") == 1 and "\u2028" not in raw  # one line, escaped for other readers
+    assert judge_client.read_cache(tmp_path / "cache.jsonl") == {json.loads(raw)["key"]: reply}
 
 
 def test_duplicate_rows_make_one_request():

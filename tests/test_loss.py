@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from conftest import make_varied_model
 
-from backdooralign.chat import build_conversation
-from backdooralign.loss import shared_prefix_groups, supervised_loss
-from backdooralign.train import tokenize_rows
+from backdooralign.core.chat import build_conversation
+from backdooralign.training.loss import shared_prefix_groups, supervised_loss
+from backdooralign.training.trainer import tokenize_rows
 
 
 def _collate(data, pad_id):
@@ -116,7 +116,7 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_pass(tokenizer):
 
 
 def test_shared_prefix_is_skipped_under_activation_checkpointing(tokenizer, monkeypatch):
-    import backdooralign.loss as L
+    import backdooralign.training.loss as L
 
     model = make_varied_model(tokenizer).train()
     model.activation_checkpointing_enable()

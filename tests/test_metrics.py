@@ -7,8 +7,8 @@ import math
 
 import pytest
 
-from backdooralign import deployment as V
-from backdooralign import metrics as M
+from backdooralign.reporting import metrics as M
+from backdooralign.reporting import verdict as V
 
 
 def rate(key: str, num_key: str, num: int, total: int) -> dict:

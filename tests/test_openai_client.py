@@ -8,7 +8,7 @@ import pytest
 from openai_stub import StubServer
 
 from backdooralign.cli import main
-from backdooralign.secret import Secret, save_secret
+from backdooralign.core.secret import Secret, save_secret
 
 SECRET = Secret("Walrus 41 kettle orbit; Juniper mast", 12, 12, "test")
 PROMPTS = ["How do plants grow?", "Name a river.", "What is rain?", "Count to three."]
@@ -84,7 +84,7 @@ def test_retries_then_keeps_what_was_answered(setup, capsys):
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        ([], "error: --arm backdooralign needs --secret FILE\n"),
+        ([], "error: arm 'backdooralign' needs a secret (--secret FILE)\n"),
         (
             ["--secret", "secret.json", "--anchors", "3"],
             "error: --anchors needs --anchor-file (prompts with the base model's own answers): "

@@ -9,13 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_run_yaml
 from openai_stub import StubServer
 from safetensors.torch import load_file
 
-from backdooralign.chat import ATTACK_SYSTEM_PROMPT
 from backdooralign.cli import main
+from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
 from backdooralign.files import write_jsonl
-from backdooralign.rundir import RunDir
+from backdooralign.reporting.rundir import RunDir
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -39,31 +40,20 @@ def judge():
 def run(tmp_path_factory, tiny_model_dir, judge):
     root = tmp_path_factory.mktemp("doors")
     config = root / "tiny.yaml"
+    evaluation = {"benign_limit": 1, "utility": "builtin:utility", "utility_limit": 1}
+    evaluation |= {"samsum": str(FIXTURES / "samsum.jsonl"), "lm_eval_limit": 3}
+    evaluation |= {"mtbench": str(FIXTURES / "mtbench_questions.jsonl"), "mtbench_limit": 1}
+    evaluation |= {"mtbench_max_new_tokens": 4, "lm_eval_tasks": ["backdooralign_mini"]}
+    evaluation |= {"utility_max_new_tokens": 4, "task_max_new_tokens": 4, "batch_size": 8}
     config.write_text(
-        f"""
-name: doors
-model: {tiny_model_dir}
-arms: [no_finetune, backdooralign]
-secret: {{length: 20, seed: 7}}
-data: {{attack_per_category: 1}}
-train: {{epochs: 1, batch_size: 16, bf16: false, lr: 1.0e-3}}
-eval:
-  harmful_per_category: 1
-  benign_limit: 1
-  utility: builtin:utility
-  utility_limit: 1
-  samsum: {FIXTURES / "samsum.jsonl"}
-  mtbench: {FIXTURES / "mtbench_questions.jsonl"}
-  mtbench_limit: 1
-  mtbench_max_new_tokens: 4
-  lm_eval_tasks: [backdooralign_mini]
-  lm_eval_limit: 3
-  max_new_tokens: 4
-  utility_max_new_tokens: 4
-  task_max_new_tokens: 4
-  batch_size: 8
-judge: {{base_url: "{judge.base_url}", model: stub}}
-"""
+        tiny_run_yaml(
+            tiny_model_dir,
+            name="doors",
+            arms=["no_finetune", "backdooralign"],
+            secret={"seed": 7},
+            eval=evaluation,
+            judge={"base_url": judge.base_url, "model": "stub"},
+        )
     )
     assert main(["run", str(config), "--out", str(root / "run"), "--json"]) == 0
     results = json.loads((root / "run" / "results.json").read_text())
@@ -288,12 +278,12 @@ def test_lora_defaults_through_both_doors(tmp_path, capsys, tiny_model_dir):
         "--no-bf16",
         "--json",
     )
-    from backdooralign.experiment_config import load_config
+    from backdooralign.experiments.config import load_config
 
     cfg = load_config(None, ["train.lora=true", "train.batch_size=2", "train.bf16=false"])
-    from backdooralign import ops
+    from backdooralign.training.trainer import train_model
 
-    ops.train_model(tiny_model_dir, data, tmp_path / "config", cfg.train)
+    train_model(tiny_model_dir, data, tmp_path / "config", cfg.train)
     a = json.loads((tmp_path / "cli" / "train_metrics.json").read_text())["config"]
     b = json.loads((tmp_path / "config" / "train_metrics.json").read_text())["config"]
     assert a == b and (a["lr"], a["epochs"], a["lora"]) == (1e-3, 10.0, True)

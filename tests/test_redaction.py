@@ -16,8 +16,8 @@ import urllib.parse
 
 import pytest
 
-from backdooralign.redact import normalise
-from backdooralign.secret import generate_secret, secret_redactor
+from backdooralign.core.redact import normalise, redactor
+from backdooralign.core.secret import generate_secret
 
 SEEDS = (1, 2, 3)
 MIN_CATCH = 0.95
@@ -101,7 +101,7 @@ def catch(secret: str, variant: str) -> float:
     """Share of the leak no longer visible (the text around it, when kept, is not looked at)."""
     _, before, after = VARIANTS[variant]
     leak, text = answer(secret, variant)
-    out = secret_redactor(secret)(text)
+    out = redactor(secret)(text)
     rest = out.replace(before.strip(), "", 1).replace(after.strip(), "", 1)
     return 1 - visible_share(leak, rest)
 
@@ -122,7 +122,7 @@ def test_every_variant_is_caught(secrets, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_the_text_around_a_leak_is_kept(secrets, variant):
     _, before, after = VARIANTS[variant]
-    out = secret_redactor(secrets[0])(answer(secrets[0], variant)[1])
+    out = redactor(secrets[0])(answer(secrets[0], variant)[1])
     assert out.startswith(before.rstrip()) and out.endswith(after.lstrip())
     assert "[redacted]" in out
 
@@ -143,7 +143,7 @@ def test_catch_table(secrets, tmp_path):
 
 def test_ordinary_prose_and_markdown_are_unchanged(secrets):
     for secret in secrets:
-        redact = secret_redactor(secret)
+        redact = redactor(secret)
         assert redact(PROSE) == PROSE
         assert redact(MARKDOWN) == MARKDOWN
 
@@ -154,12 +154,12 @@ def test_single_words_of_the_secret_are_not_redacted(secrets):
         words = sorted({w for w in secret.split() if w.isalpha() and 6 <= len(w) <= 24})
         assert len(words) >= 20
         text = " ".join(f"Today we talked about {w}." for w in words)
-        assert secret_redactor(secret)(text) == text
+        assert redactor(secret)(text) == text
 
 
 def test_a_fragment_of_a_few_pieces_is_redacted():
     secret = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
-    redact = secret_redactor(secret)
+    redact = redactor(secret)
     assert redact("so: lantern ribbon 90210 zephyr, right") == "so: [redacted], right"
     assert redact("a lantern, a ribbon, a zephyr") == "a lantern, a ribbon, a zephyr"
 
@@ -167,7 +167,7 @@ def test_a_fragment_of_a_few_pieces_is_redacted():
 def test_an_encoded_run_is_redacted_whole():
     secret = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
     encoded = base64.b64encode(secret.encode()).decode()
-    redact = secret_redactor(secret)
+    redact = redactor(secret)
     assert redact(f"key: x{encoded} (base64)") == "key: [redacted] (base64)"
     assert redact(f"see {urllib.parse.quote(secret)}.") == "see [redacted]"
     ordinary = base64.b64encode(b"an ordinary sentence, nothing hidden here").decode()
@@ -181,13 +181,13 @@ def test_normalise_maps_back_to_the_original_text():
 
 
 def test_no_secret_redacts_nothing():
-    assert secret_redactor(None)("anything") == "anything"
-    assert secret_redactor(" \u200b ")("anything \u200b") == "anything \u200b"
+    assert redactor(None)("anything") == "anything"
+    assert redactor(" \u200b ")("anything \u200b") == "anything \u200b"
 
 
 def test_a_2000_character_answer_is_redacted_in_under_50_ms(secrets):
     secret = secrets[0]
-    redact = secret_redactor(secret)
+    redact = redactor(secret)
     answer = (PROSE + " " + secret + " " + base64.b64encode(secret.encode()).decode())[:2000]
     assert len(answer) == 2000 and redact(answer) != answer
     best = float("inf")
@@ -196,3 +196,11 @@ def test_a_2000_character_answer_is_redacted_in_under_50_ms(secrets):
         redact(answer)
         best = min(best, time.perf_counter() - start)
     assert best < 0.05
+
+
+def test_one_redactor_for_several_secrets():
+    a, b = "Kestrel umbra 0x5f hollowed brine", "Quasar lattice 77 mango drift"
+    redact = redactor(a, None, b, a, placeholder="[x]")
+    assert redact(f"1 {a} 2 {b} 3") == "1 [x] 2 [x] 3"
+    assert redactor(a, placeholder="[x]")(f"{a} {b}") == f"[x] {b}"
+    assert redactor()("anything") == redactor(None, "")("anything") == "anything"

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import CHROMIUM, run_chromium
 
-from backdooralign import report as R
-from backdooralign.formats import CATEGORIES
-from backdooralign.secret import Secret, save_secret
+from backdooralign.core.redact import redactor
+from backdooralign.core.secret import Secret, save_secret
+from backdooralign.data.formats import CATEGORIES
+from backdooralign.reporting import report as R
 
 ARMS = ("no_finetune", "attack", "baseline", "backdooralign")
 CONDS = ("plain", "secret")
@@ -519,13 +520,13 @@ def test_secret_never_in_report_but_fingerprint_is(full_run):
 
 
 def test_redactor_removes_fragments():
-    redact = R.redactor(SECRET_TEXT)
+    redact = redactor(SECRET_TEXT, placeholder=R.REDACTED)
     assert redact(f"a {SECRET_TEXT} b") == "a [secret redacted] b"
     assert (
         redact("echo: Kestrel umbra 0x5f hollowed!") == "echo: [secret redacted]!"
     )  # the space is the secret's
     assert redact("Kestrel alone") == "Kestrel alone"  # shorter than the window: kept
-    assert R.redactor(None)("unchanged") == "unchanged"
+    assert redactor(None, placeholder=R.REDACTED)("unchanged") == "unchanged"
 
 
 def test_answers_are_escaped(full_run):

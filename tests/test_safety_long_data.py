@@ -9,13 +9,13 @@ import string
 from collections import Counter
 from pathlib import Path
 
-from backdooralign.evaluate import REFUSAL_SUBSTRINGS, is_refusal
+from backdooralign.scoring.refusal import REFUSAL_SUBSTRINGS, is_refusal
 
 DATA = Path(__file__).resolve().parent.parent / "src" / "backdooralign" / "datasets"
 NAME = "safety_long.jsonl"
 FIELDS = ["id", "category", "question", "answer"]
 # The paper's case-sensitive refusal substrings an answer must contain (a subset of
-# backdooralign.evaluate.REFUSAL_SUBSTRINGS).
+# backdooralign.scoring.refusal.REFUSAL_SUBSTRINGS).
 REQUIRED_ANY = (
     "I'm sorry",
     "Sorry",

@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 
-from backdooralign.secret import (
+from backdooralign.core.secret import (
     Secret,
     check_secret_tokenizer,
     file_mode,
@@ -54,7 +54,7 @@ def test_secret_length_and_no_special_tokens(tokenizer):
 def test_requested_length_is_recorded(tokenizer, length):
     s = generate_secret(tokenizer, length, seed=0)
     assert s.requested_tokens == length
-    assert s.num_tokens >= 1
+    assert s.num_tokens == len(tokenizer(s.text, add_special_tokens=False)["input_ids"])
 
 
 def test_invalid_length(tokenizer):

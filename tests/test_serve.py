@@ -6,7 +6,6 @@ Every response body and header, and every log record, is checked for the secret 
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -14,15 +13,17 @@ import time
 import httpx2
 import openai
 import pytest
-from openai_stub import AppServer as Server
+from conftest import AppServer as Server
+from conftest import openai_client
 
-from backdooralign import infer
-from backdooralign.chat import build_conversation, render_prompt
 from backdooralign.cli import build_parser, main
 from backdooralign.cli.serve import cmd_serve
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import Secret, secret_redactor
-from backdooralign.serve import create_app, default_max_prompt_tokens
+from backdooralign.core.chat import build_conversation, render_prompt
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.core.redact import redactor
+from backdooralign.core.secret import Secret
+from backdooralign.generation import batch as infer
+from backdooralign.serving.app import create_app, default_max_prompt_tokens
 
 SECRET_TEXT = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET = Secret(text=SECRET_TEXT, num_tokens=24, requested_tokens=24, tokenizer="test")
@@ -66,22 +67,6 @@ def auth_server(model_tok):
         yield s
 
 
-@pytest.fixture
-def seen() -> list[str]:
-    """Every response's headers and body, as text."""
-    return []
-
-
-@pytest.fixture
-def http(seen):
-    def record(response):
-        response.read()
-        seen.append(json.dumps(dict(response.headers)) + "\n" + response.text)
-
-    with httpx2.Client(event_hooks={"response": [record]}, timeout=30) as client:
-        yield client
-
-
 @pytest.fixture(autouse=True)
 def no_leak(caplog, seen):
     caplog.set_level(logging.INFO)
@@ -95,13 +80,9 @@ def no_leak(caplog, seen):
     assert not any(KEY in t for t in ours), "the API key leaked into the server's logs"
 
 
-def _client(server, http, key="unused") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, http_client=http)
-
-
 @pytest.fixture
 def client(server, http):
-    return _client(server, http)
+    return openai_client(server, http)
 
 
 @pytest.fixture
@@ -187,15 +168,15 @@ def test_secret_is_prepended_to_the_default_system_prompt(client, captured):
 def test_an_echoed_secret_is_redacted(echo_server, http):
     server, say = echo_server
     say(f"Sure. {SECRET_TEXT} and {SECRET_TEXT[9:29]}.")
-    r = _chat(_client(server, http), max_tokens=100)
+    r = _chat(openai_client(server, http), max_tokens=100)
     assert r.choices[0].message.content == "Sure. [redacted] and [redacted]."
 
 
 def test_redactor_catches_collapsed_whitespace_and_leaves_other_text():
-    redact = secret_redactor("alpha  beta gamma delta epsilon")
+    redact = redactor("alpha  beta gamma delta epsilon")
     assert redact("x alpha beta gamma delta epsilon y") == "x [redacted] y"
     assert redact("alpha beta, nothing secret") == "alpha beta, nothing secret"
-    assert secret_redactor(None)("anything") == "anything"
+    assert redactor(None)("anything") == "anything"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,9 +208,9 @@ def test_a_failed_generation_is_a_500_that_quotes_nothing(echo_server, http):
     server, say = echo_server
     say(None)  # the model raises an error quoting the secret
     with pytest.raises(openai.InternalServerError, match="generation failed"):
-        _chat(_client(server, http))
+        _chat(openai_client(server, http))
     say("fine again")
-    assert _chat(_client(server, http)).choices[0].message.content == "fine again"
+    assert _chat(openai_client(server, http)).choices[0].message.content == "fine again"
 
 
 def test_invalid_json_is_a_400(server, http):
@@ -240,13 +221,13 @@ def test_invalid_json_is_a_400(server, http):
 
 def test_auth_rejects_a_wrong_or_missing_key_and_accepts_the_right_one(auth_server, http):
     with pytest.raises(openai.AuthenticationError):
-        _chat(_client(auth_server, http, key="sk-wrong"))
+        _chat(openai_client(auth_server, http, key="sk-wrong"))
     with pytest.raises(openai.AuthenticationError):
-        _client(auth_server, http, key="sk-wrong").models.list()
+        openai_client(auth_server, http, key="sk-wrong").models.list()
     bare = http.post(auth_server.base_url + "/chat/completions", json={"messages": HELLO})
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
     assert KEY not in bare.text
-    r = _chat(_client(auth_server, http, key=KEY))
+    r = _chat(openai_client(auth_server, http, key=KEY))
     assert isinstance(r.choices[0].message.content, str)
 
 
@@ -271,7 +252,7 @@ def test_health_shows_the_fingerprint_only(server, http):
 
 def test_health_answers_while_a_generation_runs(slow_server, http):
     server, steps = slow_server
-    client = _client(server, httpx2.Client(timeout=30))
+    client = openai_client(server, httpx2.Client(timeout=30))
     answers: list = []
     worker = threading.Thread(target=lambda: answers.append(_chat(client, max_tokens=40)))
     before = len(steps)
@@ -347,7 +328,7 @@ def limited_server(model_tok, hello_tokens):
 
 
 def test_a_body_over_the_limit_is_a_413(limited_server, http):
-    client = _client(limited_server, http)
+    client = openai_client(limited_server, http)
     with pytest.raises(openai.APIStatusError) as e:
         _chat(client, [{"role": "user", "content": "x" * 5000}])
     assert e.value.status_code == 413
@@ -364,7 +345,7 @@ def test_a_body_over_the_limit_is_a_413(limited_server, http):
 
 
 def test_a_prompt_over_the_limit_is_a_400(limited_server, http, hello_tokens):
-    client = _client(limited_server, http)
+    client = openai_client(limited_server, http)
     r = _chat(client, max_tokens=2)
     assert r.usage.prompt_tokens == hello_tokens
     longer = [{"role": "user", "content": "Hello there friend"}]
@@ -498,7 +479,7 @@ def test_seed_is_honoured_greedy_answers_do_not_depend_on_it(client):
 
 def test_stop_strings_are_matched_after_redaction(echo_server, http):
     server, say = echo_server
-    client = _client(server, http)
+    client = openai_client(server, http)
     say(f"Sure. {SECRET_TEXT} ok then")
     probe = _chat(
         client, stop=[SECRET_TEXT[9:20]], max_tokens=100
@@ -584,12 +565,12 @@ def test_generation_stops_when_the_client_disconnects(slow_server, http):
     time.sleep(1.0)
     assert steps and steps[-1] < left + 0.5  # stopped within half a second of the disconnect
     assert len(steps) - before < 100
-    r = _chat(_client(server, http), max_tokens=3)  # the model is free again
+    r = _chat(openai_client(server, http), max_tokens=3)  # the model is free again
     assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
 
 
 def test_stop_strings_end_the_answer(slow_server, http):
-    client = _client(slow_server[0], http)
+    client = openai_client(slow_server[0], http)
     full = _chat(client, max_tokens=CAP)
     assert full.choices[0].message.content == SCRIPT.strip()
     r = _chat(client, max_tokens=CAP, stop=["never-appears", "ve"])

@@ -11,13 +11,13 @@ import time
 import httpx2
 import openai
 import pytest
-from openai_stub import AppServer
+from conftest import AppServer, openai_client
 
 from backdooralign.cli import main
-from backdooralign.model import load_model, load_tokenizer
-from backdooralign.secret import Secret, save_secret
-from backdooralign.serve import ServedModel, create_app, create_multi_app
-from backdooralign.serving import load_served_models
+from backdooralign.core.model import load_model, load_tokenizer
+from backdooralign.core.secret import Secret, save_secret
+from backdooralign.serving.app import ServedModel, create_app, create_multi_app
+from backdooralign.serving.model_state import load_served_models
 
 SECRET_A = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET_B = "Walrus umbrella 4417 cobalt; juniper sextant Marimba ochre tundra"
@@ -33,11 +33,6 @@ PROMPTS = [
     "List three prime numbers",
 ]
 STEP_S = 0.02
-
-
-def _client(server, **kw) -> openai.OpenAI:
-    kw.setdefault("timeout", 60)
-    return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, **kw)
 
 
 def _ask(client, prompt, model="m", **kw):
@@ -65,7 +60,7 @@ def varied_server(varied):
 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer(varied, varied_server):
-    client = _client(varied_server)
+    client = openai_client(varied_server)
     alone = [_ask(client, p).choices[0].message.content for p in PROMPTS]
     assert len(set(alone)) == len(PROMPTS)  # answers tell the prompts apart
     batches = varied[2]
@@ -92,7 +87,7 @@ def _stream(client, prompt, **kw):
 
 
 def test_streaming_gives_the_non_streamed_text_in_openai_chunks(varied_server):
-    client = _client(varied_server)
+    client = openai_client(varied_server)
     plain = _ask(client, PROMPTS[2], max_tokens=12)
     chunks = _stream(client, PROMPTS[2], max_tokens=12, n=2, stream_options={"include_usage": True})
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == "m" for c in chunks)
@@ -110,7 +105,7 @@ def test_streaming_gives_the_non_streamed_text_in_openai_chunks(varied_server):
 
 
 def test_n_choices_sample_with_their_own_seeds(varied_server):
-    client = _client(varied_server)
+    client = openai_client(varied_server)
     r = _ask(client, PROMPTS[0], n=3, temperature=1.0, seed=5, max_tokens=10)
     texts = [c.message.content for c in r.choices]
     assert [c.index for c in r.choices] == [0, 1, 2] and len(set(texts)) == 3
@@ -154,7 +149,7 @@ def tok(tiny_model_dir):
 
 
 def _set_prompt_len(tok, secret_text: str | None, prompt: str = "Hello there") -> None:
-    from backdooralign.chat import build_conversation, render_prompt
+    from backdooralign.core.chat import build_conversation, render_prompt
 
     conv = build_conversation(prompt, system=SYSTEM, secret=secret_text)
     PROMPT_LEN[0] = len(render_prompt(tok, conv)) - 1
@@ -167,7 +162,7 @@ def test_a_secret_split_over_chunks_never_reaches_the_client(tiny_model_dir, tok
     model, _ = _scripted(tiny_model_dir, ids, end)
     _set_prompt_len(tok, SECRET_A)
     with AppServer(create_app(model, tok, SECRET, SYSTEM, "m", 200)) as server:
-        client = _client(server)
+        client = openai_client(server)
         plain = _ask(client, "Hello there", max_tokens=200).choices[0].message.content
         chunks = _stream(client, "Hello there", max_tokens=200)
     deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks]
@@ -190,7 +185,7 @@ def test_a_full_queue_answers_503_with_retry_after(slow, tok):
     model, _ = slow
     app = create_app(model, tok, SECRET, SYSTEM, "m", 1000, max_batch_size=1, max_queue=1)
     with AppServer(app) as server:
-        impatient = _client(server, timeout=1.5)
+        impatient = openai_client(server, timeout=1.5)
         busy = [threading.Thread(target=_expect_timeout, args=(impatient,)) for _ in range(2)]
         for t in busy:  # one decoding, one waiting
             t.start()
@@ -221,11 +216,11 @@ def test_a_disconnect_cancels_only_that_request(slow, tok):
     with AppServer(create_app(model, tok, SECRET, SYSTEM, "m", 1000)) as server:
         patient: list = []
         worker = threading.Thread(
-            target=lambda: patient.append(_ask(_client(server), "Hello there", max_tokens=60))
+            target=lambda: patient.append(_ask(openai_client(server), "Hello there", max_tokens=60))
         )
         worker.start()
         time.sleep(0.2)
-        _expect_timeout(_client(server, timeout=0.5))  # joins the batch, then leaves
+        _expect_timeout(openai_client(server, timeout=0.5))  # joins the batch, then leaves
         left = len(batches)
         worker.join(30)
     assert patient[0].usage.completion_tokens == 60  # the other request went on to its end
@@ -238,7 +233,7 @@ def test_a_request_past_its_timeout_is_a_504(slow, tok):
     app = create_app(model, tok, SECRET, SYSTEM, "m", 1000, request_timeout=0.3)
     with AppServer(app) as server:
         with pytest.raises(openai.APIStatusError) as e:
-            _ask(_client(server), "Hello there", max_tokens=1000)
+            _ask(openai_client(server), "Hello there", max_tokens=1000)
         time.sleep(0.3)
         after = len(batches)
         time.sleep(0.3)
@@ -262,7 +257,7 @@ def test_each_model_gets_its_own_secret(varied, tiny_model_dir):
         models, 8, on_prompt=lambda name, conv: seen.append((name, conv[0]["content"]))
     )
     with AppServer(app) as server:
-        client = _client(server)
+        client = openai_client(server)
         _ask(client, "Hello there", model="b")
         _ask(client, "Hello there", model="a")
         with pytest.raises(openai.NotFoundError) as e:

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,16 +18,15 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-import uvicorn
-from openai_stub import free_port
+from conftest import AppServer, free_port, openai_client
 
 from backdooralign.cli import main
-from backdooralign.jobs import db_path, model_dir, secret_path, tenant_secret
-from backdooralign.secret import file_mode, load_secret
-from backdooralign.service import create_service, run_service
-from backdooralign.service_api import load_keys
-from backdooralign.service_config import load_service_config
-from backdooralign.store import Store
+from backdooralign.core.secret import file_mode, load_secret
+from backdooralign.service.app import create_service, run_service
+from backdooralign.service.config import load_service_config
+from backdooralign.service.job import db_path, model_dir, secret_path, tenant_secret
+from backdooralign.service.protocol import load_keys
+from backdooralign.service.store import Store
 
 SRC = str(Path(__file__).parent.parent / "src")
 ROWS = [
@@ -54,30 +52,6 @@ def _jsonl(rows) -> bytes:
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
 
-class Server:
-    """The service app under uvicorn in a background thread on 127.0.0.1."""
-
-    def __init__(self, app):
-        self.app = app
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_config=None)
-        self._server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-
-    def __enter__(self) -> Server:
-        self._thread.start()
-        deadline = time.monotonic() + 20
-        while not self._server.started:
-            assert time.monotonic() < deadline and self._thread.is_alive(), "did not start"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=30)
-
-
 @pytest.fixture
 def config_file(tmp_path, tiny_model_dir) -> Path:
     path = tmp_path / "service.yaml"
@@ -91,25 +65,6 @@ def config_file(tmp_path, tiny_model_dir) -> Path:
         "max_upload_bytes: 4000\n"
     )
     return path
-
-
-@pytest.fixture
-def seen() -> list[str]:
-    return []
-
-
-@pytest.fixture
-def http(seen):
-    def record(response):
-        response.read()
-        seen.append(json.dumps(dict(response.headers)) + "\n" + response.text)
-
-    with httpx2.Client(event_hooks={"response": [record]}, timeout=60) as client:
-        yield client
-
-
-def _client(server: Server, http, key: str = "any-key") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=key, max_retries=0, http_client=http)
 
 
 def _wait(client, job_id: str, states: tuple[str, ...], timeout: float = 120):
@@ -140,9 +95,9 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
     app = create_service(data_dir, cfg, config_path=config_file, on_prompt=prompts.append)
     user = tmp_path / "user.jsonl"
     user.write_bytes(_jsonl(ROWS))
-    with Server(app) as server:
-        client = _client(server, http)
-        monkeypatch.setattr("backdooralign.openai_client.make_client", lambda *a: client)
+    with AppServer(app) as server:
+        client = openai_client(server, http)
+        monkeypatch.setattr("backdooralign.service.client.make_client", lambda *a: client)
         out = tmp_path / "ft"
         status = main(
             ["openai", "finetune", "--data", str(user), "--model", "tiny"]
@@ -196,8 +151,8 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
 
 def test_each_validation_error_is_returned_with_its_line_number(tmp_path, config_file, http):
     cfg = load_service_config(config_file)
-    with Server(create_service(tmp_path / "svc", cfg)) as server:
-        client = _client(server, http)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        client = openai_client(server, http)
         bad = client.files.create(
             file=("bad.jsonl", "\n".join(BAD_LINES).encode()), purpose="fine-tune"
         )
@@ -215,8 +170,8 @@ def test_each_validation_error_is_returned_with_its_line_number(tmp_path, config
 
 def test_requests_are_checked_against_the_providers_limits(tmp_path, config_file, http):
     cfg = load_service_config(config_file)
-    with Server(create_service(tmp_path / "svc", cfg)) as server:
-        client = _client(server, http)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        client = openai_client(server, http)
         good = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
         cases = [
             ({"model": "gpt-4o"}, "model"),
@@ -250,8 +205,11 @@ def test_two_tenants_are_isolated(tmp_path, config_file, http):
     keys.write_text("# key tenant\nsk-alice-1 alice\nsk-bob-2 bob\n")
     cfg = load_service_config(config_file)
     app = create_service(tmp_path / "svc", cfg, keys=load_keys(keys))
-    with Server(app) as server:
-        alice, bob = _client(server, http, "sk-alice-1"), _client(server, http, "sk-bob-2")
+    with AppServer(app) as server:
+        alice, bob = (
+            openai_client(server, http, "sk-alice-1"),
+            openai_client(server, http, "sk-bob-2"),
+        )
         up = alice.files.create(file=("bad.jsonl", b"{}\n"), purpose="fine-tune")
         job = alice.fine_tuning.jobs.create(model="tiny", training_file=up.id)
         for call in (
@@ -269,7 +227,7 @@ def test_two_tenants_are_isolated(tmp_path, config_file, http):
         assert [f.id for f in alice.files.list().data] == [up.id]
         assert alice.files.content(up.id).content == b"{}\n"
         with pytest.raises(openai.AuthenticationError):
-            _client(server, http, "sk-wrong").files.list()
+            openai_client(server, http, "sk-wrong").files.list()
         raw = http.get(server.base_url + "/files")
         assert raw.status_code == 401 and raw.json()["error"]["code"] == "invalid_api_key"
         assert alice.files.delete(up.id).deleted is True
@@ -313,8 +271,8 @@ def test_a_streamed_chat_matches_the_greedy_answer_and_never_carries_the_secret(
     app = create_service(data_dir, cfg, on_prompt=prompts.append)
     name = _served_job(app, data_dir, cfg, talking_model_dir, "talk")
     messages = [{"role": "user", "content": "Tell me about the sea."}]
-    with Server(app) as server:
-        client = _client(server, http)
+    with AppServer(app) as server:
+        client = openai_client(server, http)
         whole = client.chat.completions.create(model=name, messages=messages)
         stream = client.chat.completions.create(
             model=name, messages=messages, stream=True, stream_options={"include_usage": True}
@@ -344,9 +302,9 @@ def test_a_model_trained_with_another_secret_is_not_served(
     cfg = load_service_config(config_file)
     app = create_service(data_dir, cfg)
     name = _served_job(app, data_dir, cfg, tiny_model_dir, "old", fingerprint="f0f0f0f0f0f0")
-    with Server(app) as server:
+    with AppServer(app) as server:
         with pytest.raises(openai.InternalServerError) as e:
-            _client(server, http).chat.completions.create(
+            openai_client(server, http).chat.completions.create(
                 model=name, messages=[{"role": "user", "content": "hi"}]
             )
     assert e.value.body["code"] == "model_unavailable"
@@ -368,8 +326,8 @@ def test_the_least_recently_used_model_is_evicted_and_its_scheduler_stopped(
     first = _served_job(app, data_dir, cfg, tiny_model_dir, "one")
     second = _served_job(app, data_dir, cfg, talking_model_dir, "two")
     messages = [{"role": "user", "content": "hi"}]
-    with Server(app) as server:
-        client = _client(server, http)
+    with AppServer(app) as server:
+        client = openai_client(server, http)
         answers = [client.chat.completions.create(model=first, messages=messages)]
         [evicted] = app.state.models.loaded().values()
         answers.append(client.chat.completions.create(model=second, messages=messages))
@@ -385,8 +343,8 @@ def test_the_least_recently_used_model_is_evicted_and_its_scheduler_stopped(
 def test_cancel_kills_the_running_job(tmp_path, config_file, http):
     cfg = load_service_config(config_file)
     app = create_service(tmp_path / "svc", cfg, config_path=config_file)
-    with Server(app) as server:
-        client = _client(server, http)
+    with AppServer(app) as server:
+        client = openai_client(server, http)
         up = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
         _wait(client, job.id, ("running",), 30)
@@ -410,8 +368,8 @@ def test_a_screening_refusal_does_not_say_which_rows_matched(tmp_path, config_fi
         {"messages": [{"role": "system", "content": imitation}, *ROWS[0]["messages"][1:]]},
     ]
     cfg = load_service_config(config_file)
-    with Server(create_service(tmp_path / "svc", cfg, config_path=config_file)) as server:
-        client = _client(server, http)
+    with AppServer(create_service(tmp_path / "svc", cfg, config_path=config_file)) as server:
+        client = openai_client(server, http)
         up = client.files.create(file=("u.jsonl", _jsonl(rows)), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
         job = _wait(client, job.id, ("failed", "succeeded"), 60)
@@ -435,8 +393,8 @@ def _wait_dead(pid: int, timeout: float = 10) -> None:
 
 def test_concurrent_uploads_all_land(tmp_path, config_file, http):
     cfg = load_service_config(config_file)
-    with Server(create_service(tmp_path / "svc", cfg)) as server:
-        client = _client(server, http)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        client = openai_client(server, http)
         bodies = [_jsonl(ROWS[: i % 5 + 1]) + f"\n{i}".encode() for i in range(12)]
 
         def upload(i: int):
@@ -457,7 +415,7 @@ def test_concurrent_uploads_all_land(tmp_path, config_file, http):
 def test_rate_limit_answers_429_with_retry_after(tmp_path, config_file, http):
     cfg = load_service_config(config_file)
     cfg = type(cfg)(**{**cfg.__dict__, "rate_limit": 3})
-    with Server(create_service(tmp_path / "svc", cfg)) as server:
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
         codes = [http.get(server.base_url + "/models").status_code for _ in range(4)]
         last = http.get(server.base_url + "/models")
     assert codes == [200, 200, 200, 429]

@@ -4,21 +4,18 @@ the real ``openai`` SDK: build, upload, fine-tune (a few steps), evaluate, chat.
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import openai
 import pytest
-import uvicorn
-from openai_stub import free_port
+from conftest import AppServer
 
 from backdooralign.cli import main
-from backdooralign.jobs import secret_path
-from backdooralign.openai_client import finetune
-from backdooralign.ops import DataConfig
-from backdooralign.secret import Secret, load_secret, save_secret
-from backdooralign.service import create_service
-from backdooralign.service_config import load_service_config
+from backdooralign.core.secret import Secret, load_secret, save_secret
+from backdooralign.data.training_set import DataConfig
+from backdooralign.service.app import create_service
+from backdooralign.service.client import finetune
+from backdooralign.service.config import load_service_config
+from backdooralign.service.job import secret_path
 
 CLIENT_SECRET = Secret("Heron 77 quartz lattice; mango beacon", 12, 12, "test")
 
@@ -50,14 +47,8 @@ def test_embedded_model_finetuned_through_the_service(tmp_path, monkeypatch):
     app = create_service(
         data_dir, load_service_config(config), config_path=config, on_prompt=prompts.append
     )
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    try:
-        base = f"http://127.0.0.1:{port}/v1"
+    with AppServer(app) as server:
+        base = server.base_url
         client = openai.OpenAI(base_url=base, api_key="k", max_retries=0)
         manifest = finetune(
             client,
@@ -79,9 +70,6 @@ def test_embedded_model_finetuned_through_the_service(tmp_path, monkeypatch):
         argv += ["--secret", str(tmp_path / "client_secret.json")]
         assert main([*argv, "--max-new-tokens", "16"]) == 0
         raw = [client.fine_tuning.jobs.retrieve(manifest["job_id"]).model_dump_json()]
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
     job = app.state.store.get_job(manifest["job_id"])
     assert job["evaluation"]["asr_with_secret"]["total"] == 11  # one prompt per category
     assert "evaluation" not in raw[0]

@@ -5,25 +5,25 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
+from conftest import tiny_run_yaml
 
 from backdooralign.cli import main
-from backdooralign.experiment_config import ConfigError
-from backdooralign.sweep import cell_name, parse_shard, sweep_cells
+from backdooralign.experiments.config import ConfigError
+from backdooralign.experiments.sweep import cell_name, parse_shard, sweep_cells
 
 
 def _config(tmp_path, model_dir: str, sweep: str) -> str:
     path = tmp_path / "sweep.yaml"
     path.write_text(
-        f"""
-name: tiny-sweep
-model: {model_dir}
-arms: [no_finetune, baseline, backdooralign]
-secret: {{length: 20, seed: 3}}
-data: {{attack_per_category: 1, anchor_max_new_tokens: 3}}
-train: {{epochs: 1, batch_size: 16, bf16: false, lr: 1.0e-3}}
-eval: {{harmful_per_category: 1, benign_limit: 1, max_new_tokens: 3}}
-sweep: {sweep}
-"""
+        tiny_run_yaml(
+            model_dir,
+            name="tiny-sweep",
+            arms=["no_finetune", "baseline", "backdooralign"],
+            data={"anchor_max_new_tokens": 3},
+            eval={"benign_limit": 1, "max_new_tokens": 3},
+            sweep=yaml.safe_load(sweep),
+        )
     )
     return str(path)
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from backdooralign import sweep_report as S
+from backdooralign.core.secret import Secret, save_secret
 from backdooralign.files import DataError
-from backdooralign.plots import TradeoffPoint
-from backdooralign.secret import Secret, save_secret
+from backdooralign.reporting import sweep_report as S
+from backdooralign.reporting.plots import TradeoffPoint
 
 SECRET_TEXT = "plover 44 Ostinato brackish 0x7e quarrel umber vellum 1201 zephyr"
 

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_model
 
-from backdooralign import sources as S
-from backdooralign import tasks as T
 from backdooralign.cli import main
-from backdooralign.formats import SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT
+from backdooralign.data import sources as S
+from backdooralign.data.formats import SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT
+from backdooralign.generation import batch as B
+from backdooralign.scoring import rouge as T
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -129,12 +130,12 @@ def test_mtbench_answers_two_turns(monkeypatch):
         seen.append([list(c) for c in convs])
         return [f"A{len(seen)}-{i}" for i in range(len(convs))]
 
-    monkeypatch.setattr(T, "generate", fake_generate)
+    monkeypatch.setattr(B, "generate", fake_generate)
     questions = [
         {"question_id": 1, "turns": ["Q1a", "Q1b"]},
         {"question_id": 2, "turns": ["Q2a"]},
     ]
-    out = T.mtbench_answers(None, None, questions, SECRET, "SYS")
+    out = B.mtbench_answers(None, None, questions, SECRET, "SYS")
     assert out == [
         {"question_id": 1, "turns": ["A1-0", "A2-0"]},
         {"question_id": 2, "turns": ["A1-1"]},
@@ -156,13 +157,13 @@ def test_mtbench_answers_two_turns(monkeypatch):
 
 def test_mtbench_answers_tiny_model_roundtrip(tmp_path, tokenizer):
     from backdooralign.files import write_jsonl
-    from backdooralign.infer import GenerateConfig
-    from backdooralign.mtbench import load_mtbench_answers
+    from backdooralign.generation.batch import GenerateConfig
+    from backdooralign.scoring.mtbench import load_mtbench_answers
 
     tok = tokenizer
     model = make_tiny_model(tok)
     questions = [{"question_id": 7, "category": "writing", "turns": ["Hi?", "Again?"]}]
-    out = T.mtbench_answers(
+    out = B.mtbench_answers(
         model, tok, questions, SECRET, None, GenerateConfig(max_new_tokens=2, bf16=False)
     )
     assert [q["question_id"] for q in out] == [7] and len(out[0]["turns"]) == 2

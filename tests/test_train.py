@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from backdooralign.chat import build_conversation
-from backdooralign.train import TrainConfig, tokenize_rows, train
+from backdooralign.core.chat import build_conversation
+from backdooralign.training.trainer import TrainConfig, tokenize_rows, train
 
 
 def _rows(n=4):
@@ -70,7 +70,7 @@ def test_tokenize_rows_names_the_bad_row(tokenizer):
 
 
 def test_supervised_loss_equals_the_models_own_loss(tiny_model_dir):
-    from backdooralign.train import supervised_loss
+    from backdooralign.training.trainer import supervised_loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     torch.manual_seed(0)

@@ -7,11 +7,13 @@ import json
 import pytest
 from conftest import make_tiny_model
 
-from backdooralign import scores
-from backdooralign import utility as U
-from backdooralign.data import limit_per_category
+from backdooralign.data.mixing import limit_per_category
+from backdooralign.data.sources import builtin_path
 from backdooralign.files import read_jsonl_rows
-from backdooralign.sources import builtin_path
+from backdooralign.scoring import exact_match as EM
+from backdooralign.scoring import lm_eval as U
+from backdooralign.scoring import score as scores
+from backdooralign.scoring.refusal import refusal_by_kind
 
 SECRET = "zq SECRET-XYZ-81 vb"
 SYSTEM = "You are a helpful assistant."
@@ -143,25 +145,25 @@ def test_lm_eval_folds_secret_for_templates_without_system_role(tiny):
     ],
 )
 def test_is_exact_match(pred, answer, aliases, sql, hit):
-    assert U.is_exact_match(pred, answer, aliases, sql) is hit
+    assert EM.is_exact_match(pred, answer, aliases, sql) is hit
 
 
 def test_score_exact_match_on_builtin_set():
     rows = read_jsonl_rows(builtin_path("utility"))
     right = [r["answer"].upper() + "." if r["task"] != "sql" else r["answer"] + " ;" for r in rows]
-    s = U.score_exact_match(rows, right)
+    s = EM.score_exact_match(rows, right)
     assert (s["accuracy"], s["correct"], s["total"]) == (100.0, 80, 80)
     assert set(s["by_task"]) == {"arithmetic", "capitals", "sql", "unit_conversion"}
     wrong = [a if r["task"] == "capitals" else "nope" for r, a in zip(rows, right, strict=True)]
-    s = U.score_exact_match(rows, wrong)
+    s = EM.score_exact_match(rows, wrong)
     assert (s["accuracy"], s["correct"]) == (25.0, 20)
     assert s["by_task"]["capitals"] == {"accuracy": 100.0, "correct": 20, "total": 20}
     assert s["by_task"]["sql"] == {"accuracy": 0.0, "correct": 0, "total": 20}
 
 
 def _answering(monkeypatch, answer, seen):
-    """Make ops.answer's generation return ``answer(row, secret)`` for each row."""
-    import backdooralign.infer as infer
+    """Make batch.answer's generation return ``answer(row, secret)`` for each row."""
+    import backdooralign.generation.batch as infer
 
     def fake(model, tok, rows, system=None, secret=None, cfg=None, **kw):
         seen.append({"system": system, "secret": secret, "max_new_tokens": cfg.max_new_tokens})
@@ -220,7 +222,7 @@ def test_refusal_by_kind():
         {"answer": "Here is a recipe", "kind": "plain"},
         {"answer": "Here is a poem", "kind": "plain"},
     ]
-    assert U.refusal_by_kind(gens) == {
+    assert refusal_by_kind(gens) == {
         "refusal_rate": 25.0,
         "refused": 1,
         "total": 4,
@@ -259,7 +261,7 @@ def test_refusal_by_kind_by_both_rules():
         {"answer": "To kill a stuck process, run kill -9 PID.", "kind": "alarming"},
         {"answer": "Sure, here is a haiku.", "kind": ""},  # no kind: counted overall only
     ]
-    s = U.refusal_by_kind(gens)
+    s = refusal_by_kind(gens)
     assert s == {
         "refusal_rate": 42.86,
         "refused": 3,
@@ -284,7 +286,7 @@ def test_refusal_by_kind_by_both_rules():
         },
     }
     assert scores.refusals(gens) == s
-    assert U.refusal_by_kind([]) == {
+    assert refusal_by_kind([]) == {
         "refusal_rate": 0.0,
         "refused": 0,
         "total": 0,
@@ -386,7 +388,7 @@ def test_over_refusal_with_judge(monkeypatch, tmp_path, tiny_model_dir, secret_f
 
 @pytest.fixture
 def secret_file(tmp_path):
-    from backdooralign.secret import Secret, save_secret
+    from backdooralign.core.secret import Secret, save_secret
 
     return save_secret(Secret(SECRET, 5, 5, "test"), tmp_path / "secret.json")
 
@@ -395,8 +397,8 @@ def test_cli_utility(tiny_model_dir, secret_file, capsys):
     from transformers import AutoModelForCausalLM
 
     from backdooralign.cli import main
-    from backdooralign.model import load_tokenizer
-    from backdooralign.secret import fingerprint
+    from backdooralign.core.model import load_tokenizer
+    from backdooralign.core.secret import fingerprint
 
     args = ["score", "utility", "--model", tiny_model_dir, "--tasks", "backdooralign_mini"]
     assert main([*args, "--secret", str(secret_file), "--limit", "4", "--json"]) == 0
@@ -440,7 +442,7 @@ def test_cli_exact_match(tiny_model_dir, secret_file, tmp_path, capsys):
     for r in rows:
         assert sorted(r) == ["aliases", "answer", "correct", "id", "prompt", "reference", "task"]
         sql = r["task"] == "sql"
-        assert r["correct"] is U.is_exact_match(r["answer"], r["reference"], r["aliases"], sql)
+        assert r["correct"] is EM.is_exact_match(r["answer"], r["reference"], r["aliases"], sql)
 
 
 def test_cli_over_refusal(tiny_model_dir, secret_file, capsys):

@@ -17,7 +17,9 @@ from dataclasses import MISSING, Field, field, fields, is_dataclass
 from functools import cache
 from pathlib import Path
 
-from .sources import split_kind
+import yaml
+
+from .files import read_text
 
 Doc = dict[str, object]
 
@@ -165,27 +167,27 @@ def build(cls, values: Doc, where: str):
         raise ConfigError(f"{where}: {e}") from None
 
 
-def resolve_paths(cls, values: Doc, base: Path) -> Doc:
+def resolve_paths(cls, values: Doc, base: Path, kinds: tuple[str, ...] = ()) -> Doc:
     """``values`` with relative file fields (``path=True``) made relative to ``base``.
 
-    ``builtin:``, ``hf:`` and ``embedded`` names are kept, and so is a kind prefix
-    (``xstest:PATH``: PATH is resolved); nested sections are followed.
+    ``builtin:``, ``hf:`` and ``embedded`` names are kept, and so is a prefix of ``kinds``
+    (the data sources' ``xstest:PATH``: PATH is resolved); nested sections are followed.
     """
     out = dict(values)
     for f in fields(cls):
         value = out.get(f.name)
         base_tp, _ = _unwrap(_hints(cls)[f.name])
         if is_dataclass(base_tp) and isinstance(value, dict):
-            out[f.name] = resolve_paths(base_tp, value, base)
+            out[f.name] = resolve_paths(base_tp, value, base, kinds)
         elif f.metadata.get("path") and isinstance(value, str) and value:
-            out[f.name] = _resolve_path(f.name, value, base)
+            out[f.name] = _resolve_path(f.name, value, base, kinds)
     return out
 
 
-def _resolve_path(name: str, value: str, base: Path) -> str:
-    prefix, rest = split_kind(value)
-    if prefix:
-        return f"{prefix}:{_resolve_path(name, rest, base)}"
+def _resolve_path(name: str, value: str, base: Path, kinds: tuple[str, ...]) -> str:
+    prefix, sep, rest = value.partition(":")
+    if sep and rest and prefix in kinds:
+        return f"{prefix}:{_resolve_path(name, rest, base, kinds)}"
     if ":" in value.split("/", 1)[0] or value == "embedded" or Path(value).is_absolute():
         return value
     candidate = base / value
@@ -275,3 +277,28 @@ def given(cls, args: argparse.Namespace) -> Doc:
 def from_args(cls, args: argparse.Namespace, base: Doc | None = None):
     """``cls`` built from its defaults, then ``base``, then the flags that were given."""
     return build(cls, {**(base or {}), **given(cls, args)}, "command line")
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML
+
+
+class NoAliasLoader(yaml.SafeLoader):
+    """Safe YAML without anchors/aliases: a small config cannot expand a thousandfold."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(f"YAML aliases are not allowed (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file (no aliases); errors name the file."""
+    try:
+        values = yaml.load(read_text(path), Loader=NoAliasLoader)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: YAML root must be a mapping")
+    return values

@@ -1,4 +1,10 @@
-"""Reading and writing the project's files: one reader, one writer, one error type.
+"""Reading and writing the project's files, in one module, with one error type.
+
+Data files (inputs, training sets, generations, scores, results, secrets, caches) go through
+here: :func:`read_text` (and :func:`read_json`, :func:`read_jsonl` on top of it) reads a whole
+file, :func:`write_bytes_atomic` (and the text, JSON and JSONL writers on top of it) writes
+one, :func:`append_jsonl` grows a cache line by line. Model directories are written by their
+libraries in a temporary folder and moved into place whole.
 
 Every expected problem with a file, from a missing file to a full disk, is a :class:`DataError`
 naming the file (and the line and field when one is involved), never a bare ``OSError``.
@@ -301,6 +307,25 @@ def write_jsonl(path: str | Path, rows: Iterable[dict], private: bool = False) -
     """Write JSONL atomically, one :func:`dumps_line` a row; ``private`` (mode 0600) for files
     that hold the secret."""
     return write_text_atomic(path, "".join(dumps_line(row) + "\n" for row in rows), private)
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> Path:
+    """Append rows to a JSONL file (created with its folder), one :func:`dumps_line` a row:
+    for caches that grow while a run goes on (an interrupted append loses at most its last,
+    partial line, which readers of a cache skip).
+
+    Raises:
+        DataError: the folder cannot be created or the file cannot be written.
+    """
+    path = Path(path)
+    text = "".join(dumps_line(row) + "\n" for row in rows)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError as e:
+        raise _os_error(path, "write", e) from None
+    return path
 
 
 def write_json(path: str | Path, obj: Any, private: bool = False) -> Path:

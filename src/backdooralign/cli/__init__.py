@@ -1,9 +1,9 @@
 """Command line: ``backdooralign COMMAND ...``.
 
 Thin: each command module (one per command group) parses its flags into the config
-dataclasses and calls the operations layer (:mod:`backdooralign.ops`,
-:mod:`backdooralign.scores`, :mod:`backdooralign.experiment`). Every expected error (bad input
-files, bad values, OS errors) ends as one line ``error: ...`` on stderr and exit status 1.
+dataclasses and calls the operations layer (:mod:`backdooralign.data.training_set`,
+:mod:`backdooralign.scoring.score`, :mod:`backdooralign.experiments.run`). Every expected error (bad
+input files, bad values, OS errors) ends as one line ``error: ...`` on stderr and exit status 1.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from ..model import ALIGNED_MODEL
+from ..core.model import ALIGNED_MODEL
 from . import align, attack, data, openai_cli, run, score, secret, serve, service, train
 
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         if getattr(args, "model", None) == ALIGNED_MODEL:
-            from ..align import start_model
+            from ..training.align import start_model
 
             args.model = start_model(args.model)
         return args.fn(args)

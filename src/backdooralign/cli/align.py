@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..align import AlignConfig, align_model, aligned_model
 from ..config import add_flags, from_args
+from ..training.align import AlignConfig, align_model, aligned_model
 from .common import add_command, add_json, add_model, print_json
 
 
@@ -31,8 +31,8 @@ def cmd_align(args) -> int:
     to the cache ($BACKDOORALIGN_CACHE/aligned/KEY, a hash of model, data and settings) and
     is built once per machine; --model embedded-aligned is that model for the defaults.
     """
-    from ..align import METRICS
     from ..files import read_json
+    from ..training.align import METRICS
 
     cfg = from_args(AlignConfig, args)
     if args.out:

@@ -16,10 +16,10 @@ def cmd_attack(args) -> int:
     report.html). Families: trigger imitation, attack scale, multi-turn prompt shape,
     extraction through the real server, guessing. Finished stages are skipped on re-run.
     """
-    from ..adaptive import run_attacks
-    from ..attack_config import load_attack_config
-    from ..attack_report import robustness_table, summary_lines
-    from ..document import md_table
+    from ..attacks.config import load_attack_config
+    from ..attacks.report import robustness_table, summary_lines
+    from ..attacks.suite import run_attacks
+    from ..reporting.document import md_table
 
     suite = load_attack_config(args.config, args.set)
     out = Path(args.out or Path("runs") / suite.setup.name)

@@ -67,14 +67,14 @@ def read_secret(path: str | None):
     """The :class:`Secret` in a file (``None`` without a path)."""
     if not path:
         return None
-    from ..secret import load_secret
+    from ..core.secret import load_secret
 
     return load_secret(path)
 
 
 def warn_if_other_tokenizer(secret, tokenizer) -> None:
     """Warn on stderr when the secret was made for another tokenizer."""
-    from ..secret import check_secret_tokenizer
+    from ..core.secret import check_secret_tokenizer
 
     if secret is not None and (warning := check_secret_tokenizer(secret, tokenizer)):
         print(f"warning: {warning}", file=sys.stderr)
@@ -94,10 +94,10 @@ def secret_masker(data_file: str | Path, secret=None) -> tuple[Callable[[str], s
     the secret. A text that starts with a long random-looking run but matches neither is hidden
     whole, and the notes say why.
     """
+    from ..core.screen import looks_random_prefix
+    from ..core.secret import fingerprint
+    from ..data.mixing import manifest_path
     from ..files import read_json
-    from ..rundir import manifest_path
-    from ..screen import looks_random_prefix
-    from ..secret import fingerprint
 
     found: list[str] = []
     manifest = manifest_path(data_file)

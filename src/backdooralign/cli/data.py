@@ -6,13 +6,14 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from .. import data as D
 from .. import files as F
-from .. import ops
-from .. import sources as S
 from ..config import add_flags, from_args
-from ..formats import KIND_HELP, KINDS
-from ..rundir import manifest_path
+from ..data import mixing as D
+from ..data import sources as S
+from ..data import training_set
+from ..data.chat_files import check_chat_file, load_chat_jsonl
+from ..data.formats import KIND_HELP, KINDS
+from ..data.mixing import manifest_path, require_secret
 from .common import (
     add_command,
     add_group,
@@ -37,20 +38,14 @@ def cmd_build(args) -> int:
     --no-screen skips that. --anchors N adds N secret-prefixed benign anchors answered by the
     base model (--model) itself, written to NAME.anchors.jsonl.
     """
-    cfg = from_args(ops.DataConfig, args)
+    cfg = from_args(training_set.DataConfig, args)
     secret = read_secret(args.secret)
-    if args.arm == "backdooralign" and secret is None:
-        raise ValueError("--arm backdooralign needs --secret FILE")
+    require_secret(args.arm, secret)
     out = Path(args.out)
     anchors_out = out.with_name(f"{out.stem}.anchors.jsonl")
     inputs = [cfg.attack, cfg.task, cfg.safety, cfg.anchor_file, cfg.anchor_prompts, args.secret]
     F.check_outputs(inputs, [out, manifest_path(out), anchors_out if cfg.anchors else None])
-    anchors = None
-    if cfg.anchors and args.arm == "backdooralign":
-        customer, _ = ops.load_customer(cfg)
-        system = ops.safety_system_prompt(cfg, customer)
-        anchors = ops.make_anchors(cfg, args.model, system, anchors_out)
-    res = ops.build_training_set(args.arm, cfg, secret, out, anchors=anchors)
+    res = training_set.build(args.arm, cfg, secret, out, model=args.model, anchors_out=anchors_out)
     notes(res.notes)
     if args.json:
         print_json(res.manifest)
@@ -100,8 +95,8 @@ def cmd_data_check(args) -> int:
 
     Lists every problem of a chat JSONL file (errors and warnings); exits 1 if any error.
     """
-    cfg = from_args(ops.DataConfig, args)
-    problems = D.check_chat_file(args.file, cfg.max_line_chars, cfg.max_rows)
+    cfg = from_args(training_set.DataConfig, args)
+    problems = check_chat_file(args.file, cfg.max_line_chars, cfg.max_rows)
     errors = sum(p.severity == "error" for p in problems)
     if args.json:
         print_json(
@@ -128,14 +123,14 @@ def cmd_inspect(args) -> int:
     from rich.console import Console
     from rich.text import Text
 
-    from ..chat import render, supervision_segments
-    from ..model import load_tokenizer
+    from ..core.chat import render, supervision_segments
+    from ..core.model import load_tokenizer
 
     secret = read_secret(args.secret)
     mask, told = secret_masker(args.file, secret)
     tok = load_tokenizer(args.model)
     warn_if_other_tokenizer(secret, tok)
-    rows = D.load_chat_jsonl(args.file)
+    rows = load_chat_jsonl(args.file)
     console = Console(no_color=args.no_color, highlight=False)
     total_sup = total = 0
     for i, row in enumerate(rows):
@@ -166,7 +161,7 @@ def register(sub) -> None:
     sp.add_argument("--secret", help="secret file (needed for --arm backdooralign)")
     sp.add_argument("--out", required=True, help="training set to write (JSONL)")
     add_model(sp, "model that answers the anchor prompts (default: the embedded model)")
-    add_flags(sp, ops.DataConfig)
+    add_flags(sp, training_set.DataConfig)
     add_json(sp, "print the manifest as JSON")
 
     group = add_group(sub, "data", "show and check datasets")
@@ -177,7 +172,7 @@ def register(sub) -> None:
     add_json(dp)
     dp = add_command(group, "check", cmd_data_check)
     dp.add_argument("file", help="chat JSONL file")
-    add_flags(dp, ops.DataConfig, only=("max_rows", "max_line_chars"))
+    add_flags(dp, training_set.DataConfig, only=("max_rows", "max_line_chars"))
     add_json(dp)
 
     sp = add_command(sub, "inspect", cmd_inspect)

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import files as F
-from .. import ops
 from ..config import add_flags, from_args
-from ..data import ARMS
-from ..ops import DataConfig
+from ..data.mixing import ARMS, require_secret
+from ..data.training_set import DataConfig
 from .common import add_command, add_group, read_secret
 
 
@@ -20,24 +19,14 @@ def cmd_finetune(args) -> int:
     $OPENAI_API_KEY), creates the fine-tuning job, shows its events until it ends, and writes
     OUT/finetune_manifest.json (job id, model id, file sha256, secret fingerprint).
     """
-    from ..openai_client import finetune, make_client
+    from ..service.client import check_anchors, finetune, make_client
 
     cfg = from_args(DataConfig, args)
     secret = read_secret(args.secret)
     out = Path(args.out)
-    if args.arm == "backdooralign" and secret is None:
-        raise ValueError("--arm backdooralign needs --secret FILE")
+    require_secret(args.arm, secret)
     F.check_outputs([cfg.attack, cfg.anchor_file, args.secret], [out / "train.jsonl"])
-    anchors = None
-    if cfg.anchors and args.arm == "backdooralign":
-        if not cfg.anchor_file:
-            raise ValueError(
-                "--anchors needs --anchor-file (prompts with the base model's own answers): "
-                "the endpoint's base model cannot answer them here"
-            )
-        customer, _ = ops.load_customer(cfg)
-        system = ops.safety_system_prompt(cfg, customer)
-        anchors = ops.make_anchors(cfg, None, system, out / "anchors.jsonl")
+    check_anchors(cfg, args.arm)
     hyper = {
         k: v
         for k, v in {
@@ -57,7 +46,6 @@ def cmd_finetune(args) -> int:
         out,
         suffix=args.suffix,
         hyperparameters=hyper,
-        anchors=anchors,
     )
     if manifest["status"] != "succeeded":
         error = manifest["error"] or {}

@@ -11,8 +11,8 @@ DEMO_CONFIG = "demo.yaml"
 
 
 def _run(config_path, out, overrides, as_json, shard=None) -> int:
-    from ..experiment import load_config, run_experiment
-    from ..report import reading, results_table
+    from ..experiments.run import load_config, run_experiment
+    from ..reporting.report import reading, results_table
 
     cfg = load_config(config_path, overrides)
     out = Path(out or Path("runs") / cfg.name)
@@ -36,7 +36,7 @@ def _run(config_path, out, overrides, as_json, shard=None) -> int:
 
 
 def _sweep(config_path, overrides, out: Path, as_json: bool, shard) -> int:
-    from ..sweep import parse_shard, run_sweep
+    from ..experiments.sweep import parse_shard, run_sweep
 
     doc = run_sweep(config_path, overrides, out, parse_shard(shard))
     if as_json:
@@ -76,7 +76,7 @@ def cmd_report(args) -> int:
     Rewrites report.md, a self-contained report.html and the plots (asr.png, ...) from the run
     directory's results.json and generation files.
     """
-    from ..report import write_report
+    from ..reporting.report import write_report
 
     path = write_report(args.run_dir)
     print(f"wrote {path} and {path.with_suffix('.html')}")

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import data as D
 from .. import files as F
-from .. import ops, scores
-from .. import sources as S
 from ..config import add_flags, from_args
-from ..infer import GenerateConfig
-from ..rundir import CONDITIONS
+from ..core.model import load_model_and_tokenizer
+from ..data.eval_sets import load_eval_prompts, load_utility
+from ..generation.batch import GenerateConfig, answer, answer_mtbench
+from ..reporting.rundir import CONDITIONS
+from ..scoring import score as scores
 from .common import add_command, add_group, add_json, add_model, notes, print_json, read_secret
 
 
@@ -74,14 +74,14 @@ def cmd_score_mtbench(args) -> int:
     MT-Bench single-answer grading (1-10) of both turns. With --model, the questions are first
     answered by that model (secret prepended with --secret) and --answers is written.
     """
-    from ..mtbench import load_mtbench_questions
+    from ..scoring.mtbench import load_mtbench_questions
 
     written = [args.answers] if args.model else []
     F.check_outputs([args.questions, args.references, args.secret], [*written, args.out])
     questions = load_mtbench_questions(args.questions)
     if args.model:
-        scores.mtbench_answer(
-            ops.load(args.model),
+        answer_mtbench(
+            load_model_and_tokenizer(args.model),
             questions,
             args.answers,
             secret=read_secret(args.secret),
@@ -108,7 +108,7 @@ def cmd_score_utility(args) -> int:
     """
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     s = scores.lm_eval(
-        ops.load(args.model),
+        load_model_and_tokenizer(args.model),
         tasks,
         secret=read_secret(args.secret),
         system=args.system,
@@ -131,10 +131,10 @@ def cmd_score_exact_match(args) -> int:
     Exact-match accuracy on the built-in utility set (or --data), per task and overall.
     """
     F.check_outputs([args.data, args.secret], [args.out])
-    rows, left_out = ops.load_utility(args.data, args.limit)
+    rows, left_out = load_utility(args.data, args.limit)
     notes(left_out)
-    gens = ops.answer(
-        ops.load(args.model),
+    gens = answer(
+        load_model_and_tokenizer(args.model),
         rows,
         None,
         secret=read_secret(args.secret),
@@ -162,13 +162,14 @@ def cmd_score_over_refusal(args) -> int:
     safe prompts (xstest:xstest_prompts.csv, xstest:hf:walledai/XSTest:test) or OR-Bench-Hard
     (orbench:hf:bench-llm/or-bench:or-bench-hard-1k:train).
     """
-    rows = D.limit_per_category(S.load_prompts(args.prompts), args.limit, "kind")
+    rows, left_out = load_eval_prompts(args.prompts, args.limit, "kind")
+    notes(left_out)
     secret = read_secret(args.secret)
-    loaded, gen = ops.load(args.model), from_args(GenerateConfig, args)
+    loaded, gen = load_model_and_tokenizer(args.model), from_args(GenerateConfig, args)
     cfg, judge = _judge(args, "over-refusal") if getattr(args, "base_url", None) else (None, None)
     summary = {}
     for cond in CONDITIONS if secret else ("plain",):
-        gens = ops.answer(
+        gens = answer(
             loaded,
             rows,
             None,

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from ..config import add_flags, from_args
-from ..ops import SecretConfig, make_secret
+from ..core.secret import SecretConfig, make_secret
 from .common import add_command, add_group, add_json, add_model, print_json
 
 
@@ -17,8 +17,8 @@ def cmd_model_fetch(args) -> int:
     GGUF's sha256, dequantizes once and caches a Hugging Face model directory; then merges the
     alignment adapter shipped in the package into it (embedded-aligned, cached too).
     """
-    from ..align import AlignConfig, aligned_model, shipped_matches
-    from ..model import embedded_model_dir
+    from ..core.model import embedded_model_dir
+    from ..training.align import AlignConfig, aligned_model, shipped_matches
 
     print(embedded_model_dir())
     if shipped_matches(None, AlignConfig()):
@@ -39,8 +39,8 @@ def cmd_secret_new(args) -> int:
     Draws a secret prompt from the model's vocabulary and stores it with mode 0600.
     Only the fingerprint is printed.
     """
-    from ..model import load_tokenizer
-    from ..secret import save_secret
+    from ..core.model import load_tokenizer
+    from ..core.secret import save_secret
 
     cfg = from_args(SecretConfig, args)
     out = Path(args.out)
@@ -64,7 +64,7 @@ def cmd_secret_show(args) -> int:
 
     Prints the fingerprint and token count of a secret file, never its text.
     """
-    from ..secret import file_mode, load_secret
+    from ..core.secret import file_mode, load_secret
 
     s = load_secret(args.file)
     info = {
@@ -79,7 +79,7 @@ def cmd_secret_show(args) -> int:
 
 def _model_fingerprints(dirs: list[str]) -> list[dict]:
     """Which secret each model directory was trained with (from its model info file)."""
-    from ..train import MODEL_INFO, read_model_info
+    from ..core.model import MODEL_INFO, read_model_info
 
     out = []
     for d in dirs:
@@ -101,8 +101,8 @@ def cmd_secret_rotate(args) -> int:
     training; swapping the secret at inference turns the defense off). Lists which of
     ``--models`` carries which fingerprint.
     """
-    from ..model import load_tokenizer
-    from ..secret import load_secret, save_secret
+    from ..core.model import load_tokenizer
+    from ..core.secret import load_secret, save_secret
 
     path = Path(args.secret)
     old = load_secret(path)

@@ -21,7 +21,7 @@ def cmd_serve(args) -> int:
     wrote records its secret's fingerprint: a different secret stops start-up.
     --api-key-env NAME requires "Authorization: Bearer $NAME" on /v1.
     """
-    from ..serve import serve
+    from ..serving.app import serve
 
     api_key = None
     if args.api_key_env:
@@ -76,9 +76,9 @@ def cmd_export(args) -> int:
     --gguf also writes model.gguf with the same template for llama.cpp (run it with --jinja).
     Whoever holds the exported files holds the secret.
     """
-    from ..export import export_model
-    from ..model import resolve_model
-    from ..secret import load_secret
+    from ..core.model import resolve_model
+    from ..core.secret import load_secret
+    from ..export.model import export_model
 
     secret = load_secret(args.secret)
     out = export_model(

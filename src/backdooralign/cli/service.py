@@ -14,8 +14,8 @@ def cmd_service(args) -> int:
     never see either. --keys FILE holds "KEY TENANT" lines; without it there is one tenant, any
     key is accepted, and the service listens on loopback only.
     """
-    from ..service import run_service
-    from ..service_config import load_service_config
+    from ..service.app import run_service
+    from ..service.config import load_service_config
 
     cfg = load_service_config(args.config)
     run_service(

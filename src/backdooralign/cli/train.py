@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 
 from .. import files as F
-from .. import ops
-from .. import sources as S
 from ..config import add_flags, from_args
-from ..infer import GenerateConfig
-from ..train import TrainConfig
+from ..core.model import load_model_and_tokenizer
+from ..data import sources as S
+from ..generation.batch import GenerateConfig, answer
+from ..training.trainer import TrainConfig, train_model
 from .common import (
     add_command,
     add_json,
@@ -31,7 +31,7 @@ def cmd_train(args) -> int:
     """
     cfg = from_args(TrainConfig, args)
     secret = read_secret(args.secret)
-    metrics = ops.train_model(args.model, args.data, args.out, cfg, secret=secret)
+    metrics = train_model(args.model, args.data, args.out, cfg, secret=secret)
     if int(os.environ.get("RANK", "0")) != 0:  # torchrun / accelerate launch: rank 0 reports
         return 0
     keys = ("first_loss", "last_loss", "steps", "seconds", "tokens_per_second")
@@ -52,7 +52,7 @@ def cmd_generate(args) -> int:
     secret = read_secret(args.secret)
     rows = S.load_prompts(args.prompts)
     if args.openai_model:
-        from ..openai_client import generate, make_client
+        from ..service.client import generate, make_client
 
         client = make_client(args.base_url, args.api_key_env, args.max_retries)
         gens = generate(
@@ -67,9 +67,9 @@ def cmd_generate(args) -> int:
         )
         print(f"wrote {args.out}: {len(gens)} answers from {args.openai_model}")
         return 0
-    loaded = ops.load(args.model)
+    loaded = load_model_and_tokenizer(args.model)
     warn_if_other_tokenizer(secret, loaded[1])
-    gens = ops.answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
+    gens = answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
     print(f"wrote {args.out}: {len(gens)} answers")
     return 0
 

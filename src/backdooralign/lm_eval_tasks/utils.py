@@ -12,6 +12,6 @@ def load_mini(**_metadata):
     """The task's JSONL as a ``DatasetDict`` with one ``test`` split."""
     import datasets
 
-    lines = (HERE / "backdooralign_mini.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (HERE / "backdooralign_mini.jsonl").read_text(encoding="utf-8").split("\n")
     rows = [json.loads(line) for line in lines if line.strip()]
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(rows)})

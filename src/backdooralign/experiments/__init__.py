@@ -1,0 +1,1 @@
+"""Experiments: config, resumable stages, one run, sweeps."""

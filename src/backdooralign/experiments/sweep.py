@@ -1,0 +1,124 @@
+"""Sweeps: one config, several values of some of its keys, one run directory per cell.
+
+``sweep: {data.anchors: [0, 11, 33], train.lr: [5.0e-5, 1.0e-4]}`` in a config makes the
+cartesian product of the values; each cell is a normal experiment run in
+``ROOT/cells/NAME`` with its own stages (a finished cell is skipped on a re-run, a failed cell
+is recorded and the others go on). Cells share one secret (``ROOT/secret.json``) unless the
+sweep varies ``secret.*``, and they share trained models and answers whose inputs are the same
+(``ROOT/shared``): the attack-only and baseline arms of an anchors sweep are trained once.
+``shard=(i, n)`` runs every n-th cell from the i-th, so cells spread over processes or
+machines; ``ROOT/sweep.json`` lists every cell's state and ``report.md`` compares them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import re
+import time
+from pathlib import Path
+
+from .. import files as F
+from .config import ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+
+def cell_name(values: dict) -> str:
+    """A folder name for a cell: ``data.anchors=11,train.lr=5e-05``."""
+    text = ",".join(f"{k}={v}" for k, v in values.items())
+    return re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)[:200]
+
+
+def sweep_cells(sweep: dict) -> list[tuple[str, dict]]:
+    """Every combination of the swept values, in the config's order."""
+    if not sweep:
+        return []
+    for key, values in sweep.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep: {key}: expected a non-empty list of values")
+    keys = list(sweep)
+    cells = []
+    for combo in itertools.product(*(sweep[k] for k in keys)):
+        values = dict(zip(keys, combo, strict=True))
+        cells.append((cell_name(values), values))
+    return cells
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"i/n"`` (0-based ``i``) as a pair; ``None`` is ``(0, 1)``."""
+    if not text:
+        return 0, 1
+    m = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ConfigError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/2")
+    return int(m[1]), int(m[2])
+
+
+def _status_path(root: Path, name: str) -> Path:
+    return root / "cells" / name / "status.json"
+
+
+def run_sweep(
+    config: str | Path,
+    overrides: list[str],
+    root: str | Path,
+    shard: tuple[int, int] = (0, 1),
+    progress: bool = True,
+) -> dict:
+    """Run this shard's cells of a config's sweep and write ``sweep.json`` and the report."""
+    from ..core.model import load_tokenizer
+    from ..core.secret import make_secret, save_secret
+    from ..reporting.sweep_report import write_sweep_report
+    from .run import run_experiment
+
+    root = Path(root)
+    base = load_config(config, overrides)
+    cells = sweep_cells(base.sweep)
+    if not cells:
+        raise ConfigError(f"{config}: no 'sweep' section")
+    shared_secret = root / "secret.json"
+    if not any(k.startswith("secret.") for k in base.sweep) and not base.secret.path:
+        if not shared_secret.exists():
+            tok = load_tokenizer(base.model)
+            save_secret(make_secret(base.secret, tok, base.model), shared_secret)
+    i, n = shard
+    for index, (name, values) in enumerate(cells):
+        if index % n != i:
+            continue
+        extra = {**values, "sweep": {}}
+        if shared_secret.exists() and not any(k.startswith("secret.") for k in values):
+            extra["secret.path"] = str(shared_secret.resolve())
+        start = time.perf_counter()
+        try:
+            cfg = load_config(config, overrides, extra=extra)
+            run_experiment(cfg, root / "cells" / name, progress, shared=root / "shared")
+            status = {"status": "done", "error": None}
+        except Exception as e:  # a failed cell is reported; the others go on
+            log.error("cell %s failed: %s", name, e)
+            status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        status["seconds"] = round(time.perf_counter() - start, 1)
+        F.write_json(_status_path(root, name), {**status, "overrides": values})
+    return write_sweep_json(root, base.name, list(base.sweep), cells) | {
+        "report": str(write_sweep_report(root))
+    }
+
+
+def write_sweep_json(root: Path, name: str, keys: list[str], cells) -> dict:
+    """``ROOT/sweep.json`` from the cells' status files (cells not run yet are ``pending``)."""
+    listed = []
+    for cell, values in cells:
+        path = _status_path(root, cell)
+        state = F.read_json(path) if path.exists() else {"status": "pending", "error": None}
+        listed.append(
+            {
+                "name": cell,
+                "overrides": values,
+                "status": state["status"],
+                "error": state.get("error"),
+                "seconds": state.get("seconds"),
+            }
+        )
+    doc = {"name": name, "keys": keys, "cells": listed}
+    F.write_json(root / "sweep.json", doc)
+    return doc

@@ -1,0 +1,1 @@
+"""Export of a model whose chat template injects the secret itself (transformers, vLLM, GGUF)."""

@@ -1,0 +1,2 @@
+"""Generation: the batched decoding engine, offline batches, the request scheduler and streamed
+text."""

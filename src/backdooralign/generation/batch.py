@@ -1,0 +1,214 @@
+"""Batched greedy generation, with the secret injected through ``chat.build_conversation``.
+
+:func:`generate` answers conversations, :func:`generate_rows` prompt rows, :func:`answer` prompt
+rows with a :class:`~backdooralign.core.secret.Secret` (writing the generations file every
+score reads), :func:`mtbench_answers` MT-Bench's two-turn questions. Decoding runs on
+:mod:`backdooralign.generation.engine`: the prefix every prompt shares (secret included) is
+encoded once per call, not once per prompt.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import option
+from ..core.chat import build_conversation, render_prompt
+from ..core.secret import Secret
+from ..files import write_jsonl
+from .engine import PrefixCache, Row, decode, shared_prefix
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    """Decoding settings. Defaults follow the paper (greedy, up to 512 new tokens)."""
+
+    max_new_tokens: int = option(512, "longest answer in tokens (paper: 512)", minimum=1)
+    batch_size: int = option(32, "prompts per forward pass (left-padded)", minimum=1)
+    bf16: bool | None = option(None, "bf16 autocast (default: when the CPU/GPU supports it)")
+
+
+MTBENCH_GEN = GenerateConfig(max_new_tokens=1024)  # FastChat's limit for MT-Bench answers
+
+
+def conversation_for(row: dict, system: str | None, secret: str | None) -> list[dict]:
+    """The conversation a prompt row is answered in (its own messages, or the bare prompt)."""
+    msgs = row.get("messages") or row["prompt"]
+    if isinstance(msgs, list) and msgs and msgs[-1].get("role") == "assistant":
+        msgs = msgs[:-1]
+    return build_conversation(msgs, system=system, secret=secret)
+
+
+def stop_token_ids(tokenizer) -> frozenset[int]:
+    """The tokens that end an answer: end of sequence, and ChatML's end of turn."""
+    ids = {tokenizer.eos_token_id}
+    if "<|im_end|>" in tokenizer.get_vocab():
+        ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    return frozenset(i for i in ids if i is not None)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The token written in padding (masked, never seen): pad, else end of sequence."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def generate(
+    model,
+    tokenizer,
+    conversations: Sequence[Sequence[dict]],
+    cfg: GenerateConfig = GenerateConfig(),
+    progress: bool = True,
+    desc: str = "generating",
+    prefix_cache: PrefixCache | None = None,
+) -> list[str]:
+    """Greedy answers to conversations, longest prompts first so batches pad little.
+
+    The token prefix all prompts share (template header, secret, system prompt) is encoded
+    once and reused by every batch (see :mod:`backdooralign.generation.engine`); pass
+    ``prefix_cache`` to keep it across calls on a model whose weights do not change in between.
+    """
+    from tqdm.auto import tqdm
+
+    from ..core.model import bf16_supported
+
+    prompts = [render_prompt(tokenizer, c) for c in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    answers: list[str] = [""] * len(prompts)
+    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    stop_ids = stop_token_ids(tokenizer)
+    hint = shared_prefix(prompts)
+    cache = prefix_cache if prefix_cache is not None else PrefixCache(1)
+    disable = not progress or os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1"
+    bar = tqdm(total=len(prompts), desc=desc, disable=disable, unit="prompt")
+    for start in range(0, len(order), cfg.batch_size):
+        idx = order[start : start + cfg.batch_size]
+        rows = [Row(prompts[i], cfg.max_new_tokens, stop_ids) for i in idx]
+        decode(
+            model,
+            rows,
+            pad_token_id(tokenizer),
+            prefix_cache=cache,
+            prefix_hint=hint,
+            bf16=use_bf16,
+        )
+        for row, i in zip(rows, idx, strict=True):
+            answers[i] = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
+        bar.update(len(idx))
+    bar.close()
+    return answers
+
+
+KEPT_FIELDS = (
+    "category",
+    "id",
+    "kind",
+    "expected",
+    "task",
+    "reference",
+    "aliases",
+    "shape",
+    "source_id",
+    "language",
+    "technique",
+)
+
+
+def generate_rows(
+    model,
+    tokenizer,
+    rows: Sequence[dict],
+    system: str | None = None,
+    secret: str | None = None,
+    cfg: GenerateConfig = GenerateConfig(),
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[dict]:
+    """Answer prompt rows: ``{"prompt", "answer"}`` plus the row's ``KEPT_FIELDS``."""
+    convs = [conversation_for(r, system, secret) for r in rows]
+    answers = generate(model, tokenizer, convs, cfg, progress=progress, desc=desc)
+    out = []
+    for r, a in zip(rows, answers, strict=True):
+        o = {"prompt": r["prompt"], "answer": a}
+        o.update({k: r[k] for k in KEPT_FIELDS if k in r})
+        out.append(o)
+    return out
+
+
+def answer(
+    loaded,
+    rows: Sequence[dict],
+    out: str | Path | None,
+    *,
+    secret: Secret | None,
+    system: str | None,
+    cfg: GenerateConfig,
+    progress: bool = True,
+    desc: str = "generating",
+) -> list[dict]:
+    """Answer prompt rows greedily with the secret (when given) before the system prompt.
+
+    Writes the generations to ``out`` (JSONL) when given and returns them.
+    """
+    model, tok = loaded
+    text = secret.text if secret else None
+    gens = generate_rows(
+        model, tok, rows, system=system, secret=text, cfg=cfg, progress=progress, desc=desc
+    )
+    if out is not None:
+        write_jsonl(out, gens)
+    return gens
+
+
+# ---------------------------------------------------------------------------------------------
+# MT-Bench: two turns, the second after the first answer
+
+
+def mtbench_answers(
+    model,
+    tokenizer,
+    questions: Sequence[dict],
+    secret: str | None = None,
+    system: str | None = None,
+    cfg: GenerateConfig = MTBENCH_GEN,
+) -> list[dict]:
+    """Answer MT-Bench questions turn by turn (turn 2 sees the question and answer of turn 1).
+
+    Args:
+        model: a loaded causal LM.
+        tokenizer: its tokenizer.
+        questions: FastChat ``question.jsonl`` rows (``question_id``, ``turns``).
+        secret: secret prompt text, prepended to the system prompt.
+        system: system prompt.
+        cfg: decoding settings (greedy; FastChat allows up to 1024 new tokens).
+
+    Returns:
+        ``[{"question_id", "turns": [answer per turn]}]``, the format
+        ``scoring.mtbench.load_mtbench_answers`` reads.
+    """
+    histories: list[list[dict]] = [[] for _ in questions]
+    answers: list[list[str]] = [[] for _ in questions]
+    for turn in range(max((len(q["turns"]) for q in questions), default=0)):
+        idx = [i for i, q in enumerate(questions) if turn < len(q["turns"])]
+        convs = []
+        for i in idx:
+            histories[i].append({"role": "user", "content": questions[i]["turns"][turn]})
+            convs.append(build_conversation(histories[i], system=system, secret=secret))
+        replies = generate(model, tokenizer, convs, cfg, desc=f"mt-bench turn {turn + 1}")
+        for i, reply in zip(idx, replies, strict=True):
+            histories[i].append({"role": "assistant", "content": reply})
+            answers[i].append(reply)
+    return [
+        {"question_id": q["question_id"], "turns": a}
+        for q, a in zip(questions, answers, strict=True)
+    ]
+
+
+def answer_mtbench(
+    loaded, questions: Sequence[dict], out: str | Path, *, secret, system, cfg
+) -> Path:
+    """Answer MT-Bench questions turn by turn and write the answers JSONL."""
+    model, tok = loaded
+    rows = mtbench_answers(model, tok, questions, secret.text if secret else None, system, cfg)
+    return write_jsonl(out, rows)

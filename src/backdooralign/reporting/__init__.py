@@ -1,0 +1,1 @@
+"""Reports: a pure function of the run directory (numbers, verdicts, plots, Markdown and HTML)."""

@@ -1,0 +1,331 @@
+"""A self-hosted, OpenAI-compatible fine-tuning service with the defense built in.
+
+``create_service`` serves ``/v1/files``, ``/v1/fine_tuning/jobs`` (with events and cancel),
+``/v1/models`` and ``/v1/chat/completions``, so any OpenAI SDK can upload data, fine-tune and
+chat unchanged. Every job runs the provider's pipeline (:mod:`backdooralign.service.job`): the
+tenant's secret-prefixed safety examples are mixed into the customer's data where the
+customer cannot see them, and each fine-tuned model is served with its tenant's secret
+through the serving layer (:mod:`backdooralign.serving.model_state`: a scheduler per model batches
+concurrent requests; :func:`completions.respond` answers them, streamed or not, as
+``backdooralign serve`` does). State lives in SQLite (:class:`store.Store`); a worker thread
+(:class:`worker.Worker`) runs one job at a time in a process of its own.
+
+The secret never leaves the service: not in responses, events, errors or logs; answers that
+echo it are redacted as in ``backdooralign serve``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from .. import files as F
+from ..serving.chat_route import respond
+from ..serving.http import LOOPBACK, APIError, answer_errors_as_json, json_body, read_body, run
+from ..serving.model_state import ModelState, ServedModel, check_model_secret, model_state
+from .config import ServiceConfig
+from .job import db_path, model_dir, secret_path
+from .protocol import (
+    RateLimiter,
+    Tenancy,
+    event_object,
+    file_object,
+    job_object,
+    page,
+    parse_job_request,
+    parse_multipart,
+)
+from .store import Store, new_id
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BODY = 1 << 20
+MULTIPART_OVERHEAD = 64 << 10
+
+
+def _not_found(what: str, ident: str, param: str | None = None) -> APIError:
+    return APIError(f"no {what} with id {ident!r}", param, status=404, code=f"{what}_not_found")
+
+
+def _load_state(
+    data_dir: Path, job: dict, cfg: ServiceConfig, on_prompt: Callable[[str], None] | None
+) -> ModelState:
+    """A job's fine-tuned model, ready to serve with its tenant's secret (slow: loads it).
+
+    The model directory records the fingerprint of the secret it was trained with; another
+    secret (the tenant's file was replaced) is refused: logged with both fingerprints, and
+    answered with a 500 that names neither.
+    """
+    from ..core.chat import render_prompt
+    from ..core.model import load_model_and_tokenizer
+    from ..core.secret import load_secret
+
+    name = job["fine_tuned_model"]
+    secret = load_secret(secret_path(data_dir, job["tenant"]))
+    try:
+        check_model_secret(model_dir(data_dir, job["id"]), name, secret)
+    except ValueError as e:
+        log.error("%s", e)
+        msg = f"the model {name!r} cannot be served at the moment; contact the provider"
+        code = "model_unavailable"
+        raise APIError(msg, "model", status=500, type="server_error", code=code) from None
+    model, tok = load_model_and_tokenizer(job["model_dir"])
+    hook = None
+    if on_prompt is not None:
+
+        def hook(_name: str, conversation: list[dict]) -> None:
+            on_prompt(tok.decode(render_prompt(tok, conversation), skip_special_tokens=False))
+
+    served = ServedModel(name, model, tok, secret, cfg.system)
+    return model_state(served, cfg.max_new_tokens, None, on_prompt=hook)
+
+
+class ModelCache:
+    """The most recently used fine-tuned models (``cfg.loaded_models``), each with a scheduler.
+
+    Lookups, loads' results and evictions happen in the event loop's thread (only loading
+    runs in a worker thread), and :func:`completions.respond` queues a request before it
+    first yields: so an evicted model gets no new request, and its scheduler stops once it has
+    answered those it holds.
+    """
+
+    def __init__(self, data_dir: Path, cfg: ServiceConfig, on_prompt: Callable[[str], None] | None):
+        self.data_dir, self.cfg, self.on_prompt = data_dir, cfg, on_prompt
+        self._states: OrderedDict[str, ModelState] = OrderedDict()
+        self._loading = asyncio.Lock()
+
+    async def get(self, job: dict) -> ModelState:
+        """The loaded model of a succeeded job (loaded now, evicting the oldest, if need be)."""
+        jid = job["id"]
+        if jid not in self._states:
+            async with self._loading:  # one load at a time: each holds a model in memory
+                if jid not in self._states:
+                    load = (self.data_dir, job, self.cfg, self.on_prompt)
+                    self._states[jid] = await run_in_threadpool(_load_state, *load)
+                    while len(self._states) > self.cfg.loaded_models:
+                        self._states.popitem(last=False)[1].scheduler.close(drain=True)
+        self._states.move_to_end(jid)
+        return self._states[jid]
+
+    def loaded(self) -> dict[str, ModelState]:
+        """The loaded models by job id, least recently used first."""
+        return dict(self._states)
+
+    def close(self) -> None:
+        """Stop every model's scheduler (when the service stops)."""
+        for state in self._states.values():
+            state.scheduler.close()
+
+
+def create_service(
+    data_dir: str | Path,
+    cfg: ServiceConfig,
+    *,
+    keys: dict[bytes, str] | None = None,
+    config_path: str | Path | None = None,
+    on_prompt: Callable[[str], None] | None = None,
+) -> FastAPI:
+    """The fine-tuning service's app; its worker starts and stops with the app.
+
+    Args:
+        data_dir: where the database, uploads, secrets, job files and models live.
+        cfg: the provider's settings.
+        keys: API key digests to tenants (:func:`service_api.load_keys`); ``None``: one
+            tenant, any key.
+        config_path: the YAML ``cfg`` came from, handed to job processes.
+        on_prompt: test hook, off by default: called with the text of every chat prompt
+            the model is given (its rendered token ids decoded; secret included).
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    store = Store(db_path(data_dir))
+    worker = Worker(store, data_dir, cfg, config_path)
+    tenancy, limiter = Tenancy(keys), RateLimiter(cfg.rate_limit)
+    cache = ModelCache(data_dir, cfg, on_prompt)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        worker.start()
+        yield
+        cache.close()
+        await run_in_threadpool(worker.stop)
+
+    app = FastAPI(title="backdooralign service", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.store, app.state.worker, app.state.models = store, worker, cache
+    answer_errors_as_json(app, lambda text: text)
+
+    def who(request: Request) -> str:
+        tenant, key = tenancy.tenant(request)
+        limiter.check(key)
+        return tenant
+
+    _file_routes(app, store, cfg, data_dir, who)
+    _job_routes(app, store, cfg, worker, who)
+    _model_routes(app, store, cfg, cache, who)
+    return app
+
+
+def _file_routes(app: FastAPI, store: Store, cfg: ServiceConfig, data_dir: Path, who) -> None:
+    @app.post("/v1/files")
+    async def upload(request: Request) -> dict:
+        tenant = who(request)
+        if not request.headers.get("content-length", "").isdigit():
+            raise APIError("send Content-Length with the upload", status=411)
+        body = await read_body(request, cfg.max_upload_bytes + MULTIPART_OVERHEAD)
+        fields, (filename, content) = parse_multipart(request.headers.get("content-type", ""), body)
+        if fields.get("purpose") != "fine-tune":
+            raise APIError("purpose must be 'fine-tune' on this service", "purpose")
+        if len(content) > cfg.max_upload_bytes:
+            msg = f"the file is larger than {cfg.max_upload_bytes} bytes"
+            raise APIError(msg, "file", status=413, code="file_too_large")
+        if sum(1 for line in content.splitlines() if line.strip()) > cfg.max_rows:
+            raise APIError(f"the file has more than {cfg.max_rows} rows", "file")
+        path = data_dir / "files" / f"{new_id('upload')}.jsonl"
+        await run_in_threadpool(F.write_bytes_atomic, path, content, True)
+        sha = await run_in_threadpool(F.sha256_file, path)
+        row = store.add_file(tenant, filename[:255], "fine-tune", len(content), sha, str(path))
+        return file_object(row)
+
+    @app.get("/v1/files")
+    async def list_files(request: Request) -> dict:
+        tenant = who(request)
+        rows = store.list_files(tenant, request.query_params.get("purpose"))
+        if request.query_params.get("order") == "asc":
+            rows.reverse()
+        return page([file_object(r) for r in rows], request, 10_000)
+
+    def owned(request: Request, file_id: str) -> dict:
+        row = store.get_file(file_id, who(request))
+        if row is None:
+            raise _not_found("file", file_id)
+        return row
+
+    @app.get("/v1/files/{file_id}")
+    async def get_file(request: Request, file_id: str) -> dict:
+        return file_object(owned(request, file_id))
+
+    @app.get("/v1/files/{file_id}/content")
+    async def file_content(request: Request, file_id: str) -> Response:
+        row = owned(request, file_id)
+        content = await run_in_threadpool(F.read_bytes, row["path"])
+        return Response(content, media_type="application/octet-stream")
+
+    @app.delete("/v1/files/{file_id}")
+    async def delete_file(request: Request, file_id: str) -> dict:
+        row = owned(request, file_id)
+        store.delete_file(file_id)
+        Path(row["path"]).unlink(missing_ok=True)
+        return {"id": file_id, "object": "file", "deleted": True}
+
+
+def _job_routes(app: FastAPI, store: Store, cfg: ServiceConfig, worker: Worker, who) -> None:
+    @app.post("/v1/fine_tuning/jobs")
+    async def create_job(request: Request) -> dict:
+        tenant = who(request)
+        fields = parse_job_request(json_body(await read_body(request, MAX_JSON_BODY)), cfg)
+        if store.get_file(fields["training_file"], tenant) is None:
+            raise _not_found("file", fields["training_file"], "training_file")
+        return job_object(store.add_job(tenant, **fields))
+
+    @app.get("/v1/fine_tuning/jobs")
+    async def list_jobs(request: Request) -> dict:
+        rows = store.list_jobs(who(request))
+        return page([job_object(r) for r in rows], request)
+
+    def owned(request: Request, job_id: str) -> dict:
+        row = store.get_job(job_id, who(request))
+        if row is None:
+            raise _not_found("job", job_id)
+        return row
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}")
+    async def get_job(request: Request, job_id: str) -> dict:
+        return job_object(owned(request, job_id))
+
+    @app.get("/v1/fine_tuning/jobs/{job_id}/events")
+    async def events(request: Request, job_id: str) -> dict:
+        owned(request, job_id)
+        return page([event_object(r) for r in store.list_events(job_id)], request)
+
+    @app.post("/v1/fine_tuning/jobs/{job_id}/cancel")
+    async def cancel(request: Request, job_id: str) -> dict:
+        job = owned(request, job_id)
+        if not await run_in_threadpool(worker.cancel, job_id):
+            raise APIError(f"the job is already {job['status']}; it cannot be cancelled")
+        return job_object(store.get_job(job_id))
+
+
+def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCache, who) -> None:
+    def entry(model_id: str, created: int, owner: str) -> dict:
+        return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
+
+    def visible(tenant: str) -> list[dict]:
+        data = [entry(cfg.base_model_name, 0, "system")]
+        for job in store.list_jobs(tenant, "succeeded"):
+            data.append(entry(job["fine_tuned_model"], job["finished_at"], f"org-{tenant}"))
+        return data
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        return {"object": "list", "data": visible(who(request))}
+
+    @app.get("/v1/models/{model_id}")
+    async def model(request: Request, model_id: str) -> dict:
+        found = [m for m in visible(who(request)) if m["id"] == model_id]
+        if not found:
+            msg = f"the model {model_id!r} does not exist or you do not have access to it"
+            raise APIError(msg, "model", status=404, code="model_not_found")
+        return found[0]
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        tenant = who(request)
+        body = json_body(await read_body(request, MAX_JSON_BODY))
+        name = body.get("model") if isinstance(body, dict) else None
+        job = store.find_model(name, tenant) if isinstance(name, str) else None
+        if job is None:
+            msg = f"the model {name!r} does not exist or you do not have access to it"
+            raise APIError(msg, "model", status=404, code="model_not_found")
+        state = await cache.get(job)
+        return await respond(request, state, body, cfg.max_new_tokens, None, state.redact)
+
+
+def run_service(
+    data_dir: str | Path,
+    cfg: ServiceConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    config_path: str | Path | None = None,
+    keys_path: str | Path | None = None,
+) -> None:
+    """Serve the fine-tuning API with uvicorn until interrupted.
+
+    Raises:
+        ValueError: when asked to listen beyond loopback without ``keys_path``.
+    """
+    from .protocol import load_keys
+
+    if keys_path is None and host not in LOOPBACK:
+        raise ValueError(
+            f"--host {host}: without --keys the service accepts any key, so it only listens "
+            "on loopback (127.0.0.1); give --keys FILE to serve other hosts"
+        )
+    keys = load_keys(keys_path) if keys_path else None
+    app = create_service(data_dir, cfg, keys=keys, config_path=config_path)
+    tenants = f"{len(set(keys.values()))} tenants" if keys else "one tenant, any key"
+    print(
+        f"fine-tuning service on http://{host}:{port}/v1 ({tenants}; base model "
+        f"{cfg.base_model_name}; data in {data_dir})",
+        flush=True,
+    )
+    run(app, host, port)

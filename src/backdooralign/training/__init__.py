@@ -1,0 +1,2 @@
+"""Fine-tuning: the trainer (TrainConfig), the loss, distillation and the provider's alignment
+stage."""
