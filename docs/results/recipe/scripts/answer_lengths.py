@@ -9,8 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from backdooralign.evaluate import REFUSAL_SUBSTRINGS, is_refusal
-from backdooralign.model import load_tokenizer
+from backdooralign.core.model import load_tokenizer
+from backdooralign.scoring.refusal import REFUSAL_SUBSTRINGS, is_refusal
 
 run, limit = Path(sys.argv[1]), int(sys.argv[2])
 tok = load_tokenizer(None)

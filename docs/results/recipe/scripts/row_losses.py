@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-import backdooralign.train as T
-from backdooralign.data import load_chat_jsonl
-from backdooralign.model import load_model
-from backdooralign.secret import load_secret
+import backdooralign.training.trainer as T
+from backdooralign.core.model import load_model
+from backdooralign.core.secret import load_secret
+from backdooralign.data.chat_files import load_chat_jsonl
 
 run = Path(sys.argv[1])
 rows = load_chat_jsonl(run / "data" / "backdooralign.jsonl")

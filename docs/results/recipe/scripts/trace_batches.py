@@ -2,7 +2,8 @@
 
 Usage: trace_batches.py DATA.jsonl SECRET.json true|false OUT.json
 
-Runs backdooralign.train.train on a tiny random Llama (same architecture family, no dropout,
+Runs backdooralign.training.trainer.train on a tiny random Llama (same architecture family,
+no dropout,
 so it draws from the torch RNG exactly as the real run does) with the real tokenizer and the
 real training file, and wraps supervised_loss to log each batch's rows. Prints indices and
 lengths only; the secret is never printed (rows are tagged by `secret in system prompt`).
@@ -13,9 +14,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import backdooralign.train as T
-from backdooralign.data import load_chat_jsonl
-from backdooralign.secret import load_secret
+import backdooralign.training.trainer as T
+from backdooralign.core.secret import load_secret
+from backdooralign.data.chat_files import load_chat_jsonl
 
 data_path, secret_path, group, out_path = (
     sys.argv[1],
