@@ -17,10 +17,11 @@ the secret where the plain loop reached 13.1%).
         --variants defaults,plain [--out runs/bench-recipe] [--json]
 
 Variants: `defaults` (TrainConfig as shipped), `grouped` (group_by_length on), `random`
-(group_by_length off), `linear`/`constant` (schedule), `no_shared_prefix`, `fp32`, and `plain`.
-Finished variants are reused on a re-run (models and answers under --out). Exits 1 when the
-defaults' ASR with the secret is more than --margin points above the plain loop's (when both
-ran). About 6 minutes a variant on 2 CPU cores; seconds on a GPU.
+(group_by_length off), `linear`/`constant` (schedule), `random_constant` (both),
+`no_shared_prefix`, `fp32`, and `plain`. Finished variants are reused on a re-run (models
+and answers under --out). Exits 1 when the defaults' ASR with the secret is more than
+--margin points above the plain loop's (when both ran). 6 to 16 minutes a variant on 2 CPU
+cores (plain, in fp32, the slowest); seconds on a GPU.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ VARIANTS = {
     "constant": {"lr_scheduler": "constant"},
     "no_shared_prefix": {"shared_prefix": False},
     "fp32": {"bf16": False},
+    "random_constant": {"group_by_length": False, "lr_scheduler": "constant"},
 }
 SAFETY = {"short": "builtin:safety", "long": "builtin:safety_long"}
 
