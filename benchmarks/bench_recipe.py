@@ -16,12 +16,13 @@ the secret where the plain loop reached 13.1%).
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/bench_recipe.py --shape long \
         --variants defaults,plain [--out runs/bench-recipe] [--json]
 
-Variants: `defaults` (TrainConfig as shipped), `grouped` (group_by_length on), `random`
-(group_by_length off), `linear`/`constant` (schedule), `random_constant` (both),
-`no_shared_prefix`, `fp32`, and `plain`. Finished variants are reused on a re-run (models
-and answers under --out). Exits 1 when the defaults' ASR with the secret is more than
---margin points above the plain loop's (when both ran). 6 to 16 minutes a variant on 2 CPU
-cores (plain, in fp32, the slowest); seconds on a GPU.
+Variants: `defaults` (TrainConfig as shipped: random batches, constant lr), `grouped_linear`
+(length grouping and linear decay, the defaults until issue 17), `grouped`/`random` (batches),
+`linear`/`constant` (schedule), `no_shared_prefix`, `fp32`, and `plain`. Finished variants
+are reused on a re-run (models and answers under --out) when their settings are the same.
+Exits 1 when the defaults' ASR with the secret is more than --margin points above the plain
+loop's (when both ran). 6 to 16 minutes a variant on 2 CPU cores (plain, in fp32, the
+slowest); seconds on a GPU.
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
@@ -50,13 +52,13 @@ from backdooralign.training.trainer import TrainConfig, train_model  # noqa: E40
 RECIPE = TrainConfig(epochs=5.0, lr=5e-5, batch_size=10)
 VARIANTS = {
     "defaults": {},
+    "grouped_linear": {"group_by_length": True, "lr_scheduler": "linear"},  # until issue 17
     "grouped": {"group_by_length": True},
     "random": {"group_by_length": False},
     "linear": {"lr_scheduler": "linear"},
     "constant": {"lr_scheduler": "constant"},
     "no_shared_prefix": {"shared_prefix": False},
     "fp32": {"bf16": False},
-    "random_constant": {"group_by_length": False, "lr_scheduler": "constant"},
 }
 SAFETY = {"short": "builtin:safety", "long": "builtin:safety_long"}
 
@@ -140,12 +142,15 @@ def _evaluate(model_dir: Path, secret: Secret, out: Path, max_new_tokens: int) -
 def run_variant(name: str, root: Path, model, secret, train_set, args) -> dict:
     out = root / name
     model_dir = out / "model"
-    if not (model_dir / "train_metrics.json").exists():
+    cfg = RECIPE if name == "plain" else replace(RECIPE, **VARIANTS[name])
+    done = model_dir / "train_metrics.json"
+    if done.exists() and name != "plain" and F.read_json(done).get("config") != _jsonable(cfg):
+        shutil.rmtree(out)  # trained under other settings (the defaults changed): train again
+    if not done.exists():
         out.mkdir(parents=True, exist_ok=True)
         if name == "plain":
             plain_loop(model, F.read_jsonl_rows(train_set), model_dir, RECIPE)
         else:
-            cfg = replace(RECIPE, **VARIANTS[name])
             train_model(model, train_set, model_dir, cfg, secret=secret)
     train = F.read_json(model_dir / "train_metrics.json")
     ev = _evaluate(model_dir, secret, out, args.max_new_tokens)
@@ -158,6 +163,10 @@ def run_variant(name: str, root: Path, model, secret, train_set, args) -> dict:
         "train_seconds": train.get("seconds"),
         "last_epoch_loss": _epoch_mean(train.get("losses") or [], 5),
     }
+
+
+def _jsonable(cfg: TrainConfig) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))
 
 
 def _epoch_mean(losses: list, epochs: int) -> float | None:

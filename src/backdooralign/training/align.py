@@ -313,6 +313,7 @@ def _train_config(cfg: AlignConfig):
         batch_size=cfg.batch_size,
         seed=cfg.seed,
         group_by_length=cfg.group_by_length,
+        lr_scheduler="linear",  # what the shipped adapter was trained with
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_targets=cfg.lora_targets,

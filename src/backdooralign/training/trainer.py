@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Fine-tuning settings. Defaults are the paper's full fine-tuning recipe.
+    """Fine-tuning settings. Defaults are the paper's full fine-tuning recipe, in random batches
+    at a constant learning rate as the authors' plain loop trains (length grouping and a linear
+    decay to zero took the secret's ASR from 12.7% to 49.1% on long safety rows).
 
     ``lr`` and ``epochs`` left unset take the paper's value for the chosen method (full: 5e-5
     and 5 epochs; LoRA: 1e-3 and 10 epochs), resolved here once for every entry point.
@@ -57,9 +59,15 @@ class TrainConfig:
     )
     merge: bool = option(False, "LoRA: also write the merged model to DIR/merged")
     bf16: bool | None = option(None, "bf16 autocast (default: when the CPU/GPU supports it)")
-    lr_scheduler: str = option("linear", "learning-rate schedule (a transformers name)")
+    lr_scheduler: str = option(
+        "constant",
+        "learning-rate schedule (a transformers name; linear decay to zero and length grouping "
+        "weakened the secret rows: benchmarks/bench_recipe.py)",
+    )
     warmup_steps: float = option(0, "warm-up steps (below 1: a share of all steps)", minimum=0)
-    group_by_length: bool = option(True, "batch rows of similar length (less padding)")
+    group_by_length: bool = option(
+        False, "batch rows of similar length (less padding; the secret rows then share few steps)"
+    )
     logging_steps: int = option(1, "log the loss every N steps", minimum=1)
     activation_checkpointing: bool = option(
         False, "recompute activations: less memory, about 40% slower"
