@@ -18,12 +18,13 @@ from conftest import openai_client
 
 from backdooralign.cli import build_parser, main
 from backdooralign.cli.serve import cmd_serve
+from backdooralign.config import from_args
 from backdooralign.core.chat import build_conversation, render_prompt
 from backdooralign.core.model import load_model, load_tokenizer
 from backdooralign.core.redact import redactor
 from backdooralign.core.secret import Secret
 from backdooralign.generation import batch as infer
-from backdooralign.serving.app import create_app, default_max_prompt_tokens
+from backdooralign.serving.app import ServeConfig, create_app, default_max_prompt_tokens
 
 SECRET_TEXT = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET = Secret(text=SECRET_TEXT, num_tokens=24, requested_tokens=24, tokenizer="test")
@@ -278,19 +279,39 @@ def test_health_answers_while_a_generation_runs(slow_server, http):
 def test_cli_parses_the_serve_flags():
     argv = ["serve", "--model", "models/defended", "--secret", "s.json", "--system", "Be kind."]
     argv += ["--host", "0.0.0.0", "--port", "9001", "--api-key-env", "SERVE_KEY"]
-    args = build_parser().parse_args([*argv, "--max-new-tokens", "64"])
+    args = build_parser().parse_args([*argv, "--max-new-tokens", "64", "--request-timeout", "2.5"])
     assert args.fn is cmd_serve
-    assert (args.model, args.secret, args.system) == (["models/defended"], ["s.json"], "Be kind.")
-    assert (args.host, args.port, args.api_key_env, args.max_new_tokens) == (
-        "0.0.0.0",
-        9001,
+    assert (args.model, args.secret, args.api_key_env) == (
+        ["models/defended"],
+        ["s.json"],
         "SERVE_KEY",
-        64,
+    )
+    cfg = from_args(ServeConfig, args)
+    assert cfg == ServeConfig(
+        system="Be kind.", host="0.0.0.0", port=9001, max_new_tokens=64, request_timeout=2.5
     )
     defaults = build_parser().parse_args(["serve", "--secret", "s.json"])
-    assert (defaults.host, defaults.port, defaults.max_new_tokens) == ("127.0.0.1", 8000, 1024)
-    assert defaults.api_key_env is None and defaults.system is None
-    assert (defaults.max_batch_size, defaults.max_queue, defaults.request_timeout) == (16, 64, None)
+    assert defaults.api_key_env is None
+    assert from_args(ServeConfig, defaults) == ServeConfig()
+    assert (ServeConfig().host, ServeConfig().port, ServeConfig().max_new_tokens) == (
+        "127.0.0.1",
+        8000,
+        1024,
+    )
+    assert ServeConfig().app_options() == {
+        "max_body_bytes": 1 << 20,
+        "max_prompt_tokens": None,
+        "max_batch_size": 16,
+        "max_queue": 64,
+        "request_timeout": None,
+    }
+
+
+def test_cli_refuses_a_serve_limit_below_its_minimum(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--secret", "s.json", "--max-queue", "0"])
+    assert done.value.code == 2
+    assert "argument --max-queue: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_cli_refuses_an_unset_api_key_variable(monkeypatch, capsys):

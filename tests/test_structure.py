@@ -14,6 +14,7 @@ from backdooralign.cli import build_parser, main
 from backdooralign.data.training_set import DataConfig
 from backdooralign.generation.batch import GenerateConfig
 from backdooralign.scoring.score import JudgeConfig
+from backdooralign.serving.app import ServeConfig
 from backdooralign.training.trainer import TrainConfig
 
 ROOT = Path(__file__).parent.parent
@@ -220,6 +221,7 @@ def test_every_command_has_help(capsys):
         (["build"], DataConfig, ()),
         (["generate"], GenerateConfig, ()),
         (["score", "judge"], JudgeConfig, ()),
+        (["serve"], ServeConfig, ()),
     ],
 )
 def test_flags_show_the_config_fields_help(capsys, argv, cls, skip):

@@ -21,7 +21,8 @@ def cmd_serve(args) -> int:
     wrote records its secret's fingerprint: a different secret stops start-up.
     --api-key-env NAME requires "Authorization: Bearer $NAME" on /v1.
     """
-    from ..serving.app import serve
+    from ..config import from_args
+    from ..serving.app import ServeConfig, serve
 
     api_key = None
     if args.api_key_env:
@@ -34,17 +35,8 @@ def cmd_serve(args) -> int:
     serve(
         models if models is not None else (args.model or [None])[0],
         secrets if secrets is not None else args.secret[0],
-        args.host,
-        args.port,
-        system=args.system,
+        from_args(ServeConfig, args),
         api_key=api_key,
-        max_new_tokens=args.max_new_tokens,
-        model_name=args.model_name,
-        max_body_bytes=args.max_body_bytes,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        request_timeout=args.request_timeout,
     )
     return 0
 
@@ -90,6 +82,9 @@ def cmd_export(args) -> int:
 
 def register(sub) -> None:
     """Add ``serve`` and ``export``."""
+    from ..config import add_flags
+    from ..serving.app import ServeConfig
+
     sp = add_command(sub, "serve", cmd_serve)
     sp.add_argument(
         "--model",
@@ -102,31 +97,8 @@ def register(sub) -> None:
         required=True,
         help="secret file, prepended server-side, or NAME=FILE (one per named model)",
     )
-    sp.add_argument("--system", help="default system prompt (after the secret) when none is sent")
-    sp.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    sp.add_argument("--port", type=int, default=8000)
     sp.add_argument("--api-key-env", metavar="NAME", help="require the key in $NAME on /v1")
-    sp.add_argument("--max-new-tokens", type=int, default=1024, help="cap on answer length")
-    sp.add_argument("--model-name", help="name in /v1/models of a single model (default: its)")
-    sp.add_argument(
-        "--max-batch-size", type=int, default=16, help="answers decoded together (1: one at a time)"
-    )
-    sp.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting per model; more get 503"
-    )
-    sp.add_argument(
-        "--request-timeout",
-        type=float,
-        help="seconds a request may take, waiting included; then 504 (default: no limit)",
-    )
-    sp.add_argument(
-        "--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413"
-    )
-    sp.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        help="longer prompts get 400 (default: the model's context minus answer and secret)",
-    )
+    add_flags(sp, ServeConfig)
 
     sp = add_command(sub, "export", cmd_export)
     add_model(sp)

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 
+from ..config import option
 from ..core.redact import redactor
 from ..core.secret import Secret
 from .chat_route import respond
@@ -45,12 +47,41 @@ from .model_state import (
     model_state,
 )
 
-__all__ = ["ServedModel", "create_app", "create_multi_app"]
+__all__ = ["ServeConfig", "ServedModel", "create_app", "create_multi_app", "serve"]
 __all__ += ["default_max_prompt_tokens"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How :func:`serve` listens and what it allows (the flags of ``backdooralign serve``)."""
+
+    system: str | None = option(None, "default system prompt (after the secret) when none is sent")
+    host: str = option("127.0.0.1", "interface to listen on")
+    port: int = option(8000, "TCP port", minimum=0)
+    max_new_tokens: int = option(1024, "cap on answer length", minimum=1)
+    model_name: str | None = option(None, "name in /v1/models of a single model (default: its)")
+    max_batch_size: int = option(16, "answers decoded together (1: one at a time)", minimum=1)
+    max_queue: int = option(64, "requests waiting per model; more get 503", minimum=1)
+    request_timeout: float | None = option(
+        None,
+        "seconds a request may take, waiting included; then 504 (default: no limit)",
+        minimum=0,
+    )
+    max_body_bytes: int = option(DEFAULT_MAX_BODY_BYTES, "larger request bodies get 413", minimum=1)
+    max_prompt_tokens: int | None = option(
+        None,
+        "longer prompts get 400 (default: the model's context minus answer and secret)",
+        minimum=1,
+    )
+
+    def app_options(self) -> dict:
+        """The keyword options of :func:`create_multi_app` this config sets."""
+        names = ("max_body_bytes", "max_prompt_tokens", "max_batch_size", "max_queue")
+        return {n: getattr(self, n) for n in (*names, "request_timeout")}
 
 
 def create_app(
@@ -203,14 +234,9 @@ def _check_limits(limits: dict[str, int]) -> None:
 def serve(
     model_path: str | None | Mapping[str, str | None],
     secret_path: str | Path | None | Mapping[str, str | Path | None],
-    host: str = "127.0.0.1",
-    port: int = 8000,
+    cfg: ServeConfig = ServeConfig(),
     *,
-    system: str | None = None,
     api_key: str | None = None,
-    max_new_tokens: int = 1024,
-    model_name: str | None = None,
-    **options,
 ) -> None:
     """Load models and their secrets and serve them with uvicorn until interrupted.
 
@@ -219,29 +245,29 @@ def serve(
             mapping name -> path to serve several models.
         secret_path: secret file (``None`` serves without the defense), or a mapping
             name -> secret file with the same names as ``model_path``.
-        host: interface to listen on; anything but loopback without ``api_key`` is warned about.
-        port: TCP port.
-        system: default system prompt, for requests that send none.
+        cfg: where to listen (anything but loopback without ``api_key`` is warned about), the
+            default system prompt, the answer cap, a single model's name (default: the model
+            directory's name, or its id) and the limits of :func:`create_multi_app`.
         api_key: bearer token required on ``/v1/*``; never logged.
-        max_new_tokens: cap on the answer length.
-        model_name: name of a single model (default: the model directory's name, or its id).
-        options: passed to :func:`create_multi_app` (``max_body_bytes``,
-            ``max_prompt_tokens``, ``max_batch_size``, ``max_queue``, ``request_timeout``).
     """
     from ..core.model import DEFAULT_MODEL
 
+    model_name = cfg.model_name
     if not isinstance(model_path, Mapping):
         if model_name is None:
             is_dir = model_path is not None and Path(model_path).is_dir()
             model_name = Path(model_path).name if is_dir else (model_path or DEFAULT_MODEL)
         model_path, secret_path = {model_name: model_path}, {model_name: secret_path}
     assert isinstance(secret_path, Mapping)
-    served = load_served_models(model_path, secret_path, system)
-    app = create_multi_app(served, max_new_tokens, api_key, **options)
-    if api_key is None and host not in LOOPBACK:
-        log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    served = load_served_models(model_path, secret_path, cfg.system)
+    app = create_multi_app(served, cfg.max_new_tokens, api_key, **cfg.app_options())
+    if api_key is None and cfg.host not in LOOPBACK:
+        log.warning(
+            "serving on %s without an API key: anyone who can reach it can use it", cfg.host
+        )
     auth = "on" if api_key else "off"
+    url = f"http://{cfg.host}:{cfg.port}/v1"
     for m in served:
         fp = m.secret.fingerprint if m.secret else "none (no defense)"
-        print(f"serving {m.name} on http://{host}:{port}/v1 (secret {fp}, auth {auth})", flush=True)
-    run(app, host, port)
+        print(f"serving {m.name} on {url} (secret {fp}, auth {auth})", flush=True)
+    run(app, cfg.host, cfg.port)
