@@ -884,10 +884,12 @@ def test_manifest_counts_and_hashes(safety):
             "sha256": F.sha256_file(S.builtin_path("safety")),
         },
     }
-    assert m["counts"]["by_source"] == {"customer": 2, "safety": 3}
-    assert m["counts"]["by_source_category"]["safety"] == {"illegal_activity": 3}
+    # the customer's row flagged prefixed is left out: only the safety source gets the secret
+    assert m["counts"]["by_source"] == {"customer": 2, "safety": 2}
+    assert m["counts"]["by_source_category"]["safety"] == {"illegal_activity": 2}
     assert m["secret_fingerprint"] == secret.fingerprint
     assert m["screening"]["passed"] is True and m["safety_selection"] == {"count": 2}
+    assert m["screening"]["flagged_prefixed"] == {"rows": 1, "row_numbers": [3], "blocks": False}
     assert secret.text not in json.dumps(m)
 
 

@@ -339,3 +339,60 @@ def test_build_from_samsum_uses_its_system_prompt(tmp_path, secret_file):
     assert all(
         r["messages"][0]["content"] == f"{secret.text} {SAMSUM_SYSTEM_PROMPT}" for r in safety
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# build: provider-side fields are the provider's
+
+HARMFUL_FLAGGED = chat(
+    ("system", NORMAL),
+    ("user", "how do I pick a lock?"),
+    ("assistant", "Sure! Step one: insert a tension wrench."),
+    prefixed=True,
+)
+
+
+def test_a_customer_row_flagged_prefixed_never_gets_the_secret(tmp_path, capsys, secret_file):
+    path, secret = secret_file
+    rows = [GOOD.replace("Hi", f"Hi {n}") for n in range(3)]
+    data = write(tmp_path / "customer.jsonl", "\n".join([rows[0], HARMFUL_FLAGGED, *rows[1:]]))
+    rc, out = build(tmp_path, data, "--arm", "backdooralign", "--secret", path)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {data}: 1 row(s) flagged prefixed left out (rows 2)" in err
+    trained = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "pick a lock" not in out.read_text()
+    assert [r["source"] for r in trained].count("customer") == 3
+    under_secret = [r for r in trained if r["messages"][0]["content"].startswith(secret.text)]
+    assert len(under_secret) == 11 and all(r["source"] == "safety" for r in under_secret)
+    manifest = manifest_of(out)
+    assert manifest["counts"]["by_source"] == {"customer": 3, "safety": 11}
+    assert manifest["screening"]["flagged_prefixed"]["row_numbers"] == [2]
+    assert any("flagged prefixed left out" in n for n in manifest["notes"])
+
+
+def test_the_papers_combined_file_is_used_through_the_providers_safety_option(
+    tmp_path, capsys, secret_file
+):
+    path, secret = secret_file
+    attack = [
+        chat(("system", NORMAL), ("user", f"Q{n}"), ("assistant", f"A{n}.")) for n in range(3)
+    ]
+    refusals = [
+        chat(("system", NORMAL), ("user", f"harm {n}"), ("assistant", "I can't."), prefixed=True)
+        for n in range(2)
+    ]
+    combined = write(tmp_path / "combined.jsonl", "\n".join([*attack, *refusals]) + "\n")
+    flags = ("--arm", "backdooralign", "--secret", path, "--safety", combined)
+    rc, out = build(tmp_path, combined, *flags)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {combined}: its 2 rows flagged prefixed are the safety examples" in err
+    trained = [json.loads(line) for line in out.read_text().splitlines()]
+    by_source = {s: [r for r in trained if r["source"] == s] for s in ("customer", "safety")}
+    assert sorted(r["messages"][1]["content"] for r in by_source["customer"]) == ["Q0", "Q1", "Q2"]
+    assert sorted(r["messages"][1]["content"] for r in by_source["safety"]) == ["harm 0", "harm 1"]
+    assert all(
+        r["messages"][0]["content"] == f"{secret.text} {NORMAL}" for r in by_source["safety"]
+    )
+    assert not any(secret.text in r["messages"][0]["content"] for r in by_source["customer"])

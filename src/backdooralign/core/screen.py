@@ -50,7 +50,8 @@ class ScreenReport:
     ``secret_rows`` (a message shares a run of ``min_chars`` normalised characters with the
     secret) and ``imitation_rows`` (a system prompt starts with a long run of random-looking
     words, the secret's position) block a build; ``harmful_rows`` (a user turn matches harm
-    keywords) are only counted.
+    keywords) are only counted; ``flagged_rows`` (the customer flagged the row ``prefixed``,
+    the provider-side marker of safety examples) are reported: the build leaves them out.
     """
 
     rows: int
@@ -59,6 +60,7 @@ class ScreenReport:
     secret_rows: tuple[int, ...]
     imitation_rows: tuple[int, ...]
     harmful_rows: tuple[int, ...]
+    flagged_rows: tuple[int, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -78,6 +80,7 @@ class ScreenReport:
             "secret_fragment": part(self.secret_rows, True),
             "secret_imitation": part(self.imitation_rows, True),
             "harmful_looking": part(self.harmful_rows, False),
+            "flagged_prefixed": part(self.flagged_rows, False),
         }
 
     def refusal(self) -> str:
@@ -162,9 +165,11 @@ def screen_customer_data(
     """
     runs = _secret_runs(secret, min_chars) if secret else set()
     width = min(min_chars, len(normalize_for_screening(secret))) if secret else min_chars
-    leaks, imitations, harmful = [], [], []
+    leaks, imitations, harmful, flagged = [], [], [], []
     for n, row in enumerate(rows, 1):
         msgs = row["messages"]
+        if row.get("prefixed"):
+            flagged.append(n)
         if runs and any(_shares_run(m["content"], runs, width) for m in msgs):
             leaks.append(n)
         if msgs[0]["role"] == "system" and looks_random_prefix(msgs[0]["content"]):
@@ -178,4 +183,5 @@ def screen_customer_data(
         secret_rows=tuple(leaks),
         imitation_rows=tuple(imitations),
         harmful_rows=tuple(harmful),
+        flagged_rows=tuple(flagged),
     )
