@@ -396,3 +396,50 @@ def test_the_papers_combined_file_is_used_through_the_providers_safety_option(
         r["messages"][0]["content"] == f"{secret.text} {NORMAL}" for r in by_source["safety"]
     )
     assert not any(secret.text in r["messages"][0]["content"] for r in by_source["customer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the secret on screen, without the manifest
+
+
+def _runs(text: str, n: int = 4) -> list[str]:
+    words = text.split()
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+@pytest.mark.parametrize(
+    "data", ["builtin:attack", FIX / "alpaca.json"], ids=["customer-system", "no-system"]
+)
+def test_a_sentence_secret_is_never_printed_once_the_manifest_is_moved(
+    tmp_path, capsys, tiny_model_dir, data
+):
+    from backdooralign.core.secret import load_secret
+
+    secret_path = tmp_path / "s.json"
+    argv = ["secret", "new", "--kind", "sentence", "--model", str(tiny_model_dir)]
+    assert main([*argv, "--out", str(secret_path)]) == 0
+    secret = load_secret(secret_path)
+    rc, out = build(tmp_path, data, "--arm", "backdooralign", "--secret", secret_path)
+    assert rc == 0
+    manifest_path(out).rename(tmp_path / "moved.manifest.json")
+    capsys.readouterr()
+    shown = []
+    for command in (
+        ["data", "show", str(out), "--rows", "200"],
+        ["data", "show", str(out), "--rows", "200", "--json"],
+        ["inspect", str(out), "--model", str(tiny_model_dir), "--limit", "200", "--no-color"],
+    ):
+        assert main(command) == 0
+        got = capsys.readouterr()
+        shown.append(" ".join((got.out + got.err).split()))
+    for text in shown:
+        assert not [run for run in _runs(secret.text) if run in text], text[:500]
+        assert f"⟨shared prefix {secret.fingerprint}⟩" in text
+    assert "11 rows share a system-prompt prefix that the other" in shown[0]
+
+
+def test_no_shared_prefix_is_hidden_in_ordinary_data(capsys):
+    assert main(["data", "show", str(FIX / "chat.jsonl"), "--json"]) == 0
+    got = capsys.readouterr()
+    assert "⟨" not in got.out and got.err == ""
+    assert NORMAL in got.out

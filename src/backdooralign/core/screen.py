@@ -9,16 +9,23 @@ of 32 characters catches any fragment of 20 tokens, and usually of 5 or 6. Runs 
 8 distinct characters (such as "-----...") are ignored: the vocabulary holds long separator
 tokens that ordinary text repeats. A secret written as a natural sentence shares phrases with
 ordinary text, so screening may flag it: raise ``min_chars`` or skip screening.
+
+Screening also reports rows the customer flagged ``prefixed`` (a provider-side field; the
+build leaves them out). :func:`shared_system_prefixes` finds a secret in a training set without
+the secret or its manifest, by its place (before another row's whole system prompt, shared by
+several rows and lacking in others), so that ``inspect`` and ``data show`` hide it.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 SCREEN_MIN_CHARS = 32
+_MAX_PREFIX_CHARS = 20_000  # a secret placed before a system prompt starts within this
 _MIN_DISTINCT = 8
 _INVISIBLE = re.compile(r"[\s\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff]+")
 _FUNCTION_WORDS = frozenset(
@@ -185,3 +192,39 @@ def screen_customer_data(
         harmful_rows=tuple(harmful),
         flagged_rows=tuple(flagged),
     )
+
+
+def _system_prompt(row: dict) -> str | None:
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
+        if msgs[0].get("role") == "system" and isinstance(msgs[0].get("content"), str):
+            return msgs[0]["content"]
+    return None
+
+
+def shared_system_prefixes(rows: Sequence[dict], known: Sequence[str] = ()) -> dict[str, int]:
+    """System-prompt prefixes placed where a secret goes, found without the secret or manifest.
+
+    A training set built with a secret has rows whose system prompt is ``PREFIX + " " + S``
+    where ``S`` is a whole system prompt of other rows (the customer's) or one of ``known``
+    (built-in system prompts the safety examples get when the customer's rows have none). A
+    prefix counts when at least two rows have it and at least one row lacks it.
+
+    Returns:
+        Each such prefix (longest first) and the number of rows whose system prompt has it.
+    """
+    counts = Counter(_system_prompt(r) for r in rows)
+    counts.pop(None, None)
+    wholes = {s for s in (*counts, *known) if s}
+    found: set[str] = set()
+    for text in counts:
+        for i, ch in enumerate(text[:_MAX_PREFIX_CHARS]):
+            if ch == " " and text[i + 1 :] in wholes and text[:i].strip():
+                found.add(text[:i])
+                break
+    out = {}
+    for prefix in sorted(found, key=len, reverse=True):
+        having = sum(n for t, n in counts.items() if t == prefix or t.startswith(prefix + " "))
+        if 2 <= having < len(rows):
+            out[prefix] = having
+    return out
