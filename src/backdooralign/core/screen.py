@@ -216,10 +216,13 @@ def shared_system_prefixes(rows: Sequence[dict], known: Sequence[str] = ()) -> d
     counts = Counter(_system_prompt(r) for r in rows)
     counts.pop(None, None)
     wholes = {s for s in (*counts, *known) if s}
+    lengths = {len(s) for s in wholes}
     found: set[str] = set()
     for text in counts:
         for i, ch in enumerate(text[:_MAX_PREFIX_CHARS]):
-            if ch == " " and text[i + 1 :] in wholes and text[:i].strip():
+            if ch != " " or len(text) - i - 1 not in lengths:
+                continue
+            if text[i + 1 :] in wholes and text[:i].strip():
                 found.add(text[:i])
                 break
     out = {}
