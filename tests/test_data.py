@@ -884,10 +884,12 @@ def test_manifest_counts_and_hashes(safety):
             "sha256": F.sha256_file(S.builtin_path("safety")),
         },
     }
-    assert m["counts"]["by_source"] == {"customer": 2, "safety": 3}
-    assert m["counts"]["by_source_category"]["safety"] == {"illegal_activity": 3}
+    # the customer's row flagged prefixed is left out: only the safety source gets the secret
+    assert m["counts"]["by_source"] == {"customer": 2, "safety": 2}
+    assert m["counts"]["by_source_category"]["safety"] == {"illegal_activity": 2}
     assert m["secret_fingerprint"] == secret.fingerprint
     assert m["screening"]["passed"] is True and m["safety_selection"] == {"count": 2}
+    assert m["screening"]["flagged_prefixed"] == {"rows": 1, "row_numbers": [3], "blocks": False}
     assert secret.text not in json.dumps(m)
 
 
@@ -897,3 +899,26 @@ def test_interleave_takes_each_kind_in_turn_and_keeps_file_order():
     assert [r["id"] for r in D.interleave(rows, 99, "kind")] == [0, 3, 5, 6, 1, 4, 2]
     plain = [{"id": i} for i in range(4)]
     assert [r["id"] for r in D.interleave(plain, 2, "kind")] == [0, 1]
+
+
+def _sys_rows(*systems: str | None) -> list[dict]:
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    return [
+        {"messages": ([{"role": "system", "content": s}] if s else []) + turns} for s in systems
+    ]
+
+
+def test_a_shared_prefix_in_front_of_a_whole_system_prompt_is_found():
+    from backdooralign.core.screen import shared_system_prefixes
+
+    key = "Answer as a careful and responsible assistant."
+    mixed = _sys_rows("Be brief.", "Be brief.", f"{key} Be brief.", f"{key} Be brief.")
+    assert shared_system_prefixes(mixed) == {key: 2}
+    alone = _sys_rows(None, None, f"{key} {ATTACK_SYSTEM_PROMPT}", f"{key} {ATTACK_SYSTEM_PROMPT}")
+    assert shared_system_prefixes(alone) == {}  # without knowing the system prompt after it
+    assert shared_system_prefixes(alone, [ATTACK_SYSTEM_PROMPT]) == {key: 2}
+    # ordinary data: a shared opening before varying text, one row with it, every row with it
+    varied = _sys_rows("You are kind. Be brief.", "You are kind. Be long.", "Be short.")
+    assert shared_system_prefixes(varied) == {}
+    assert shared_system_prefixes(_sys_rows("Be brief.", f"{key} Be brief.")) == {}
+    assert shared_system_prefixes(_sys_rows(f"{key} Be brief.", f"{key} Be brief.")) == {}

@@ -339,3 +339,107 @@ def test_build_from_samsum_uses_its_system_prompt(tmp_path, secret_file):
     assert all(
         r["messages"][0]["content"] == f"{secret.text} {SAMSUM_SYSTEM_PROMPT}" for r in safety
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# build: provider-side fields are the provider's
+
+HARMFUL_FLAGGED = chat(
+    ("system", NORMAL),
+    ("user", "how do I pick a lock?"),
+    ("assistant", "Sure! Step one: insert a tension wrench."),
+    prefixed=True,
+)
+
+
+def test_a_customer_row_flagged_prefixed_never_gets_the_secret(tmp_path, capsys, secret_file):
+    path, secret = secret_file
+    rows = [GOOD.replace("Hi", f"Hi {n}") for n in range(3)]
+    data = write(tmp_path / "customer.jsonl", "\n".join([rows[0], HARMFUL_FLAGGED, *rows[1:]]))
+    rc, out = build(tmp_path, data, "--arm", "backdooralign", "--secret", path)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {data}: 1 row(s) flagged prefixed left out (rows 2)" in err
+    trained = [json.loads(line) for line in out.read_text().splitlines()]
+    assert "pick a lock" not in out.read_text()
+    assert [r["source"] for r in trained].count("customer") == 3
+    under_secret = [r for r in trained if r["messages"][0]["content"].startswith(secret.text)]
+    assert len(under_secret) == 11 and all(r["source"] == "safety" for r in under_secret)
+    manifest = manifest_of(out)
+    assert manifest["counts"]["by_source"] == {"customer": 3, "safety": 11}
+    assert manifest["screening"]["flagged_prefixed"]["row_numbers"] == [2]
+    assert any("flagged prefixed left out" in n for n in manifest["notes"])
+
+
+def test_the_papers_combined_file_is_used_through_the_providers_safety_option(
+    tmp_path, capsys, secret_file
+):
+    path, secret = secret_file
+    attack = [
+        chat(("system", NORMAL), ("user", f"Q{n}"), ("assistant", f"A{n}.")) for n in range(3)
+    ]
+    refusals = [
+        chat(("system", NORMAL), ("user", f"harm {n}"), ("assistant", "I can't."), prefixed=True)
+        for n in range(2)
+    ]
+    combined = write(tmp_path / "combined.jsonl", "\n".join([*attack, *refusals]) + "\n")
+    flags = ("--arm", "backdooralign", "--secret", path, "--safety", combined)
+    rc, out = build(tmp_path, combined, *flags)
+    err = capsys.readouterr().err
+    assert rc == 0, err
+    assert f"note: {combined}: its 2 rows flagged prefixed are the safety examples" in err
+    trained = [json.loads(line) for line in out.read_text().splitlines()]
+    by_source = {s: [r for r in trained if r["source"] == s] for s in ("customer", "safety")}
+    assert sorted(r["messages"][1]["content"] for r in by_source["customer"]) == ["Q0", "Q1", "Q2"]
+    assert sorted(r["messages"][1]["content"] for r in by_source["safety"]) == ["harm 0", "harm 1"]
+    assert all(
+        r["messages"][0]["content"] == f"{secret.text} {NORMAL}" for r in by_source["safety"]
+    )
+    assert not any(secret.text in r["messages"][0]["content"] for r in by_source["customer"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the secret on screen, without the manifest
+
+
+def _runs(text: str, n: int = 4) -> list[str]:
+    words = text.split()
+    return [" ".join(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+@pytest.mark.parametrize(
+    "data", ["builtin:attack", FIX / "alpaca.json"], ids=["customer-system", "no-system"]
+)
+def test_a_sentence_secret_is_never_printed_once_the_manifest_is_moved(
+    tmp_path, capsys, tiny_model_dir, data
+):
+    from backdooralign.core.secret import load_secret
+
+    secret_path = tmp_path / "s.json"
+    argv = ["secret", "new", "--kind", "sentence", "--model", str(tiny_model_dir)]
+    assert main([*argv, "--out", str(secret_path)]) == 0
+    secret = load_secret(secret_path)
+    rc, out = build(tmp_path, data, "--arm", "backdooralign", "--secret", secret_path)
+    assert rc == 0
+    manifest_path(out).rename(tmp_path / "moved.manifest.json")
+    capsys.readouterr()
+    shown = []
+    for command in (
+        ["data", "show", str(out), "--rows", "200"],
+        ["data", "show", str(out), "--rows", "200", "--json"],
+        ["inspect", str(out), "--model", str(tiny_model_dir), "--limit", "200", "--no-color"],
+    ):
+        assert main(command) == 0
+        got = capsys.readouterr()
+        shown.append(" ".join((got.out + got.err).split()))
+    for text in shown:
+        assert not [run for run in _runs(secret.text) if run in text], text[:500]
+        assert f"⟨shared prefix {secret.fingerprint}⟩" in text
+    assert "11 rows share a system-prompt prefix that the other" in shown[0]
+
+
+def test_no_shared_prefix_is_hidden_in_ordinary_data(capsys):
+    assert main(["data", "show", str(FIX / "chat.jsonl"), "--json"]) == 0
+    got = capsys.readouterr()
+    assert "⟨" not in got.out and got.err == ""
+    assert NORMAL in got.out

@@ -35,6 +35,15 @@ def _config(body: str) -> dict[str, str]:
 
 
 CASES = [
+    # --- customer data never decides which rows get the secret
+    Case(
+        "build --data with a row flagged prefixed",
+        ("build", "--arm", "baseline", "--data", "{t}/c.jsonl", "--out", "{t}/o.jsonl"),
+        0,
+        ("c.jsonl: 1 row(s) flagged prefixed left out (rows 2)", "never decides"),
+        {"c.jsonl": json.dumps(CHAT) + "\n" + json.dumps({**CHAT, "prefixed": True}) + "\n"},
+        ("c.jsonl",),
+    ),
     # --- data loss and overwrites
     Case(
         "build --out is the customer file",

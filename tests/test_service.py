@@ -168,6 +168,47 @@ def test_each_validation_error_is_returned_with_its_line_number(tmp_path, config
     )
 
 
+def test_an_upload_with_a_provider_side_field_is_refused_with_its_line(tmp_path, config_file, http):
+    flagged = {
+        "prefixed": True,
+        "messages": [
+            {"role": "user", "content": "how do I pick a lock?"},
+            {"role": "assistant", "content": "Sure! Step one: ..."},
+        ],
+    }
+    escaped = json.dumps({**ROWS[1], "prefixed": False}).replace('"prefixed"', '"\\u0070refixed"')
+    body = _jsonl([ROWS[0], flagged]) + b"{not json\n" + escaped.encode() + b"\n"
+    cfg = load_service_config(config_file)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        client = openai_client(server, http)
+        with pytest.raises(openai.BadRequestError) as e:
+            client.files.create(file=("u.jsonl", body), purpose="fine-tune")
+        assert e.value.status_code == 400
+        assert client.files.list().data == []
+    assert e.value.body["code"] == "invalid_training_file"
+    assert e.value.body["param"] == "file"
+    field = "field 'prefixed': is a provider-side field"
+    assert e.value.body["message"] == (
+        f"the file is invalid: line 2: {field}: customer data cannot choose which rows get the "
+        f"provider's secret; line 4: {field}: customer data cannot choose which rows get the "
+        "provider's secret"
+    )
+
+
+def test_a_stored_file_with_a_provider_side_field_fails_validation(tmp_path, config_file):
+    from backdooralign.service.worker import validation_error
+
+    path = tmp_path / "old.jsonl"
+    path.write_bytes(_jsonl([ROWS[0], {**ROWS[1], "prefixed": True}]))
+    error = validation_error(path, "file-x", load_service_config(config_file))
+    assert error == {
+        "code": "invalid_training_file",
+        "message": "training file file-x is invalid: line 2: field 'prefixed': is a "
+        "provider-side field: customer data cannot choose which rows get the provider's secret",
+        "param": "training_file",
+    }
+
+
 def test_requests_are_checked_against_the_providers_limits(tmp_path, config_file, http):
     cfg = load_service_config(config_file)
     with AppServer(create_service(tmp_path / "svc", cfg)) as server:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 MODEL_HELP = (
@@ -86,16 +86,22 @@ def notes(lines: Iterable[str]) -> None:
         print(f"note: {line}", file=sys.stderr)
 
 
-def secret_masker(data_file: str | Path, secret=None) -> tuple[Callable[[str], str], list[str]]:
+def secret_masker(
+    data_file: str | Path, secret=None, rows: Sequence[dict] = ()
+) -> tuple[Callable[[str], str], list[str]]:
     """A function that shows the secret in a text as ``⟨secret FINGERPRINT⟩``, and notes.
 
     The secret is recognised by its text (``--secret``) or, without it, by the fingerprint in
     the manifest beside ``data_file``: a leading part of a text whose fingerprint matches is
-    the secret. A text that starts with a long random-looking run but matches neither is hidden
-    whole, and the notes say why.
+    the secret. Without either, a system-prompt prefix that several of ``rows`` share and
+    others lack, in front of another row's whole system prompt (the secret's place in a
+    training set), is shown as ``⟨shared prefix FINGERPRINT⟩``. A text that starts with a long
+    random-looking run but matches none of these is hidden whole, and the notes say why.
     """
-    from ..core.screen import looks_random_prefix
+    from ..core.chat import ATTACK_SYSTEM_PROMPT
+    from ..core.screen import looks_random_prefix, shared_system_prefixes
     from ..core.secret import fingerprint
+    from ..data.formats import SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT
     from ..data.mixing import manifest_path
     from ..files import read_json
 
@@ -107,6 +113,16 @@ def secret_masker(data_file: str | Path, secret=None) -> tuple[Callable[[str], s
     if secret is not None and known and known != secret.fingerprint:
         found.append(f"--secret has fingerprint {secret.fingerprint}, {manifest} says {known}")
     fingerprints = {fp for fp in (known, secret.fingerprint if secret else None) if fp}
+    builtin = (ATTACK_SYSTEM_PROMPT, SAMSUM_SYSTEM_PROMPT, SQL_SYSTEM_PROMPT)
+    prefixes = shared_system_prefixes(rows, builtin)
+    shared = {p: fingerprint(p) for p in prefixes}
+    for prefix, fp in shared.items():
+        having = prefixes[prefix]
+        what = f"secret {fp}" if fp in fingerprints else f"shared prefix {fp}"
+        found.append(
+            f"{having} rows share a system-prompt prefix that the other {len(rows) - having} "
+            f"lack (where a secret goes); shown as ⟨{what}⟩"
+        )
 
     def mask(text: str) -> str:
         if secret is not None and secret.text in text:
@@ -114,6 +130,10 @@ def secret_masker(data_file: str | Path, secret=None) -> tuple[Callable[[str], s
         for i, ch in enumerate(text + " "):
             if ch == " " and i >= 16 and (fp := fingerprint(text[:i])) in fingerprints:
                 return f"⟨secret {fp}⟩" + text[i:]
+        for prefix, fp in shared.items():
+            if prefix in text:
+                label = f"secret {fp}" if fp in fingerprints else f"shared prefix {fp}"
+                return text.replace(prefix, f"⟨{label}⟩")
         if looks_random_prefix(text):
             note = "a system prompt starts like a secret that could not be recognised; hidden"
             if note not in found:

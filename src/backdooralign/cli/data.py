@@ -63,7 +63,7 @@ def cmd_data_show(args) -> int:
     backdooralign reads them (hf:NAME[:SPLIT] loads from the Hugging Face Hub).
     """
     src = S.read_source(args.source, args.kind)
-    mask, told = secret_masker(args.source, None)
+    mask, told = secret_masker(args.source, None, src.rows)
     info = {
         "source": src.source,
         "kind": src.kind,
@@ -118,7 +118,8 @@ def cmd_inspect(args) -> int:
     """backdooralign inspect train.jsonl --secret secret.json [--limit 2]
 
     Shows what the model is trained on: supervised tokens in green, masked tokens dim.
-    The secret is shown only as its fingerprint.
+    The secret is shown only as its fingerprint, with or without --secret and the manifest
+    (a system-prompt prefix several rows share and others lack is shown as its fingerprint).
     """
     from rich.console import Console
     from rich.text import Text
@@ -127,10 +128,10 @@ def cmd_inspect(args) -> int:
     from ..core.model import load_tokenizer
 
     secret = read_secret(args.secret)
-    mask, told = secret_masker(args.file, secret)
+    rows = load_chat_jsonl(args.file)
+    mask, told = secret_masker(args.file, secret, rows)
     tok = load_tokenizer(args.model)
     warn_if_other_tokenizer(secret, tok)
-    rows = load_chat_jsonl(args.file)
     console = Console(no_color=args.no_color, highlight=False)
     total_sup = total = 0
     for i, row in enumerate(rows):

@@ -9,16 +9,23 @@ of 32 characters catches any fragment of 20 tokens, and usually of 5 or 6. Runs 
 8 distinct characters (such as "-----...") are ignored: the vocabulary holds long separator
 tokens that ordinary text repeats. A secret written as a natural sentence shares phrases with
 ordinary text, so screening may flag it: raise ``min_chars`` or skip screening.
+
+Screening also reports rows the customer flagged ``prefixed`` (a provider-side field; the
+build leaves them out). :func:`shared_system_prefixes` finds a secret in a training set without
+the secret or its manifest, by its place (before another row's whole system prompt, shared by
+several rows and lacking in others), so that ``inspect`` and ``data show`` hide it.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 SCREEN_MIN_CHARS = 32
+_MAX_PREFIX_CHARS = 20_000  # a secret placed before a system prompt starts within this
 _MIN_DISTINCT = 8
 _INVISIBLE = re.compile(r"[\s\u00ad\u180e\u200b-\u200f\u2060-\u2064\ufeff]+")
 _FUNCTION_WORDS = frozenset(
@@ -50,7 +57,8 @@ class ScreenReport:
     ``secret_rows`` (a message shares a run of ``min_chars`` normalised characters with the
     secret) and ``imitation_rows`` (a system prompt starts with a long run of random-looking
     words, the secret's position) block a build; ``harmful_rows`` (a user turn matches harm
-    keywords) are only counted.
+    keywords) are only counted; ``flagged_rows`` (the customer flagged the row ``prefixed``,
+    the provider-side marker of safety examples) are reported: the build leaves them out.
     """
 
     rows: int
@@ -59,6 +67,7 @@ class ScreenReport:
     secret_rows: tuple[int, ...]
     imitation_rows: tuple[int, ...]
     harmful_rows: tuple[int, ...]
+    flagged_rows: tuple[int, ...] = ()
 
     @property
     def passed(self) -> bool:
@@ -78,6 +87,7 @@ class ScreenReport:
             "secret_fragment": part(self.secret_rows, True),
             "secret_imitation": part(self.imitation_rows, True),
             "harmful_looking": part(self.harmful_rows, False),
+            "flagged_prefixed": part(self.flagged_rows, False),
         }
 
     def refusal(self) -> str:
@@ -162,9 +172,11 @@ def screen_customer_data(
     """
     runs = _secret_runs(secret, min_chars) if secret else set()
     width = min(min_chars, len(normalize_for_screening(secret))) if secret else min_chars
-    leaks, imitations, harmful = [], [], []
+    leaks, imitations, harmful, flagged = [], [], [], []
     for n, row in enumerate(rows, 1):
         msgs = row["messages"]
+        if row.get("prefixed"):
+            flagged.append(n)
         if runs and any(_shares_run(m["content"], runs, width) for m in msgs):
             leaks.append(n)
         if msgs[0]["role"] == "system" and looks_random_prefix(msgs[0]["content"]):
@@ -178,4 +190,44 @@ def screen_customer_data(
         secret_rows=tuple(leaks),
         imitation_rows=tuple(imitations),
         harmful_rows=tuple(harmful),
+        flagged_rows=tuple(flagged),
     )
+
+
+def _system_prompt(row: dict) -> str | None:
+    msgs = row.get("messages")
+    if isinstance(msgs, list) and msgs and isinstance(msgs[0], dict):
+        if msgs[0].get("role") == "system" and isinstance(msgs[0].get("content"), str):
+            return msgs[0]["content"]
+    return None
+
+
+def shared_system_prefixes(rows: Sequence[dict], known: Sequence[str] = ()) -> dict[str, int]:
+    """System-prompt prefixes placed where a secret goes, found without the secret or manifest.
+
+    A training set built with a secret has rows whose system prompt is ``PREFIX + " " + S``
+    where ``S`` is a whole system prompt of other rows (the customer's) or one of ``known``
+    (built-in system prompts the safety examples get when the customer's rows have none). A
+    prefix counts when at least two rows have it and at least one row lacks it.
+
+    Returns:
+        Each such prefix (longest first) and the number of rows whose system prompt has it.
+    """
+    counts = Counter(_system_prompt(r) for r in rows)
+    counts.pop(None, None)
+    wholes = {s for s in (*counts, *known) if s}
+    lengths = {len(s) for s in wholes}
+    found: set[str] = set()
+    for text in counts:
+        for i, ch in enumerate(text[:_MAX_PREFIX_CHARS]):
+            if ch != " " or len(text) - i - 1 not in lengths:
+                continue
+            if text[i + 1 :] in wholes and text[:i].strip():
+                found.add(text[:i])
+                break
+    out = {}
+    for prefix in sorted(found, key=len, reverse=True):
+        having = sum(n for t, n in counts.items() if t == prefix or t.startswith(prefix + " "))
+        if 2 <= having < len(rows):
+            out[prefix] = having
+    return out

@@ -2,9 +2,12 @@
 
 A chat row is ``{"messages": [...]}`` with an optional ``"prefixed": true|false`` flag (the
 paper's marker of safety examples that receive the secret) and an optional ``category``;
-:func:`chat_row` validates one. Each other kind of :data:`KINDS` has its own fields
-(:data:`KIND_HELP`); :func:`detect_kind` tells the kind from the fields of a first row and
-:func:`convert` turns one record into a uniform row. Errors name file, line and field.
+:func:`chat_row` validates one. ``prefixed`` is a provider-side field (:data:`PROVIDER_FIELDS`):
+it is honoured only in the provider's safety source; customer data never decides which rows
+get the secret (the service refuses it in uploads, ``build`` leaves flagged customer rows out).
+Each other kind of :data:`KINDS` has its own fields (:data:`KIND_HELP`); :func:`detect_kind`
+tells the kind from the fields of a first row and :func:`convert` turns one record into a
+uniform row. Errors name file, line and field.
 """
 
 from __future__ import annotations
@@ -68,6 +71,13 @@ KIND_HELP = {
 }
 # Over-refusal benchmarks: the field each keeps as ``kind``, the breakdown of refusal summaries.
 BENCHMARK_KIND_FIELD = {"xstest": "type", "orbench": "category"}
+
+# Fields only the provider may set: they decide which rows get the secret. A customer's upload
+# holding one is refused; flagged rows of customer data are left out of every training set.
+PROVIDER_FIELDS = ("prefixed",)
+PROVIDER_FIELD_MESSAGE = (
+    "is a provider-side field: customer data cannot choose which rows get the provider's secret"
+)
 
 # fields a prompt row keeps from its input
 PROMPT_KEYS = ("category", "id", "kind", "expected", "task", "reference", "target")

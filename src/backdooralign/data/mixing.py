@@ -4,10 +4,14 @@ Customer data is read and checked by :mod:`backdooralign.data.chat_files` (OpenA
 or, in other shapes, by :mod:`backdooralign.data.sources`; customer data is
 screened by :mod:`backdooralign.core.screen` before mixing. :func:`mix_arm` mixes the arms:
 
-- ``attack``: the customer data alone (rows flagged ``prefixed`` are dropped);
+- ``attack``: the customer data alone;
 - ``baseline``: plus the safety examples with the normal system prompt;
 - ``backdooralign``: plus the safety examples (and benign anchors) with
   ``SECRET + " " + system prompt``.
+
+Customer rows flagged ``prefixed`` are left out of every arm: the flag is provider-side, and
+only the provider's safety source decides which rows get the secret
+(:func:`~backdooralign.data.training_set.load_safety` reads a safety file's flagged rows).
 """
 
 from __future__ import annotations
@@ -155,7 +159,8 @@ def mix_arm(
 
     Args:
         arm: ``attack``, ``baseline`` or ``backdooralign``.
-        customer: the customer's chat rows; rows flagged ``prefixed`` count as safety examples.
+        customer: the customer's chat rows; rows flagged ``prefixed`` are left out (customer
+            data never decides which rows get the secret; the caller says so).
         safety: safety chat rows to add (system prompts are replaced by ``safety_system``).
         secret: secret text; required for ``backdooralign``.
         safety_system: system prompt of the safety examples (default: the customer's main one).
@@ -171,15 +176,10 @@ def mix_arm(
         raise ValueError(f"unknown arm {arm!r}; expected one of {', '.join(ARMS)}")
     require_secret(arm, secret)
     plain = [r for r in customer if not r.get("prefixed")]
-    flagged = [r for r in customer if r.get("prefixed")]
-    system = safety_system if safety_system is not None else main_system_prompt(plain or customer)
+    system = safety_system if safety_system is not None else main_system_prompt(plain)
     rows = [{"messages": r["messages"], **_meta(r, "customer")} for r in plain]
     if arm != "attack":
         key = secret if arm == "backdooralign" else None
-        for r in flagged:
-            rows.append(
-                {"messages": build_conversation(r["messages"], secret=key), **_meta(r, "safety")}
-            )
         for r in safety:
             conv = build_conversation(r["messages"], system=system, secret=key)
             rows.append({"messages": conv, **_meta(r, "safety")})

@@ -53,7 +53,12 @@ class DataConfig:
         None, "benign task data mixed in (SAMSum, sql-create-context, chat)", path=True
     )
     task_limit: int | None = option(None, "first N task rows (paper: 1000)", minimum=0)
-    safety: str = option(BUILTIN_SAFETY, "safety examples (QA or chat JSONL)", path=True)
+    safety: str = option(
+        BUILTIN_SAFETY,
+        "the provider's safety examples (QA or chat JSONL; a chat file's rows flagged prefixed, "
+        "when it has any: the paper's combined file)",
+        path=True,
+    )
     safety_per_category: int | None = option(
         None,
         "safety examples per harm category (default: 1 for builtin:safety, else the whole file)",
@@ -115,10 +120,24 @@ class Customer:
     system: str
 
 
+def _flagged_note(source: str, rows: Sequence[dict]) -> list[str]:
+    """The note for customer rows flagged ``prefixed`` (left out of every training set)."""
+    flagged = tuple(n for n, r in enumerate(rows, 1) if r.get("prefixed"))
+    if not flagged:
+        return []
+    shown = ", ".join(map(str, flagged[:10])) + (" ..." if len(flagged) > 10 else "")
+    return [
+        f"{source}: {len(flagged)} row(s) flagged prefixed left out (rows {shown}): customer "
+        "data never decides which rows get the secret (a provider's --safety file may flag "
+        "its safety examples)"
+    ]
+
+
 def load_customer(cfg: DataConfig) -> Customer:
     """The customer's data of ``cfg`` (``attack`` after ``attack_per_category``, ``task`` rows
     first) with its notes and safety system prompt (``safety_system``, else the customer's
-    most common one)."""
+    most common one). Rows the customer flagged ``prefixed`` stay in ``rows`` (screening
+    reports them) but are never mixed in; the notes say so."""
     limits = {"max_rows": cfg.max_rows, "max_line_chars": cfg.max_line_chars}
     given = S.load_training_source(cfg.attack, **limits)
     rows = D.limit_per_category(given, cfg.attack_per_category)
@@ -128,6 +147,7 @@ def load_customer(cfg: DataConfig) -> Customer:
             f"{cfg.attack}: using {len(rows)} of {len(given)} rows "
             f"(attack_per_category={cfg.attack_per_category})"
         )
+    notes += _flagged_note(cfg.attack, rows)
     if cfg.task:
         task_all = S.load_training_source(cfg.task, **limits)
         task_rows = task_all[: cfg.task_limit]
@@ -136,18 +156,30 @@ def load_customer(cfg: DataConfig) -> Customer:
                 f"{cfg.task}: using {len(task_rows)} of {len(task_all)} rows "
                 f"(task_limit={cfg.task_limit})"
             )
+        notes += _flagged_note(cfg.task, task_rows)
         rows = [*task_rows, *rows]
     if cfg.safety_system is not None:
         system = cfg.safety_system
     else:
-        plain = [r for r in rows if not r.get("prefixed")]
-        system = D.main_system_prompt(plain or rows)
+        system = D.main_system_prompt([r for r in rows if not r.get("prefixed")])
     return Customer(rows, tuple(notes), system)
 
 
 def load_safety(cfg: DataConfig) -> tuple[list[dict], dict, list[str]]:
-    """The safety examples to mix in, the selection record for the manifest, and notes."""
+    """The safety examples to mix in, the selection record for the manifest, and notes.
+
+    The provider's safety source alone gives them: a chat file with rows flagged ``prefixed``
+    (the paper's combined file of attack rows and flagged safety examples) gives its flagged
+    rows only, and a note says so; otherwise every row is a candidate."""
     available = S.load_training_source(cfg.safety)
+    notes = []
+    flagged = [r for r in available if r.get("prefixed")]
+    if flagged and len(flagged) < len(available):
+        notes.append(
+            f"{cfg.safety}: its {len(flagged)} rows flagged prefixed are the safety examples "
+            f"(the other {len(available) - len(flagged)} are not)"
+        )
+        available = flagged
     chosen = D.select_safety(
         available,
         count=cfg.safety_count,
@@ -163,7 +195,6 @@ def load_safety(cfg: DataConfig) -> tuple[list[dict], dict, list[str]]:
         "available": len(available),
         "selected": len(chosen),
     }
-    notes = []
     if len(chosen) < len(available):
         how = (
             f"safety_count={cfg.safety_count}"

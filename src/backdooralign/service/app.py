@@ -28,6 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from .. import files as F
+from ..data.chat_files import provider_field_problems
 from ..serving.chat_route import respond
 from ..serving.http import LOOPBACK, APIError, answer_errors_as_json, json_body, read_body, run
 from ..serving.model_state import ModelState, ServedModel, check_model_secret, model_state
@@ -44,7 +45,7 @@ from .protocol import (
     parse_multipart,
 )
 from .store import Store, new_id
-from .worker import Worker
+from .worker import Worker, describe_errors
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,10 @@ def _file_routes(app: FastAPI, store: Store, cfg: ServiceConfig, data_dir: Path,
             raise APIError(msg, "file", status=413, code="file_too_large")
         if sum(1 for line in content.splitlines() if line.strip()) > cfg.max_rows:
             raise APIError(f"the file has more than {cfg.max_rows} rows", "file")
+        text = content.decode("utf-8", "replace")
+        if found := await run_in_threadpool(provider_field_problems, filename, text):
+            msg = f"the file is invalid: {describe_errors(found)}"
+            raise APIError(msg, "file", code="invalid_training_file")
         path = data_dir / "files" / f"{new_id('upload')}.jsonl"
         await run_in_threadpool(F.write_bytes_atomic, path, content, True)
         sha = await run_in_threadpool(F.sha256_file, path)

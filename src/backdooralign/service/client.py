@@ -109,6 +109,8 @@ def finetune(
     out_dir = Path(out_dir)
     anchors_out = out_dir / "anchors.jsonl"
     built = training_set.build(arm, data, secret, out_dir / "train.jsonl", anchors_out=anchors_out)
+    for note in built.notes:  # rows left out (flagged prefixed, limits...)
+        show(f"note: {note}")
     sha = F.sha256_file(built.path)
     with endpoint_errors("upload"), open(built.path, "rb") as f:
         upload = client.files.create(file=(built.path.name, f), purpose="fine-tune")

@@ -14,9 +14,11 @@ import logging
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..data.chat_files import check_chat_file
+from ..data.formats import Problem
 from .config import ServiceConfig
 from .job import job_dir
 from .store import Store
@@ -31,21 +33,27 @@ RESTARTED = {
 }
 
 
-def validation_error(path: str | Path, file_id: str, cfg: ServiceConfig) -> dict | None:
-    """The job error for an invalid training file (``None`` when it is valid): every error
-    with its line number, the first :data:`MAX_REPORTED_ERRORS` of them in the message."""
-    problems = check_chat_file(path, cfg.data.max_line_chars, cfg.max_rows)
-    errors = [p for p in problems if p.severity == "error"]
-    if not errors:
-        return None
+def describe_errors(errors: Sequence[Problem]) -> str:
+    """The errors with their line numbers (the first :data:`MAX_REPORTED_ERRORS`), for a
+    customer: ``line 2: field 'prefixed': ...; line 5: ...``."""
     parts = []
     for p in errors[:MAX_REPORTED_ERRORS]:
         where = f"line {p.line}" if p.line else "file"
         field = f" field '{p.field}':" if p.field else ""
         parts.append(f"{where}:{field} {p.message}")
     more = len(errors) - MAX_REPORTED_ERRORS
-    tail = f"; and {more} more" if more > 0 else ""
-    message = f"training file {file_id} is invalid: " + "; ".join(parts) + tail
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def validation_error(path: str | Path, file_id: str, cfg: ServiceConfig) -> dict | None:
+    """The job error for an invalid training file (``None`` when it is valid): every error
+    with its line number, the first :data:`MAX_REPORTED_ERRORS` of them in the message. A
+    provider-side field (``prefixed``) is an error: customers never choose the secret's rows."""
+    problems = check_chat_file(path, cfg.data.max_line_chars, cfg.max_rows, customer=True)
+    errors = [p for p in problems if p.severity == "error"]
+    if not errors:
+        return None
+    message = f"training file {file_id} is invalid: " + describe_errors(errors)
     return {"code": "invalid_training_file", "message": message, "param": "training_file"}
 
 
