@@ -89,6 +89,8 @@ CASES = [
     Req("unknown route", "serve", "GET", "/v1/nope", None, 404, code="not_found",
         words=("GET /v1/nope",)),
     Req("unknown route", "service", "GET", "/v1/nope", None, 404, code="not_found"),
+    Req("a 6000-character route", "serve", "GET", "/v1/" + "x" * 6000, None, 404,
+        code="not_found", words=("unknown route",)),
     Req("a slash too many", "serve", "POST", "/v1/chat/completions/", _chat(), 404,
         code="not_found"),
     Req("a slash too many", "service", "GET", "/v1/files/", None, 404, code="not_found"),

@@ -79,11 +79,11 @@ def answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
-        message = str(e.detail)
+        message, path = str(e.detail), _shortened(request.url.path)
         if e.status_code == 404:
-            message = f"unknown route: {request.method} {request.url.path}"
+            message = f"unknown route: {request.method[:16]} {path}"
         elif e.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
+            message = f"{request.method[:16]} is not allowed on {path}"
         response = error_response(APIError(message, status=e.status_code, code=code), redact)
         for name, value in (e.headers or {}).items():  # Allow: on a 405
             response.headers.setdefault(name, value)
@@ -98,6 +98,10 @@ def answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
         log.error("request failed: %s", type(e).__name__)  # the message may quote the request
         error = APIError("internal server error", status=500, type="server_error")
         return error_response(error, redact)
+
+
+def _shortened(text: str, most: int = 100) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def authorize(request: Request, api_key: str | None) -> None:
