@@ -165,3 +165,48 @@ def test_a_drained_scheduler_answers_the_jobs_it_holds_before_it_stops(model_tok
         assert not scheduler._thread.is_alive()
         done[drain] = [(j.done.is_set(), j.rows[0].finish is not None) for j in jobs]
     assert done == {False: [(False, False)] * 2, True: [(True, True)] * 2}
+
+
+def test_extreme_temperatures_and_top_p_sample_without_nan(model_tok):
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    pad = infer.pad_token_id(tok)
+    greedy = Row(ids[1], 8)
+    odd = [
+        Sampling(1e-300, 1.0, 1),  # 1 / 1e-300 is inf in float32
+        Sampling(5e-324, 1.0, 2),  # the smallest double
+        Sampling(1.0, 1e-300, 3),  # rounds to 0 in float32: the best token is kept anyway
+        Sampling(2.0, 5e-324, -(2**63)),
+        Sampling(1.0, 1.0, 2**64 + 5),  # any integer seed: taken modulo 2**64
+    ]
+    rows = [greedy, *(Row(ids[1], 8, sampling=s) for s in odd)]
+    decode(model, rows, pad)
+    assert all(r.finish == "length" and r.error is None for r in rows)
+    assert [r.tokens for r in rows[1:5]] == [greedy.tokens] * 4  # all greedy in effect
+    again = Row(ids[1], 8, sampling=Sampling(1.0, 1.0, 5))
+    decode(model, [again], pad)
+    assert rows[5].tokens == again.tokens
+
+
+def test_a_row_that_fails_ends_alone_and_fails_only_its_job(model_tok):
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+
+    def boom(token: int) -> bool:
+        raise ValueError("a callback that fails")
+
+    scheduler = Scheduler(model, infer.pad_token_id(tok))
+    jobs = [Job([Row(ids[0], 5)]), Job([Row(ids[1], 5), Row(ids[1], 5, on_token=boom)])]
+    jobs.append(Job([Row(ids[2], 5)]))
+    with scheduler._cond:  # all three in one batch
+        for job in jobs:
+            scheduler.submit(job)
+    for job in jobs:
+        assert job.done.wait(30)
+    scheduler.close()
+    failed = jobs[1].rows[1]
+    assert failed.finish == "error" and isinstance(failed.error, ValueError)
+    assert failed.tokens == [jobs[1].rows[0].tokens[0]]  # it failed at its first token
+    assert isinstance(jobs[1].error, ValueError)
+    assert [j.error for j in (jobs[0], jobs[2])] == [None, None]
+    assert [len(r.tokens) for j in jobs for r in j.rows] == [5, 5, 1, 5]

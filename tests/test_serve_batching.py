@@ -11,6 +11,7 @@ import time
 import httpx2
 import openai
 import pytest
+import torch
 from conftest import AppServer, openai_client
 
 from backdooralign.cli import main
@@ -239,6 +240,111 @@ def test_a_request_past_its_timeout_is_a_504(slow, tok):
         time.sleep(0.3)
         assert len(batches) == after  # the cancelled request costs nothing more
     assert e.value.status_code == 504 and e.value.body["code"] == "timeout"
+
+
+# ---------------------------------------------------------------------------------------------
+# One request never breaks the batch
+
+
+def _four_together(server, batches, hostile: dict, hostile_stream: bool = False) -> list:
+    """Three plain requests decoding, then a fourth with ``hostile`` parameters joins them:
+    each one's ``ChatCompletion`` (the streamed one's text) or the exception it raised."""
+    client = openai_client(server)
+    results: list = [None] * 4
+
+    def ask(i: int, **kw) -> None:
+        try:
+            if i == 3 and hostile_stream:
+                chunks = _ask(client, "Hello there", stream=True, **kw)
+                results[i] = "".join(c.choices[0].delta.content or "" for c in chunks)
+            else:
+                results[i] = _ask(client, "Hello there", **kw)
+        except Exception as e:  # the test reads it
+            results[i] = e
+
+    threads = [
+        threading.Thread(target=ask, args=(i,), kwargs={"max_tokens": 30}) for i in (0, 1, 2)
+    ]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 30
+    while 3 not in batches and time.monotonic() < deadline:  # the three decode together
+        time.sleep(0.01)
+    threads.append(threading.Thread(target=ask, args=(3,), kwargs={"max_tokens": 5, **hostile}))
+    threads[-1].start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def _plain(results: list) -> None:
+    """The three plain requests answered in full."""
+    for r in results[:3]:
+        assert not isinstance(r, Exception), r
+        assert r.choices[0].message.content == " ".join(["go"] * 30)
+        assert r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_a_row_whose_decoding_fails_fails_alone(slow, tok, monkeypatch, stream):
+    model, batches = slow
+    draw, draws = torch.multinomial, []
+
+    def multinomial(probs, n, generator=None, **kw):  # the row seeded 666 fails its 3rd draw
+        if generator is not None and generator.initial_seed() == 666:
+            draws.append(1)
+            if len(draws) == 3:
+                raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+        return draw(probs, n, generator=generator, **kw)
+
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    with AppServer(create_app(model, tok, SECRET, SYSTEM, "m", 1000)) as server:
+        hostile = {"temperature": 1.0, "seed": 666}
+        results = _four_together(server, batches, hostile, stream)
+    _plain(results)
+    failed = results[3]
+    assert isinstance(failed, openai.APIError) and "generation failed" in failed.message
+    if not stream:
+        assert isinstance(failed, openai.InternalServerError) and failed.status_code == 500
+    assert len(draws) == 3 and 4 in batches  # it failed inside the batch of four
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        {"temperature": 1e-300},
+        {"temperature": 5e-324},
+        {"temperature": 1.0, "top_p": 1e-300},
+        {"temperature": 2.0, "top_p": 5e-324, "seed": -(2**63)},
+        {"temperature": 1.0, "seed": 2**63 - 1, "n": 3},  # seed + i goes past 64 signed bits
+    ],
+    ids=[
+        "tiny temperature",
+        "subnormal temperature",
+        "tiny top_p",
+        "tiny top_p, lowest seed",
+        "top seed",
+    ],
+)
+def test_extreme_sampling_values_in_range_are_answered_with_the_batch(slow, tok, hostile):
+    model, batches = slow
+    with AppServer(create_app(model, tok, SECRET, SYSTEM, "m", 1000)) as server:
+        results = _four_together(server, batches, hostile)
+    _plain(results)
+    assert not isinstance(results[3], Exception), results[3]
+    assert [c.message.content for c in results[3].choices] == ["go go go go go"] * hostile.get(
+        "n", 1
+    )
+    assert 3 + hostile.get("n", 1) in batches  # decoded with the three
+
+
+def test_a_seed_beyond_64_bits_is_a_400_and_the_batch_goes_on(slow, tok):
+    model, batches = slow
+    with AppServer(create_app(model, tok, SECRET, SYSTEM, "m", 1000)) as server:
+        results = _four_together(server, batches, {"temperature": 1.0, "seed": 2**64})
+    _plain(results)
+    refused = results[3]
+    assert isinstance(refused, openai.BadRequestError) and refused.body["param"] == "seed"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -123,7 +123,7 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
             "The job has successfully completed",
         ]
         models = [m.id for m in client.models.list().data]
-        assert models == ["tiny", job.fine_tuned_model]
+        assert models == [job.fine_tuned_model]  # chat serves fine-tuned models only
         assert client.models.retrieve(job.fine_tuned_model).owned_by == "org-default"
         reply = client.chat.completions.create(
             model=job.fine_tuned_model,
@@ -275,8 +275,8 @@ def test_two_tenants_are_isolated(tmp_path, config_file, http):
         assert alice.files.list().data == []
         assert _wait(alice, job.id, ("failed",), 20).error.code == "invalid_training_file"
         app.state.store.set_status(job.id, "succeeded", fine_tuned_model="ft:tiny:a:1")
-        assert [m.id for m in alice.models.list().data] == ["tiny", "ft:tiny:a:1"]
-        assert [m.id for m in bob.models.list().data] == ["tiny"]
+        assert [m.id for m in alice.models.list().data] == ["ft:tiny:a:1"]
+        assert [m.id for m in bob.models.list().data] == []
         with pytest.raises(openai.NotFoundError):
             bob.models.retrieve("ft:tiny:a:1")
         with pytest.raises(openai.NotFoundError) as e:

@@ -94,6 +94,8 @@ def generate(
             bf16=use_bf16,
         )
         for row, i in zip(rows, idx, strict=True):
+            if row.error is not None:  # offline, a failed answer fails the run (never cut short)
+                raise row.error
             answers[i] = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()

@@ -14,7 +14,9 @@ ids (:func:`shared_prefix`), never a guess, so it is exact whatever the tokenize
 
 Each row has its own answer length, stop tokens, decoding (greedy, or sampling with its own
 temperature, top-p and seeded generator), a per-token callback (streaming, stop strings) and
-a cancel flag; a finished row leaves the batch at once, so it costs no more work.
+a cancel flag; a finished row leaves the batch at once, so it costs no more work. A row whose
+own work fails (its sampling, its generator, its callback) finishes alone with ``finish``
+``"error"`` and the exception in ``error``; the other rows go on.
 """
 
 from __future__ import annotations
@@ -52,7 +54,12 @@ class Row:
     on_token: Callable[[int], bool | None] | None = None
     cancel: threading.Event | None = None
     tokens: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop" (stop token or on_token), "length" or "cancelled"
+    finish: str | None = None  # "stop" (stop token or on_token), "length", "cancelled", "error"
+    error: BaseException | None = None  # why the row failed (``finish`` ``"error"``)
+
+    def fail(self, e: BaseException) -> None:
+        """End this row alone: its decoding failed (the batch goes on without it)."""
+        self.finish, self.error = "error", e
 
 
 def shared_prefix(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
@@ -117,25 +124,52 @@ def _expanded_cache(layers: list, batch: int):
 
 
 def _next_tokens(logits, rows: list[Row], generators: list):
-    """One token per row: argmax for greedy rows, a seeded draw for sampling rows."""
-    import torch
+    """One token per row: argmax for greedy rows, a seeded draw for sampling rows.
 
+    A row whose draw fails is failed alone (:meth:`Row.fail`); its token is the argmax, never
+    used (the row leaves the batch before the next step).
+    """
     tokens = logits.argmax(dim=-1)
     for i, row in enumerate(rows):
-        s = row.sampling
-        if s.temperature <= 0:
+        if row.sampling.temperature <= 0 or row.finish is not None:
             continue
-        probs = torch.softmax(logits[i].float() / s.temperature, dim=-1)
-        if s.top_p < 1.0:
-            sorted_p, order = probs.sort(descending=True)
-            keep = sorted_p.cumsum(0) - sorted_p < s.top_p  # the smallest set reaching top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+        try:
+            tokens[i] = sample(logits[i], row.sampling, generators[i])
+        except Exception as e:  # one row's failure is that row's alone
+            row.fail(e)
     return tokens
 
 
+# The smallest temperature divided by: below it, float32 logits would overflow (1 / 1e-300 is
+# inf in float32); dividing gaps to the best logit by it already makes the draw greedy.
+MIN_TEMPERATURE = 1.2e-38
+
+
+def sample(logits, sampling: Sampling, generator) -> int:
+    """A token drawn from one row's ``logits`` at ``sampling``'s temperature and top-p.
+
+    Safe for any temperature in (0, 2] and top-p in (0, 1]: the logits are shifted so that the
+    best is 0 before they are divided (a tiny temperature gives -inf to the others, never
+    NaN), and the most likely token always stays in the nucleus (a tiny top-p keeps it alone).
+    """
+    import torch
+
+    x = logits.float()
+    x = (x - x.max()) / max(sampling.temperature, MIN_TEMPERATURE)
+    probs = torch.softmax(x, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_p, order = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # the smallest set reaching top_p
+        keep[0] = True
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
+    return int(torch.multinomial(probs, 1, generator=generator)[0])
+
+
 def _generator(sampling: Sampling, device):
-    """A sampling row's own random generator, on the logits' device (CUDA draws need one)."""
+    """A sampling row's own random generator, on the logits' device (CUDA draws need one).
+
+    Any integer seed is taken modulo 2**64 (torch takes 64 bits).
+    """
     import torch
 
     if sampling.temperature <= 0:
@@ -144,14 +178,30 @@ def _generator(sampling: Sampling, device):
     if sampling.seed is None:
         g.seed()
     else:
-        g.manual_seed(sampling.seed)
+        g.manual_seed(sampling.seed % 2**64)
     return g
 
 
+def _row_generator(row: Row, device):
+    """:func:`_generator` for ``row``; ``None`` and the row failed when it cannot be made."""
+    try:
+        return _generator(row.sampling, device)
+    except Exception as e:  # one row's failure is that row's alone
+        row.fail(e)
+        return None
+
+
 def _finished(row: Row, token: int) -> str | None:
-    """Why ``row`` ends after ``token`` (``None``: it goes on)."""
+    """Why ``row`` ends after ``token`` (``None``: it goes on; ``"error"``: its callback
+    failed, the row alone)."""
+    if row.finish == "error":  # its draw failed: the token is not its
+        return "error"
     row.tokens.append(token)
-    stopped = row.on_token(token) if row.on_token else False
+    try:
+        stopped = row.on_token(token) if row.on_token else False
+    except Exception as e:  # one row's failure is that row's alone
+        row.fail(e)
+        return "error"
     if token in row.stop_ids or stopped:
         return "stop"
     if len(row.tokens) >= row.max_new_tokens:
@@ -253,7 +303,7 @@ class _Batch:
             positions[i, width - len(x) :] = torch.arange(p, p + len(x))
         lengths = torch.tensor([p + len(x) for x in rest], device=device)
         cache = _expanded_cache(store.get(model, prefix), len(rows)) if p else DynamicCache()
-        generators = [_generator(r.sampling, device) for r in rows]
+        generators = [_row_generator(r, device) for r in rows]
         batch = cls(rows, generators, cache, mask.to(device), lengths)
         batch._forward(model, ids.to(device), positions.to(device))
         return batch

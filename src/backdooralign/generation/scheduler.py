@@ -6,7 +6,10 @@ rows and ``max_batch_tokens`` (prompt plus longest answer, summed over rows), an
 with :func:`backdooralign.generation.engine.decode`. Between two decoding steps, jobs that
 arrived meanwhile join the batch while there is room, and a job whose rows have all finished
 is released at once (its rows left the batch already). A full queue refuses new jobs
-(:class:`QueueFull`); a cancelled row (client gone, timeout) stops at the next step.
+(:class:`QueueFull`); a cancelled row (client gone, timeout) stops at the next step. A row whose
+decoding fails alone (``finish`` ``"error"``) fails its job only: the job's ``error`` is that
+row's, the other jobs of the batch go on; a failure of the whole batch (the model's forward
+pass) fails every job in it.
 """
 
 from __future__ import annotations
@@ -36,8 +39,12 @@ class Job:
     error: BaseException | None = None
 
     def release(self) -> None:
-        """Mark the job done (once) and tell whoever waits."""
+        """Mark the job done (once) and tell whoever waits; a failed row fails the job."""
         if not self.done.is_set():
+            if self.error is None:
+                self.error = next((r.error for r in self.rows if r.error is not None), None)
+                if self.error is not None:  # the message may quote the conversation
+                    log.error("decoding of one request failed: %s", type(self.error).__name__)
             self.done.set()
             if self.notify is not None:
                 self.notify()

@@ -2,10 +2,14 @@
 
 ``create_service`` serves ``/v1/files``, ``/v1/fine_tuning/jobs`` (with events and cancel),
 ``/v1/models`` and ``/v1/chat/completions``, so any OpenAI SDK can upload data, fine-tune and
-chat unchanged. Every job runs the provider's pipeline (:mod:`backdooralign.service.job`): the
-tenant's secret-prefixed safety examples are mixed into the customer's data where the
-customer cannot see them, and each fine-tuned model is served with its tenant's secret
-through the serving layer (:mod:`backdooralign.serving.model_state`: a scheduler per model batches
+chat unchanged. ``/v1/models`` lists what chat answers for: the tenant's fine-tuned models (the
+base model is what jobs fine-tune, named in ``service.yaml``; chat never serves it). Every
+error, on every route, is an OpenAI error object.
+
+Every job runs the provider's pipeline (:mod:`backdooralign.service.job`): the tenant's
+secret-prefixed safety examples are mixed into the customer's data where the customer cannot
+see them, and each fine-tuned model is served with its tenant's secret through the serving
+layer (:mod:`backdooralign.serving.model_state`: a scheduler per model batches
 concurrent requests; :func:`completions.respond` answers them, streamed or not, as
 ``backdooralign serve`` does). State lives in SQLite (:class:`store.Store`); a worker thread
 (:class:`worker.Worker`) runs one job at a time in a process of its own.
@@ -160,7 +164,14 @@ def create_service(
         cache.close()
         await run_in_threadpool(worker.stop)
 
-    app = FastAPI(title="backdooralign service", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="backdooralign service",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.store, app.state.worker, app.state.models = store, worker, cache
     answer_errors_as_json(app, lambda text: text)
 
@@ -274,10 +285,18 @@ def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCa
         return {"id": model_id, "object": "model", "created": created, "owned_by": owner}
 
     def visible(tenant: str) -> list[dict]:
-        data = [entry(cfg.base_model_name, 0, "system")]
-        for job in store.list_jobs(tenant, "succeeded"):
-            data.append(entry(job["fine_tuned_model"], job["finished_at"], f"org-{tenant}"))
-        return data
+        """The models the tenant can chat with: its fine-tuned ones (not the base model)."""
+        jobs = store.list_jobs(tenant, "succeeded")
+        return [entry(j["fine_tuned_model"], j["finished_at"], f"org-{tenant}") for j in jobs]
+
+    def unknown(name: object) -> APIError:
+        msg = f"the model {name!r} does not exist or you do not have access to it"
+        if name == cfg.base_model_name:
+            msg = (
+                f"{name!r} is the base model that jobs fine-tune; this service answers chat "
+                "with fine-tuned models only (GET /v1/models lists yours)"
+            )
+        return APIError(msg, "model", status=404, code="model_not_found")
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
@@ -287,8 +306,7 @@ def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCa
     async def model(request: Request, model_id: str) -> dict:
         found = [m for m in visible(who(request)) if m["id"] == model_id]
         if not found:
-            msg = f"the model {model_id!r} does not exist or you do not have access to it"
-            raise APIError(msg, "model", status=404, code="model_not_found")
+            raise unknown(model_id)
         return found[0]
 
     @app.post("/v1/chat/completions")
@@ -298,8 +316,7 @@ def _model_routes(app: FastAPI, store: Store, cfg: ServiceConfig, cache: ModelCa
         name = body.get("model") if isinstance(body, dict) else None
         job = store.find_model(name, tenant) if isinstance(name, str) else None
         if job is None:
-            msg = f"the model {name!r} does not exist or you do not have access to it"
-            raise APIError(msg, "model", status=404, code="model_not_found")
+            raise unknown(name)
         state = await cache.get(job)
         return await respond(request, state, body, cfg.max_new_tokens, None, state.redact)
 

@@ -261,7 +261,8 @@ def page(items: Sequence[dict], request: Request, default_limit: int = 20) -> di
     """A cursor page: the items after ``?after=ID``, at most ``?limit=N``, and ``has_more``."""
     query = request.query_params
     limit_text = query.get("limit", str(default_limit))
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= 10_000:
+    digits = limit_text.isascii() and limit_text.isdigit() and len(limit_text) <= 5
+    if not digits or not 1 <= int(limit_text) <= 10_000:
         raise APIError("limit must be an integer from 1 to 10000", "limit")
     limit = int(limit_text)
     after = query.get("after")

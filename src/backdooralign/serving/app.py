@@ -170,7 +170,13 @@ def create_multi_app(
         )
         _check_limits({"max_prompt_tokens": states[m.name].max_prompt_tokens})
     redact_all = redactor(*(m.secret.text for m in models if m.secret), placeholder=REDACTED)
-    app = FastAPI(title="backdooralign", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="backdooralign",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     answer_errors_as_json(app, redact_all)
     app.router.on_shutdown.append(lambda: [s.scheduler.close() for s in states.values()])
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
@@ -61,8 +64,13 @@ def error_response(e: APIError, redact: Callable[[str], str]) -> JSONResponse:
 
 def answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
     """Every error, expected or not, gets an OpenAI error object, its message redacted (an
-    unknown route is a 404 ``not_found``; an unexpected error a 500 whose message names
-    nothing of the request)."""
+    unknown route is a 404 ``not_found``, a method a route does not take a 405
+    ``method_not_allowed`` with ``Allow``; an unexpected error a 500 whose message names
+    nothing of the request).
+
+    Build the app with ``redirect_slashes=False``: a path with a slash too many is then an
+    unknown route (a 404 error object), not a bodiless 307.
+    """
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError) -> JSONResponse:
@@ -70,14 +78,30 @@ def answer_errors_as_json(app: FastAPI, redact: Callable[[str], str]) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        code = "not_found" if e.status_code == 404 else None
-        return error_response(APIError(str(e.detail), status=e.status_code, code=code), redact)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code)
+        message, path = str(e.detail), _shortened(request.url.path)
+        if e.status_code == 404:
+            message = f"unknown route: {request.method[:16]} {path}"
+        elif e.status_code == 405:
+            message = f"{request.method[:16]} is not allowed on {path}"
+        response = error_response(APIError(message, status=e.status_code, code=code), redact)
+        for name, value in (e.headers or {}).items():  # Allow: on a 405
+            response.headers.setdefault(name, value)
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, e: RequestValidationError) -> JSONResponse:
+        return error_response(APIError("the request is not valid for this route"), redact)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
         log.error("request failed: %s", type(e).__name__)  # the message may quote the request
         error = APIError("internal server error", status=500, type="server_error")
         return error_response(error, redact)
+
+
+def _shortened(text: str, most: int = 100) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def authorize(request: Request, api_key: str | None) -> None:
@@ -100,7 +124,7 @@ async def read_body(request: Request, limit: int) -> bytes:
         f"the request body is larger than {limit} bytes", status=413, code="request_too_large"
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared[:20]) > limit:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -111,14 +135,37 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+class _NotJSON(ValueError):
+    """``NaN``, ``Infinity``, or a number too large for a float (``1e400``): Python reads
+    them (as NaN or infinities), JSON has no such number."""
+
+
+def _no_constant(name: str):
+    raise _NotJSON(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NotJSON(f"the number {text[:20]}{'...' if len(text) > 20 else ''} is too large")
+    return value
+
+
 def json_body(raw: bytes) -> object:
-    """The parsed body; ``APIError`` 400 for invalid JSON, deep nesting or a lone surrogate."""
+    """The parsed body; ``APIError`` 400 for invalid JSON (``NaN``, ``Infinity`` and numbers
+    beyond a float included), an integer of more digits than Python reads (4300), deep
+    nesting or a lone surrogate."""
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except _NotJSON as e:
+        raise APIError(f"the request body is not valid JSON: {e}") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise APIError("the request body is not valid JSON") from None
     except RecursionError:
         raise APIError("the request body is nested too deeply") from None
+    except ValueError:  # int("9" * 5000): past Python's limit on integer digits
+        most = sys.get_int_max_str_digits()
+        raise APIError(f"the request body holds an integer of more than {most} digits") from None
     try:
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

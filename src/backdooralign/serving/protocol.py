@@ -2,9 +2,11 @@
 
 Every parameter is either honoured or refused with a 400 naming it, never silently dropped:
 ``temperature`` (0, the default, decodes greedily; up to 2 samples), ``top_p`` (nucleus
-sampling), ``seed`` (choice ``i`` samples with ``seed + i``; greedy answers do not depend on
-it), ``stop``, ``max_tokens`` / ``max_completion_tokens``, ``n`` (up to :data:`MAX_N`
-choices), ``stream`` with ``stream_options.include_usage``, ``user`` and ``model``; log
+sampling, in (0, 1]), ``seed`` (a 64-bit signed integer; choice ``i`` samples with
+``seed + i``; greedy answers do not depend on it), ``stop``, ``max_tokens`` /
+``max_completion_tokens`` (1 to :data:`MAX_INT32`, capped by the server), ``n`` (up to
+:data:`MAX_N` choices), ``stream`` with ``stream_options.include_usage``, ``user`` and
+``model``; the ranges are OpenAI's; log
 probabilities, penalties, logit biases, response formats other than text, and tools or
 functions are refused unless given their neutral value; any other parameter is refused. A
 message that spells one of the chat template's control tokens (``<|im_end|>``...) is refused:
@@ -108,6 +110,8 @@ _HONOURED |= {"stop", "seed", "user", "n", "stream", "stream_options"}
 MAX_STOP = 4
 MAX_N = 8
 MAX_TEMPERATURE = 2.0
+MAX_INT32 = 2**31 - 1  # OpenAI's bound on max_tokens and max_completion_tokens
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's: a 64-bit signed integer
 
 
 @dataclass(frozen=True)
@@ -221,8 +225,8 @@ def _max_new_tokens(body: Mapping, cap: int) -> int:
         value = body.get(name)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise APIError(f"{name} must be a positive integer", name)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_INT32:
+            raise APIError(f"{name} must be a positive integer, at most {MAX_INT32}", name)
         return min(value, cap)
     return cap
 
@@ -243,8 +247,11 @@ def _stop(body: Mapping) -> tuple[str, ...]:
 
 def _seed(body: Mapping) -> int | None:
     seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise APIError("seed must be an integer", "seed")
+    low, high = SEED_RANGE
+    if seed is not None and (
+        isinstance(seed, bool) or not isinstance(seed, int) or not low <= seed <= high
+    ):
+        raise APIError(f"seed must be an integer from {low} to {high}", "seed")
     return seed
 
 
