@@ -4,8 +4,9 @@ Usage: trace_batches.py DATA.jsonl SECRET.json true|false OUT.json
 
 Runs backdooralign.training.trainer.train on a tiny random Llama (same architecture family,
 no dropout, so it draws from the torch RNG exactly as the real run does) with the real
-tokenizer and the real training file, and wraps supervised_loss to log each batch's rows. Prints indices and
-lengths only; the secret is never printed (rows are tagged by `secret in system prompt`).
+tokenizer and the real training file, and wraps supervised_loss to log each batch's rows.
+Prints indices and lengths only; the secret is never printed (rows are tagged by
+`secret in system prompt`).
 """
 
 import json
