@@ -206,22 +206,25 @@ def _grams(secret: str, kind: str = BASE) -> set[str]:
     One gram starts at, and one ends at, every view character, so a secret that is present
     whole is covered whole.
     """
-    norm, origin, _, _ = view(secret, kind)
+    norm, firsts, _, lasts = view(secret, kind)
     owner = _pieces(secret)
-    piece = [owner[i] for i in origin]
+    # a letter collapsed over two pieces counts for the later one where a gram starts, for
+    # the earlier one where it ends (never for both)
+    first_piece = [owner[i] for i in firsts]
+    piece = [owner[i] for i in lasts]
     if len(norm) < WINDOW or piece[-1] - piece[0] < 1:
         return {norm} if norm else set()
 
     run_start, run_end = list(range(len(norm))), list(range(1, len(norm) + 1))
     for k in range(1, len(norm)):
-        if piece[k] == piece[k - 1]:
+        if first_piece[k] == piece[k - 1]:
             run_start[k] = run_start[k - 1]
     for k in range(len(norm) - 2, -1, -1):
-        if piece[k] == piece[k + 1]:
+        if piece[k] == first_piece[k + 1]:
             run_end[k] = run_end[k + 1]
 
     def long_enough(s: int, e: int) -> bool:  # norm[s:e], e exclusive
-        pieces = piece[e - 1] - piece[s] + 1
+        pieces = first_piece[e - 1] - piece[s] + 1
         if pieces >= MIN_PIECES:
             return e - s >= WINDOW
         # two pieces: a longer span, with a good part of both (a word and a letter of the
