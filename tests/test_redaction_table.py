@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from backdooralign.core.redact import redactor
+from backdooralign.core.redact import prefix_redactor, redactor
 from backdooralign.core.secret import generate_secret
 
 SEEDS = (1, 2, 3)
@@ -253,3 +253,23 @@ def test_a_2000_character_answer_is_redacted_in_milliseconds(secrets, redactors,
         best = min(best, time.perf_counter() - start)
     print(f"\n2,000 characters of prose redacted in {best * 1000:.1f} ms")
     assert best < 0.05
+
+
+@pytest.mark.parametrize(
+    "name", ["shuffled words", "interleaved with filler", "pig latin", "HTML &#x..; entities"]
+)
+def test_a_streamed_rewrite_is_never_released(secrets, redactors, name):
+    """Streamed in random chunks, what is released is final and holds nothing of the leak."""
+    secret, full = secrets[0], redactors[0]
+    grow = prefix_redactor(secret)
+    text = BEFORE + REWRITES[name](secret) + AFTER
+    rng = random.Random(0)
+    done_raw, done_out, k = 0, "", 0
+    while k < len(text):
+        k = min(len(text), k + rng.randint(1, 12))
+        rest, final, cut = grow(text[done_raw:k])
+        assert rest == full(text[done_raw:k])
+        done_raw, done_out = done_raw + cut, done_out + rest[:final]
+        assert full(text).startswith(done_out)
+    assert done_out + full(text[done_raw:]) == full(text)
+    assert catch(lambda _: done_out + full(text[done_raw:]), REWRITES[name](secret)) >= MIN_CATCH

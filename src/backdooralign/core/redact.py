@@ -71,6 +71,7 @@ _ENCODED = re.compile(
 )
 _HEX_BYTES = re.compile(r"[0-9A-Fa-f]{2}(?:[ \t:,-][0-9A-Fa-f]{2}){9,}")  # "de ad be ef"
 _WORD = re.compile(r"\S+")
+_CORE = re.compile(r"\w(?:.*\w)?", re.S)
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _HEX = re.compile(r"[0-9A-Fa-f]+")
 _BASE32 = re.compile(r"[A-Z2-7]+|[a-z2-7]+")
@@ -93,7 +94,9 @@ _LOOKALIKE = str.maketrans(
         **dict(zip(*[iter((_CYRILLIC + " " + _GREEK).split())] * 2, strict=True)),
     }
 )
-_LOOKALIKE_SYMBOL = {"@": "a", "$": "s", "!": "i", "|": "i", "+": "t", "€": "e", "£": "e"}
+# symbols that stand for letters in leetspeak and are rare as punctuation ("!" and "|" are
+# common after words and before them, and would lengthen a hit into its neighbours)
+_LOOKALIKE_SYMBOL = {"@": "a", "$": "s", "€": "e"}
 _VOWELS = str.maketrans("", "", "aeiouy")
 
 
@@ -329,12 +332,20 @@ class _Words:
             for form in _pig_latin(w):
                 self.ids.setdefault(form, w)
 
-    def spans(self, text: str) -> tuple[list[tuple[int, int]], int]:
+    def spans(self, text: str, covered: list[list[int]]) -> tuple[list[tuple[int, int]], int]:
         """Spans of ``text`` to redact, and where the last cluster that may still grow starts
-        (``len(text)`` when none may)."""
+        (``len(text)`` when none may). Words inside the ``covered`` spans (redacted already,
+        sorted) are left out."""
         if not self.enabled:
             return [], len(text)
-        tokens = list(_WORD.finditer(text))
+        tokens, k = [], 0
+        for m in _WORD.finditer(text):
+            while k < len(covered) and covered[k][1] < m.end():
+                k += 1
+            if not (k < len(covered) and covered[k][0] <= m.start()):
+                tokens.append(m)
+        # punctuation alone is no word: it neither counts nor separates
+        tokens = [m for m in tokens if _CORE.search(m.group(0))]
         out: list[tuple[int, int]] = []
         start = end = last = -1
         seen: set[str] = set()
@@ -348,11 +359,12 @@ class _Words:
                     out.append((start, end))
                 seen = set()
                 start = -1
+            core = _CORE.search(m.group(0))  # the word without punctuation around it
             if start < 0:
-                start = m.start()
+                start = m.start() + (core.start() if core else 0)
             if word is not None:
                 seen.add(word)
-            end, last = m.end(), i
+            end, last = m.start() + (core.end() if core else len(m.group(0))), i
         if start >= 0 and len(seen) >= self.need:
             out.append((start, end))
         # the last (maybe unfinished) token aside, the cluster is closed once more than
@@ -454,7 +466,7 @@ def _spans(text: str, matcher: _Matcher) -> tuple[list[tuple[int, int]], int]:
     for m in [*_ENCODED.finditer(text), *percent, *_HEX_BYTES.finditer(text)]:
         if any(matcher.found(d) for d in _decodings(m.group(0))):
             spans.append(m.span())
-    words, open_at = matcher.words.spans(text)
+    words, open_at = matcher.words.spans(text, _merge(spans))
     return spans + words, open_at
 
 
