@@ -161,12 +161,12 @@ def _check_range(value, meta: dict, where: str) -> None:
         raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(map(str, choices))}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: must be a finite number, got {value}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: must be at least {minimum}, got {_short(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}: must be at most {maximum}, got {_short(value)}")
     if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
         raise ConfigError(f"{where}: must be within +-{INT_LIMIT} (64 bits), got {_short(value)}")
-    if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {value}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(f"{where}: must be at most {maximum}, got {value}")
 
 
 def build(cls, values: Doc, where: str):
