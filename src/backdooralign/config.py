@@ -5,7 +5,10 @@ optionally its flag name, allowed choices, lower bound and whether it names a fi
 :func:`build` turns a mapping (a YAML section, ``--set`` overrides, parsed flags) into a
 checked instance, and :func:`add_flags` adds the matching ``--flags`` to an argparse parser, so
 a flag, a config key and a default cannot drift apart. Values are checked by type and range
-before anything runs; errors name the file and the field.
+before anything runs: NaN and infinity (``.nan``, ``'Infinity'``, ``--epochs inf``) and
+integers beyond 64 bits are refused for every field, besides each field's own bounds. YAML is
+read by one reader (:func:`read_yaml`): no aliases, no key given twice; its mappings remember
+the line of each key, so an error names ``FILE:LINE: section: field``.
 """
 
 from __future__ import annotations
@@ -192,7 +195,7 @@ def build(cls, values: Doc, where: str):
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ checks that involve several fields
-        named = re.match(r"field '(\w+)'", str(e))
+        named = re.match(r"field '(\w+)", str(e))  # 'name' or 'shapes[0]'
         raise _located(ConfigError(f"{where}: {e}"), values, named and named[1]) from None
 
 
@@ -275,9 +278,7 @@ def _flag_type(tp, meta: dict, flag: str):
 def number(kind: type, minimum: float | None = None, maximum: float | None = None):
     """An argparse ``type`` for a flag that is not a config field: an ``int`` or a finite
     ``float`` within the bounds, checked as config values are (a usage error otherwise)."""
-    parse = _flag_type(kind, {"minimum": minimum, "maximum": maximum}, "")
-    parse.__name__ = kind.__name__  # argparse names the type in its "invalid ... value"
-    return parse
+    return _flag_type(kind, {"minimum": minimum, "maximum": maximum}, "")
 
 
 def help_text(f: Field) -> str:
