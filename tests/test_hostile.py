@@ -35,6 +35,11 @@ def _config(body: str) -> dict[str, str]:
     return {"c.yaml": body}
 
 
+# appended to configs that must be refused: were the bad value accepted, the run would stop at
+# once on the missing file instead of running an experiment
+NET = "eval:\n  harmful: missing.csv\n"
+
+
 CASES = [
     # --- data loss and overwrites
     Case(
@@ -333,7 +338,7 @@ CASES = [
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:3", "train: lr", "finite number", "nan"),
-        _config("name: x\ntrain:\n  lr: .nan\n"),
+        _config("name: x\ntrain:\n  lr: .nan\n" + NET),
         absent=("runs",),
     ),
     Case(
@@ -341,60 +346,60 @@ CASES = [
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:1", "train: epochs", "finite number", "inf"),
-        _config("train: {epochs: 'Infinity'}\n"),
+        _config("train: {epochs: 'Infinity'}\n" + NET),
     ),
     Case(
         "config epochs: .inf",
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:1", "train: epochs", "finite number"),
-        _config("train: {epochs: .inf}\n"),
+        _config("train: {epochs: .inf}\n" + NET),
     ),
     Case(
         "config verdict_asr_ratio: .nan",
         ("run", "{t}/c.yaml"),
         1,
-        ("c.yaml:2", "eval: verdict_asr_ratio", "finite number"),
-        _config("eval:\n  verdict_asr_ratio: .nan\n"),
+        ("c.yaml:3", "eval: verdict_asr_ratio", "finite number"),
+        _config(NET + "  verdict_asr_ratio: .nan\n"),
     ),
     Case(
         "--set train.lr=nan",
         ("run", "{t}/c.yaml", "--set", "train.lr=nan"),
         1,
         ("train: lr", "finite number"),
-        _config("name: x\n"),
+        _config("name: x\n" + NET),
     ),
     Case(
         "config seed beyond 32 bits",
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:1", "train: seed", "at most 4294967295"),
-        _config("train: {seed: 99999999999999999999999}\n"),
+        _config("train: {seed: 99999999999999999999999}\n" + NET),
     ),
     Case(
         "config duplicate key",
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:3", "duplicate key 'epochs'", "first on line 2"),
-        _config("train:\n  epochs: 1\n  epochs: 2\n"),
+        _config("train:\n  epochs: 1\n  epochs: 2\n" + NET),
     ),
     Case(
         "config no arms",
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:1", "arms", "at least one arm"),
-        _config("arms: []\n"),
+        _config("arms: []\n" + NET),
     ),
     Case(
         "config an arm twice",
         ("run", "{t}/c.yaml"),
         1,
         ("c.yaml:1", "arms", "attack given more than once"),
-        _config("arms: [attack, attack]\n"),
+        _config("arms: [attack, attack]\n" + NET),
     ),
     Case(
         "service.yaml max_lr_multiplier: .inf",
-        ("service", "--data-dir", "{t}/svc", "--config", "{t}/s.yaml"),
+        ("service", "--data-dir", "{t}/svc", "--config", "{t}/s.yaml", "--host", "0.0.0.0"),
         1,
         ("s.yaml:2", "max_lr_multiplier", "finite number"),
         {"s.yaml": "max_epochs: 3\nmax_lr_multiplier: .inf\n"},
@@ -402,7 +407,7 @@ CASES = [
     ),
     Case(
         "service.yaml duplicate key",
-        ("service", "--data-dir", "{t}/svc", "--config", "{t}/s.yaml"),
+        ("service", "--data-dir", "{t}/svc", "--config", "{t}/s.yaml", "--host", "0.0.0.0"),
         1,
         ("s.yaml:2", "duplicate key 'max_epochs'"),
         {"s.yaml": "max_epochs: 3\nmax_epochs: 30\n"},
@@ -429,14 +434,14 @@ CASES = [
     ),
     Case(
         "service --port 99999",
-        ("service", "--data-dir", "{t}/svc", "--port", "99999"),
+        ("service", "--data-dir", "{t}/svc", "--port", "99999", "--host", "0.0.0.0"),
         2,
         ("--port", "must be at most 65535, got 99999"),
         absent=("svc",),
     ),
     Case(
         "service --port -1",
-        ("service", "--data-dir", "{t}/svc", "--port", "-1"),
+        ("service", "--data-dir", "{t}/svc", "--port", "-1", "--host", "0.0.0.0"),
         2,
         ("--port", "must be at least 0, got -1"),
         absent=("svc",),
@@ -467,13 +472,24 @@ CASES = [
     ),
     Case(
         "score utility --limit nan",
-        ("score", "utility", "--tasks", "arc_easy", "--limit", "nan"),
+        ("score", "utility", "--model", "{t}/none", "--tasks", "arc_easy", "--limit", "nan"),
         2,
         ("--limit", "must be a finite number"),
     ),
     Case(
         "openai finetune --n-epochs 0",
-        ("openai", "finetune", "--model", "m", "--n-epochs", "0"),
+        (
+            "openai",
+            "finetune",
+            "--model",
+            "m",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--max-retries",
+            "0",
+            "--n-epochs",
+            "0",
+        ),
         2,
         ("--n-epochs", "must be at least 1"),
     ),
