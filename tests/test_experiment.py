@@ -33,20 +33,43 @@ def _tiny_config(model_dir: str, **sections) -> str:
     ("text", "message"),
     [
         ("- a list\n", "c.yaml: YAML root must be a mapping"),
-        ("train: {epochz: 3}\n", "c.yaml: train: unknown field 'epochz' (known: lora, epochs,"),
-        ("arms: [attack, nonsense]\n", "c.yaml: field 'arms': unknown arm 'nonsense'"),
-        ("train: [1, 2]\n", "c.yaml: train: must be a mapping"),
+        ("train: {epochz: 3}\n", "c.yaml:1: train: unknown field 'epochz' (known: lora, epochs,"),
+        ("arms: [attack, nonsense]\n", "c.yaml:1: field 'arms': unknown arm 'nonsense'"),
+        ("train: [1, 2]\n", "c.yaml:1: train: must be a mapping"),
         ("judge: {model: gpt-4}\n", "c.yaml: judge: fields 'base_url' and 'model'"),
-        ("train: {epochs: abc}\n", "c.yaml: train: epochs: expected a number or null, got 'abc'"),
-        ("seeds: 5\n", "c.yaml: seeds: expected a list of integers, got 5"),
-        ("model: [1, 2]\n", "c.yaml: model: expected a string, got [1, 2]"),
-        ("train: {batch_size: 0}\n", "c.yaml: train: batch_size: must be at least 1, got 0"),
+        ("train: {epochs: abc}\n", "c.yaml:1: train: epochs: expected a number or null, got 'abc'"),
+        ("seeds: 5\n", "c.yaml:1: seeds: expected a list of integers, got 5"),
+        ("model: [1, 2]\n", "c.yaml:1: model: expected a string, got [1, 2]"),
+        ("train: {batch_size: 0}\n", "c.yaml:1: train: batch_size: must be at least 1, got 0"),
         ("data: {attack_per_category: -1}\n", "attack_per_category: must be at least 0, got -1"),
-        ("name: /abs/path\n", "c.yaml: field 'name': '/abs/path' must be a plain name"),
+        ("name: /abs/path\n", "c.yaml:1: field 'name': '/abs/path' must be a plain name"),
         ("name: ../up\n", "must be a plain name"),
         ("a: &x [1, 2]\nb: *x\n", "YAML aliases are not allowed (line 2)"),
         ("train: {lora: yes please}\n", "train: lora: expected true or false"),
         ("eval: {lm_eval_tasks: [1]}\n", "eval: lm_eval_tasks[0]: expected a string, got 1"),
+        # NaN and infinity, however written, with the line of the key
+        ("name: x\ntrain:\n  lr: .nan\n", "c.yaml:3: train: lr: must be a finite number, got nan"),
+        ("train: {epochs: 'Infinity'}\n", "c.yaml:1: train: epochs: must be a finite number"),
+        ("train: {epochs: -.inf}\n", "c.yaml:1: train: epochs: must be a finite number, got -inf"),
+        ("train: {lr: 1e999}\n", "c.yaml:1: train: lr: must be a finite number, got inf"),
+        (f"train: {{lr: {10**400}}}\n", "c.yaml:1: train: lr: must be a finite number"),
+        (
+            "eval:\n  verdict_asr_ratio: .nan\n",
+            "c.yaml:2: eval: verdict_asr_ratio: must be a finite",
+        ),
+        ("align: {epochs: .inf}\n", "c.yaml:1: align: epochs: must be a finite number"),
+        # integers no library below takes
+        ("seeds: [1, 4294967296]\n", "c.yaml:1: seeds[1]: must be at most 4294967295"),
+        ("train: {seed: -1}\n", "c.yaml:1: train: seed: must be at least 0, got -1"),
+        (f"eval: {{batch_size: {2**64}}}\n", "eval: batch_size: must be within +-"),
+        ("train: {lora_dropout: 1.5}\n", "c.yaml:1: train: lora_dropout: must be at most 1"),
+        # duplicate keys: YAML would keep the last one silently
+        ("name: a\nname: b\n", "c.yaml:2: duplicate key 'name' (first on line 1)"),
+        ("train:\n  epochs: 1\n  lr: 1.0\n  epochs: 2\n", "c.yaml:4: duplicate key 'epochs'"),
+        ("train: {epochs: 1, epochs: 2}\n", "c.yaml:1: duplicate key 'epochs'"),
+        # arms: at least one, each once
+        ("arms: []\n", "c.yaml:1: field 'arms': give at least one arm"),
+        ("arms: [attack, baseline, attack]\n", "c.yaml:1: field 'arms': attack given more than"),
     ],
 )
 def test_config_errors_name_file_and_field(tmp_path, text, message):
@@ -62,6 +85,22 @@ def test_set_values_are_checked_too(tmp_path):
         load_config(None, ["train.epochs=["])
     with pytest.raises(ValueError, match="config: train: epochs: expected a number or null"):
         load_config(None, ["train.epochs=abc"])
+
+
+def test_set_refuses_nan_and_duplicate_keys_and_never_claims_the_files_line(tmp_path):
+    with pytest.raises(ValueError, match="config: train: lr: must be a finite number, got nan"):
+        load_config(None, ["train.lr=nan"])
+    with pytest.raises(ValueError, match="--set train: invalid value .*duplicate key 'lr'"):
+        load_config(None, ["train={lr: 1.0, lr: 2.0}"])
+    p = tmp_path / "c.yaml"
+    p.write_text("name: x\ntrain:\n  lr: 1.0\n  epochs: 1\n")
+    with pytest.raises(ValueError) as err:  # the bad value is --set's, not line 3's
+        load_config(p, ["train.lr=.inf"])
+    assert str(err.value) == f"{p}: train: lr: must be a finite number, got inf"
+    p.write_text("train:\n  lr: 1.0\nprofiles:\n  fast: {train.lr: .nan}\n")
+    with pytest.raises(ValueError) as err:
+        load_config(p, ["profile=fast"])
+    assert str(err.value) == f"{p}: train: lr: must be a finite number, got nan"
 
 
 def test_paths_are_taken_from_the_config_files_folder(tmp_path, monkeypatch):

@@ -28,10 +28,16 @@ class Case:
     files: dict[str, str] = field(default_factory=dict)  # written before the run
     unchanged: tuple[str, ...] = ()  # must be byte-identical afterwards
     absent: tuple[str, ...] = ()  # must not exist afterwards
+    links: dict[str, str] = field(default_factory=dict)  # symlink -> its target, made first
 
 
 def _config(body: str) -> dict[str, str]:
     return {"c.yaml": body}
+
+
+# appended to configs that must be refused: were the bad value accepted, the run would stop at
+# once on the missing file instead of running an experiment
+NET = "eval:\n  harmful: missing.csv\n"
 
 
 CASES = [
@@ -336,7 +342,173 @@ CASES = [
         ("attack_per_category", "at least 0"),
         _config("data: {attack_per_category: -1}\n"),
     ),
+    Case(
+        "config lr: .nan",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:3", "train: lr", "finite number", "nan"),
+        _config("name: x\ntrain:\n  lr: .nan\n" + NET),
+        absent=("runs",),
+    ),
+    Case(
+        "config epochs: 'Infinity'",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:1", "train: epochs", "finite number", "inf"),
+        _config("train: {epochs: 'Infinity'}\n" + NET),
+    ),
+    Case(
+        "config epochs: .inf",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:1", "train: epochs", "finite number"),
+        _config("train: {epochs: .inf}\n" + NET),
+    ),
+    Case(
+        "config verdict_asr_ratio: .nan",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:3", "eval: verdict_asr_ratio", "finite number"),
+        _config(NET + "  verdict_asr_ratio: .nan\n"),
+    ),
+    Case(
+        "--set train.lr=nan",
+        ("run", "{t}/c.yaml", "--set", "train.lr=nan"),
+        1,
+        ("train: lr", "finite number"),
+        _config("name: x\n" + NET),
+    ),
+    Case(
+        "config seed beyond 32 bits",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:1", "train: seed", "at most 4294967295"),
+        _config("train: {seed: 99999999999999999999999}\n" + NET),
+    ),
+    Case(
+        "config duplicate key",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:3", "duplicate key 'epochs'", "first on line 2"),
+        _config("train:\n  epochs: 1\n  epochs: 2\n" + NET),
+    ),
+    Case(
+        "config no arms",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:1", "arms", "at least one arm"),
+        _config("arms: []\n" + NET),
+    ),
+    Case(
+        "config an arm twice",
+        ("run", "{t}/c.yaml"),
+        1,
+        ("c.yaml:1", "arms", "attack given more than once"),
+        _config("arms: [attack, attack]\n" + NET),
+    ),
+    Case(
+        "service.yaml max_lr_multiplier: .inf",
+        ("service", "--data-dir", "{t}/svc", "--config", "{t}/s.yaml", "--host", "0.0.0.0"),
+        1,
+        ("s.yaml:2", "max_lr_multiplier", "finite number"),
+        {"s.yaml": "max_epochs: 3\nmax_lr_multiplier: .inf\n"},
+        absent=("svc",),
+    ),
+    Case(
+        "service.yaml duplicate key",
+        ("service", "--data-dir", "{t}/svc", "--config", "{t}/s.yaml", "--host", "0.0.0.0"),
+        1,
+        ("s.yaml:2", "duplicate key 'max_epochs'"),
+        {"s.yaml": "max_epochs: 3\nmax_epochs: 30\n"},
+        absent=("svc",),
+    ),
     # --- flags refused at parse time
+    Case(
+        "--epochs inf",
+        ("train", "--data", "x", "--out", "y", "--epochs", "inf"),
+        2,
+        ("--epochs", "must be a finite number, got inf"),
+    ),
+    Case(
+        "--lr nan",
+        ("train", "--data", "x", "--out", "y", "--lr", "nan"),
+        2,
+        ("--lr", "must be a finite number, got nan"),
+    ),
+    Case(
+        "serve --port 99999",
+        ("serve", "--secret", "{t}/s.json", "--port", "99999"),
+        2,
+        ("--port", "must be at most 65535, got 99999"),
+    ),
+    Case(
+        "service --port 99999",
+        ("service", "--data-dir", "{t}/svc", "--port", "99999", "--host", "0.0.0.0"),
+        2,
+        ("--port", "must be at most 65535, got 99999"),
+        absent=("svc",),
+    ),
+    Case(
+        "service --port -1",
+        ("service", "--data-dir", "{t}/svc", "--port", "-1", "--host", "0.0.0.0"),
+        2,
+        ("--port", "must be at least 0, got -1"),
+        absent=("svc",),
+    ),
+    Case(
+        "serve --request-timeout -1",
+        ("serve", "--secret", "{t}/s.json", "--request-timeout", "-1"),
+        2,
+        ("--request-timeout", "must be at least 0"),
+    ),
+    Case(
+        "serve --request-timeout inf",
+        ("serve", "--secret", "{t}/s.json", "--request-timeout", "inf"),
+        2,
+        ("--request-timeout", "must be a finite number"),
+    ),
+    Case(
+        "generate --concurrency 0",
+        ("generate", "--prompts", "x", "--out", "y", "--concurrency", "0"),
+        2,
+        ("--concurrency", "must be at least 1, got 0"),
+    ),
+    Case(
+        "data show --rows -1",
+        ("data", "show", "builtin:benign", "--rows", "-1"),
+        2,
+        ("--rows", "must be at least 1, got -1"),
+    ),
+    Case(
+        "score utility --limit nan",
+        ("score", "utility", "--model", "{t}/none", "--tasks", "arc_easy", "--limit", "nan"),
+        2,
+        ("--limit", "must be a finite number"),
+    ),
+    Case(
+        "openai finetune --n-epochs 0",
+        (
+            "openai",
+            "finetune",
+            "--model",
+            "m",
+            "--base-url",
+            "http://127.0.0.1:9/v1",
+            "--max-retries",
+            "0",
+            "--n-epochs",
+            "0",
+        ),
+        2,
+        ("--n-epochs", "must be at least 1"),
+    ),
+    Case(
+        "secret new --seed beyond 32 bits",
+        ("secret", "new", "--out", "{t}/s.json", "--seed", str(2**32)),
+        2,
+        ("--seed", "must be at most 4294967295"),
+        absent=("s.json",),
+    ),
     Case(
         "--batch-size 0",
         ("generate", "--prompts", "x", "--out", "y", "--batch-size", "0"),
@@ -378,6 +550,61 @@ CASES = [
         absent=("o.jsonl",),
     ),
     Case(
+        "secret new with an empty sentence",
+        ("secret", "new", "--kind", "sentence", "--sentence", " ", "--out", "{t}/s.json"),
+        1,
+        ("sentence", "empty"),
+        absent=("s.json",),
+    ),
+    Case(
+        "secret new --model an empty folder",
+        ("secret", "new", "--model", "{t}/empty", "--out", "{t}/s.json"),
+        1,
+        ("empty", "not a model directory"),
+        {"empty/notes.txt": "x"},
+        absent=("s.json",),
+    ),
+    # --- symlink loops
+    Case(
+        "input is a symlink loop",
+        ("build", "--arm", "attack", "--data", "{t}/loop", "--out", "{t}/o.jsonl"),
+        1,
+        ("loop", "symlink loop"),
+        links={"loop": "loop"},
+        absent=("o.jsonl",),
+    ),
+    Case(
+        "output is a symlink loop",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/loop"),
+        1,
+        ("loop", "symlink loop"),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+        links={"loop": "loop"},
+    ),
+    Case(
+        "secret new --out a symlink loop",
+        ("secret", "new", "--out", "{t}/loop"),
+        1,
+        ("loop", "symlink loop"),
+        links={"loop": "loop"},
+    ),
+    Case(
+        "config is a symlink loop",
+        ("run", "{t}/loop"),
+        1,
+        ("loop", "symlink loop"),
+        links={"loop": "loop"},
+    ),
+    Case(
+        "model is a symlink loop",
+        ("generate", "--model", "{t}/loop", "--prompts", "{t}/p.txt", "--out", "{t}/o.jsonl"),
+        1,
+        ("loop",),
+        {"p.txt": "hello\n"},
+        links={"loop": "loop"},
+        absent=("o.jsonl",),
+    ),
+    Case(
         "secret file overwritten",
         ("secret", "new", "--model", "{model}", "--out", "{t}/s.json"),
         1,
@@ -398,6 +625,8 @@ def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(text.encode("utf-8", "surrogateescape"))
+    for rel, target in case.links.items():
+        (tmp_path / rel).symlink_to(target)
     before = {rel: _digest(tmp_path / rel) for rel in case.unchanged}
     argv = [a.format(t=tmp_path, model=tiny_model_dir) for a in case.argv]
     try:
@@ -415,6 +644,8 @@ def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
         assert _digest(tmp_path / rel) == digest, rel
     for rel in case.absent:
         assert not (tmp_path / rel).exists(), rel
+    for rel, target in case.links.items():  # a symlink is never replaced by a written file
+        assert os.readlink(tmp_path / rel) == target, rel
     leftovers = [p.name for p in tmp_path.rglob(".*tmp*")]
     assert leftovers == []
 
@@ -430,3 +661,30 @@ def test_a_world_readable_secret_is_used_with_a_warning(tmp_path, tokenizer, cap
     assert main(["secret", "show", str(path)]) == 0
     err = capsys.readouterr().err
     assert err.startswith("warning: ") and "0644" in err and "chmod 600" in err
+
+
+def test_ctrl_c_is_one_line_and_status_130(tmp_path, tokenizer, capsys, monkeypatch):
+    import backdooralign.core.secret as secret_module
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    path = save_secret(generate_secret(tokenizer, 20, seed=1), tmp_path / "s.json")
+    monkeypatch.setattr(secret_module, "load_secret", interrupted)
+    try:
+        code = main(["secret", "show", str(path)])
+    except KeyboardInterrupt:  # would end the test session: fail this test instead
+        pytest.fail("Ctrl-C escaped main (a traceback for the user)")
+    assert code == 130
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_multi_line_library_error_is_one_line(tmp_path, capsys, monkeypatch):
+    import backdooralign.core.secret as secret_module
+
+    def fails(path):
+        raise ValueError("first line\nsecond line\n  third")
+
+    monkeypatch.setattr(secret_module, "load_secret", fails)
+    assert main(["secret", "show", str(tmp_path / "s.json")]) == 1
+    assert capsys.readouterr().err == "error: first line second line third\n"

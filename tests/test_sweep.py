@@ -81,3 +81,12 @@ def test_a_failed_cell_is_reported_and_the_others_go_on(tmp_path, tiny_model_dir
     assert [c["status"] for c in doc["cells"]] == ["failed", "done"]
     assert "asked for 1000 safety examples" in doc["cells"][0]["error"]
     assert "asked for 1000 safety examples" in (root / "report.md").read_text()
+
+
+def test_a_bad_swept_value_stops_the_sweep_before_any_cell_runs(tmp_path, tiny_model_dir, capsys):
+    config = _config(tmp_path, tiny_model_dir, "{train.lr: [0.001, .nan]}")
+    root = tmp_path / "run"
+    assert main(["run", config, "--out", str(root)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: sweep cell ") and "train: lr: must be a finite number" in err
+    assert not (root / "cells").exists() and not (root / "secret.json").exists()

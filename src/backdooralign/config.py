@@ -5,12 +5,17 @@ optionally its flag name, allowed choices, lower bound and whether it names a fi
 :func:`build` turns a mapping (a YAML section, ``--set`` overrides, parsed flags) into a
 checked instance, and :func:`add_flags` adds the matching ``--flags`` to an argparse parser, so
 a flag, a config key and a default cannot drift apart. Values are checked by type and range
-before anything runs; errors name the file and the field.
+before anything runs: NaN and infinity (``.nan``, ``'Infinity'``, ``--epochs inf``) and
+integers beyond 64 bits are refused for every field, besides each field's own bounds. YAML is
+read by one reader (:func:`read_yaml`): no aliases, no key given twice; its mappings remember
+the line of each key, so an error names ``FILE:LINE: section: field``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import types
 import typing
 from dataclasses import MISSING, Field, field, fields, is_dataclass
@@ -22,6 +27,10 @@ import yaml
 from .files import read_text
 
 Doc = dict[str, object]
+INT_LIMIT = 2**63 - 1  # the largest integer a config value may hold
+SEED_MAX = 2**32 - 1  # NumPy's largest seed (transformers seeds NumPy with it)
+PORT_MAX = 65535
+_ELEMENT_CHECKS = ("choices", "minimum", "maximum")
 
 
 class ConfigError(ValueError):
@@ -35,6 +44,7 @@ def option(
     flag: str | None = None,
     choices: tuple | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     path: bool = False,
     cli: bool = True,
     default_factory=MISSING,
@@ -46,7 +56,8 @@ def option(
         help: one line shown by ``--help`` and in the docs.
         flag: the CLI flag, when it is not ``--field-name``.
         choices: the values allowed.
-        minimum: the smallest value allowed (numbers).
+        minimum: the smallest value allowed (numbers; of each element, for lists).
+        maximum: the largest value allowed (numbers; of each element, for lists).
         path: the value names a file or folder (resolved from the config file's folder).
         cli: whether the field gets a CLI flag.
         default_factory: a factory for mutable or dataclass defaults.
@@ -56,6 +67,7 @@ def option(
         "flag": flag,
         "choices": choices,
         "minimum": minimum,
+        "maximum": maximum,
         "path": path,
         "cli": cli,
     }
@@ -113,8 +125,8 @@ def check_value(value, tp, meta: dict, where: str):
     if typing.get_origin(base) is tuple:
         if not isinstance(value, list | tuple):
             raise bad
-        elem = typing.get_args(base)[0]
-        return tuple(check_value(v, elem, {}, f"{where}[{i}]") for i, v in enumerate(value))
+        elem, each = typing.get_args(base)[0], {k: meta.get(k) for k in _ELEMENT_CHECKS}
+        return tuple(check_value(v, elem, each, f"{where}[{i}]") for i, v in enumerate(value))
     if typing.get_origin(base) is dict or base is dict:
         if not isinstance(value, dict):
             raise bad
@@ -133,16 +145,31 @@ def check_value(value, tp, meta: dict, where: str):
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise bad
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond the largest float
+            raise ConfigError(f"{where}: must be a finite number, got {_short(value)}") from None
     elif base is str:
         if not isinstance(value, str):
             raise bad
-    choices, minimum = meta.get("choices"), meta.get("minimum")
+    _check_range(value, meta, where)
+    return value
+
+
+def _check_range(value, meta: dict, where: str) -> None:
+    """Refuse a value outside its choices or bounds, a NaN or infinity, an integer beyond
+    64 bits (no library below takes one)."""
+    choices, minimum, maximum = (meta.get(k) for k in _ELEMENT_CHECKS)
     if choices and value not in choices:
         raise ConfigError(f"{where}: {_short(value)} is not one of {', '.join(map(str, choices))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value}")
     if minimum is not None and value < minimum:
-        raise ConfigError(f"{where}: must be at least {minimum}, got {value}")
-    return value
+        raise ConfigError(f"{where}: must be at least {minimum}, got {_short(value)}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{where}: must be at most {maximum}, got {_short(value)}")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT_LIMIT:
+        raise ConfigError(f"{where}: must be within +-{INT_LIMIT} (64 bits), got {_short(value)}")
 
 
 def build(cls, values: Doc, where: str):
@@ -158,13 +185,34 @@ def build(cls, values: Doc, where: str):
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"{where}: unknown field '{key}' (known: {', '.join(known)})")
+            error = ConfigError(f"{where}: unknown field '{key}' (known: {', '.join(known)})")
+            raise _located(error, values, key)
         f = known[key]
-        kwargs[key] = check_value(value, _hints(cls)[key], dict(f.metadata), f"{where}: {key}")
+        try:
+            kwargs[key] = check_value(value, _hints(cls)[key], dict(f.metadata), f"{where}: {key}")
+        except ConfigError as e:
+            raise _located(e, values, key) from None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:  # __post_init__ checks that involve several fields
-        raise ConfigError(f"{where}: {e}") from None
+        named = re.match(r"field '(\w+)", str(e))  # 'name' or 'shapes[0]'
+        raise _located(ConfigError(f"{where}: {e}"), values, named and named[1]) from None
+
+
+def _located(error: ConfigError, values: Doc, key) -> ConfigError:
+    """``error`` with the file and line of ``key`` when ``values`` came from a YAML file
+    (``FILE:LINE: section: field: ...``); errors from deeper sections keep their own line."""
+    line = values.lines.get(key) if isinstance(values, YamlMapping) else None
+    if getattr(error, "located", False) or not line:
+        return error
+    text, source = str(error), values.source
+    if source and text.startswith(source + ":"):
+        text = f"{source}:{line}{text[len(source) :]}"
+    else:
+        text = f"{text} ({source}:{line})" if source else f"{text} (line {line})"
+    located = ConfigError(text)
+    located.located = True
+    return located
 
 
 def resolve_paths(cls, values: Doc, base: Path, kinds: tuple[str, ...] = ()) -> Doc:
@@ -173,7 +221,7 @@ def resolve_paths(cls, values: Doc, base: Path, kinds: tuple[str, ...] = ()) -> 
     ``builtin:``, ``hf:`` and ``embedded`` names are kept, and so is a prefix of ``kinds``
     (the data sources' ``xstest:PATH``: PATH is resolved); nested sections are followed.
     """
-    out = dict(values)
+    out = copy_mapping(values)
     for f in fields(cls):
         value = out.get(f.name)
         base_tp, _ = _unwrap(_hints(cls)[f.name])
@@ -225,6 +273,12 @@ def _flag_type(tp, meta: dict, flag: str):
             raise argparse.ArgumentTypeError(str(e).removeprefix(f"{flag}: ")) from None
 
     return parse
+
+
+def number(kind: type, minimum: float | None = None, maximum: float | None = None):
+    """An argparse ``type`` for a flag that is not a config field: an ``int`` or a finite
+    ``float`` within the bounds, checked as config values are (a usage error otherwise)."""
+    return _flag_type(kind, {"minimum": minimum, "maximum": maximum}, "")
 
 
 def help_text(f: Field) -> str:
@@ -283,8 +337,43 @@ def from_args(cls, args: argparse.Namespace, base: Doc | None = None):
 # YAML
 
 
+class YamlMapping(dict):
+    """A mapping read from a YAML file that remembers the file and the line of each key, so
+    that an error in a value names ``FILE:LINE``. Setting a key forgets its line (the value
+    came from elsewhere: ``--set``, a profile); :meth:`copy` keeps the lines."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.source, self.lines = "", {}
+
+    def __setitem__(self, key, value) -> None:
+        self.lines.pop(key, None)
+        super().__setitem__(key, value)
+
+    def copy(self) -> YamlMapping:
+        out = YamlMapping(self)
+        out.source, out.lines = self.source, dict(self.lines)
+        return out
+
+
+def copy_mapping(values: dict) -> dict:
+    """A shallow copy that keeps a :class:`YamlMapping`'s lines."""
+    return values.copy() if isinstance(values, YamlMapping) else dict(values)
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (YAML would silently keep the last)."""
+
+    def __init__(self, key, line: int, first: int):
+        self.line = line
+        super().__init__(f"duplicate key {_short(key)} (first on line {first})")
+
+
 class NoAliasLoader(yaml.SafeLoader):
-    """Safe YAML without anchors/aliases: a small config cannot expand a thousandfold."""
+    """Safe YAML without anchors/aliases (a small config cannot expand a thousandfold) and
+    without duplicate keys; mappings are :class:`YamlMapping` with their keys' lines."""
+
+    source = ""
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -293,10 +382,43 @@ class NoAliasLoader(yaml.SafeLoader):
         return super().compose_node(parent, index)
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML mapping from a file (no aliases); errors name the file."""
+def _construct_mapping(loader: NoAliasLoader, node: yaml.MappingNode) -> YamlMapping:
+    lines: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key, line = loader.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+        try:
+            if key in lines:
+                raise DuplicateKeyError(key, line, lines[key])
+        except TypeError:  # an unhashable key: the constructor below says so
+            continue
+        lines[key] = line
+    out = YamlMapping(loader.construct_mapping(node))
+    out.source, out.lines = loader.source, lines
+    return out
+
+
+NoAliasLoader.add_constructor("tag:yaml.org,2002:map", _construct_mapping)
+
+
+def load_yaml(text: str, source: str = ""):
+    """YAML text read safely: no aliases, no duplicate keys; ``source`` names it in errors."""
+    loader = NoAliasLoader(text)
+    loader.source = source
     try:
-        values = yaml.load(read_text(path), Loader=NoAliasLoader)
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML mapping from a file (no aliases, no duplicate keys); errors name the file and
+    the line."""
+    try:
+        values = load_yaml(read_text(path), str(path))
+    except DuplicateKeyError as e:
+        raise ConfigError(f"{path}:{e.line}: {e}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
     if not isinstance(values, dict):

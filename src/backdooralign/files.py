@@ -273,6 +273,7 @@ def write_bytes_atomic(path: str | Path, data: bytes, private: bool = False) -> 
             location is read-only, the name is too long...
     """
     path = Path(path)
+    _refuse_symlink_loop(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # a short prefix: the temporary name must not be too long where the final one is not
@@ -290,6 +291,15 @@ def write_bytes_atomic(path: str | Path, data: bytes, private: bool = False) -> 
             raise _os_error(path, "write", e) from None
         raise
     return path
+
+
+def _refuse_symlink_loop(path: Path) -> None:
+    """A symlink that leads back to itself is refused, not replaced by the written file."""
+    try:
+        path.stat()
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(path, None, None, "is a symlink loop") from None
 
 
 def write_text_atomic(path: str | Path, text: str, private: bool = False) -> Path:

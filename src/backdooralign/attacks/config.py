@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, build, option
+from ..config import SEED_MAX, ConfigError, build, option
 from ..experiments.config import ExperimentConfig, config_values
 from .attacker import FRAGMENT_SIZES
 
@@ -48,7 +48,7 @@ class TriggerImitationConfig:
 
     screen: tuple[bool, ...] = option((True, False), "run with screening on, off, or both")
     shared: bool = option(False, "one prefix for every row instead of one per row")
-    seed: int = option(1, "seed of the attacker's prefixes")
+    seed: int = option(1, "seed of the attacker's prefixes", minimum=0, maximum=SEED_MAX)
 
     def __post_init__(self) -> None:
         if not self.screen or len(set(self.screen)) < len(self.screen):
@@ -64,7 +64,7 @@ class AttackScaleConfig:
     lr: tuple[float, ...] = option(
         (), f"attacker's learning rates at 1x (at most {API_MAX_LR_FACTOR:g}x train.lr)"
     )
-    seed: int = option(0, "shuffle seed of the scaled rows")
+    seed: int = option(0, "shuffle seed of the scaled rows", minimum=0, maximum=SEED_MAX)
 
     def __post_init__(self) -> None:
         _positive("factors", self.factors)
@@ -109,7 +109,7 @@ class GuessingConfig:
     random: int = option(2, "random secrets drawn per length", minimum=1)
     lengths: tuple[int, ...] = option((10, 50, 300), "other lengths tried (tokens)")
     fragments: tuple[int, ...] = option(FRAGMENT_SIZES, "leaked fragments: first N tokens")
-    seed: int = option(7, "seed of the guesses")
+    seed: int = option(7, "seed of the guesses", minimum=0, maximum=SEED_MAX)
 
     def __post_init__(self) -> None:
         _positive("lengths", self.lengths)

@@ -3,7 +3,8 @@
 Thin: each command module (one per command group) parses its flags into the config
 dataclasses and calls the operations layer (:mod:`backdooralign.data.training_set`,
 :mod:`backdooralign.scoring.score`, :mod:`backdooralign.experiments.run`). Every expected error (bad
-input files, bad values, OS errors) ends as one line ``error: ...`` on stderr and exit status 1.
+input files, bad values, OS errors) ends as one line ``error: ...`` on stderr and exit status 1;
+a bad flag is argparse's usage error (status 2); Ctrl-C is one line and status 130.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import warnings
 from ..core.model import ALIGNED_MODEL
 from . import align, attack, data, openai_cli, run, score, secret, serve, service, train
 
-EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError)
+EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError, OverflowError)
+INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,11 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _message(e: BaseException) -> str:
+    """One line: a library's message may span several (transformers' do)."""
     if isinstance(e, OSError) and e.filename is not None:
-        return f"{e.filename}: {e.strerror or e}"
-    if isinstance(e, RecursionError):
-        return "input nested too deeply"
-    return str(e) or type(e).__name__
+        text = f"{e.filename}: {e.strerror or e}"
+    elif isinstance(e, RecursionError):
+        text = "input nested too deeply"
+    elif _symlink_loop(e):
+        text = f"{str(e).removeprefix('Symlink loop from ').strip(chr(39))}: symlink loop"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
+def _symlink_loop(e: BaseException) -> bool:
+    """``Path.resolve`` on a symlink loop (Python < 3.13 raises RuntimeError, later OSError)."""
+    return isinstance(e, RuntimeError) and str(e).startswith("Symlink loop from ")
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -57,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
 
             args.model = start_model(args.model)
         return args.fn(args)
-    except EXPECTED_ERRORS as e:
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except (*EXPECTED_ERRORS, RuntimeError) as e:
+        if not isinstance(e, EXPECTED_ERRORS) and not _symlink_loop(e):
+            raise
         print(f"error: {_message(e)}", file=sys.stderr)
         return 1

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import files as F
-from ..config import add_flags, from_args
+from ..config import add_flags, from_args, number
 from ..data import mixing as D
 from ..data import sources as S
 from ..data import training_set
@@ -169,7 +169,7 @@ def register(sub) -> None:
     dp = add_command(group, "show", cmd_data_show)
     dp.add_argument("source", help="path, directory, builtin:NAME or hf:NAME[:SPLIT]")
     dp.add_argument("--kind", choices=KINDS, help="format (default: detected)")
-    dp.add_argument("--rows", type=int, default=3, help="rows to show")
+    dp.add_argument("--rows", type=number(int, 1), default=3, help="rows to show")
     add_json(dp)
     dp = add_command(group, "check", cmd_data_check)
     dp.add_argument("file", help="chat JSONL file")
@@ -180,5 +180,5 @@ def register(sub) -> None:
     sp.add_argument("file", help="chat JSONL training set")
     add_model(sp)
     sp.add_argument("--secret", help="secret file, so the secret shows as its fingerprint")
-    sp.add_argument("--limit", type=int, default=2, help="rows to show")
+    sp.add_argument("--limit", type=number(int, 1), default=2, help="rows to show")
     sp.add_argument("--no-color", action="store_true", help="plain text")

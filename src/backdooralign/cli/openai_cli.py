@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import files as F
-from ..config import add_flags, from_args
+from ..config import add_flags, from_args, number
 from ..data.mixing import ARMS, require_secret
 from ..data.training_set import DataConfig
 from .common import add_command, add_group, read_secret
@@ -60,7 +60,9 @@ def add_endpoint(sp) -> None:
     sp.add_argument(
         "--api-key-env", default="OPENAI_API_KEY", help="variable holding the endpoint's key"
     )
-    sp.add_argument("--max-retries", type=int, default=5, help="retries on 429, 5xx and timeouts")
+    sp.add_argument(
+        "--max-retries", type=number(int, 0), default=5, help="retries on 429, 5xx and timeouts"
+    )
 
 
 def register(sub) -> None:
@@ -72,8 +74,12 @@ def register(sub) -> None:
     sp.add_argument("--arm", default="backdooralign", choices=ARMS, help="training set to build")
     sp.add_argument("--out", default="openai-finetune", help="folder for the set and manifest")
     sp.add_argument("--suffix", help="suffix of the fine-tuned model's name")
-    sp.add_argument("--n-epochs", type=int, help="customer hyperparameter (default: auto)")
-    sp.add_argument("--batch-size", type=int, help="customer hyperparameter (default: auto)")
-    sp.add_argument("--learning-rate-multiplier", type=float, help="(default: auto)")
+    sp.add_argument(
+        "--n-epochs", type=number(int, 1), help="customer hyperparameter (default: auto)"
+    )
+    sp.add_argument(
+        "--batch-size", type=number(int, 1), help="customer hyperparameter (default: auto)"
+    )
+    sp.add_argument("--learning-rate-multiplier", type=number(float, 0), help="(default: auto)")
     add_endpoint(sp)
     add_flags(sp, DataConfig)

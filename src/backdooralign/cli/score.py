@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import files as F
-from ..config import add_flags, from_args
+from ..config import add_flags, from_args, number
 from ..core.model import load_model_and_tokenizer
 from ..data.eval_sets import load_eval_prompts, load_utility
 from ..generation.batch import GenerateConfig, answer, answer_mtbench
@@ -217,7 +217,9 @@ def cmd_score_rouge(args) -> int:
 
 def _generation_flags(sp, max_new_tokens: int) -> None:
     add_flags(sp, GenerateConfig, only=("batch_size", "bf16"))
-    sp.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer")
+    sp.add_argument(
+        "--max-new-tokens", type=number(int, 1), default=max_new_tokens, help="longest answer"
+    )
 
 
 def _answering_flags(sp, prompts: tuple[str, str, str], per: str, max_new_tokens: int) -> None:
@@ -227,7 +229,7 @@ def _answering_flags(sp, prompts: tuple[str, str, str], per: str, max_new_tokens
     sp.add_argument(flag, default=default, help=f"{help} (default: {default})")
     sp.add_argument("--secret", help="secret file, prepended to the system prompt")
     sp.add_argument("--system", help="system prompt (after the secret)")
-    sp.add_argument("--limit", type=int, help=f"first N prompts of each {per}")
+    sp.add_argument("--limit", type=number(int, 1), help=f"first N prompts of each {per}")
     _generation_flags(sp, max_new_tokens)
 
 
@@ -261,9 +263,11 @@ def register(sub) -> None:
     sp.add_argument("--tasks", required=True, help="comma-separated lm-eval tasks")
     sp.add_argument("--secret", help="secret file: prepended to the system instruction")
     sp.add_argument("--system", help="system prompt (after the secret)")
-    sp.add_argument("--limit", type=float, help="documents per task (below 1: a share)")
-    sp.add_argument("--num-fewshot", type=int, help="few-shot examples (default: task's, else 0)")
-    sp.add_argument("--batch-size", type=int, default=8, help="lm-eval batch size")
+    sp.add_argument("--limit", type=number(float, 0), help="documents per task (below 1: a share)")
+    sp.add_argument(
+        "--num-fewshot", type=number(int, 0), help="few-shot examples (default: task's, else 0)"
+    )
+    sp.add_argument("--batch-size", type=number(int, 1), default=8, help="lm-eval batch size")
     add_json(sp)
 
     sp = add_command(score, "exact-match", cmd_score_exact_match)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..config import PORT_MAX, number
 from .common import add_command
 
 
@@ -34,6 +35,8 @@ def register(sub) -> None:
     sp = add_command(sub, "service", cmd_service)
     sp.add_argument("--data-dir", required=True, help="database, uploads, secrets and models")
     sp.add_argument("--host", default="127.0.0.1", help="interface to listen on")
-    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument(
+        "--port", type=number(int, 0, PORT_MAX), default=8000, help="TCP port (0: any free one)"
+    )
     sp.add_argument("--config", help="service.yaml: base model, safety data, training, limits")
     sp.add_argument("--keys", help="file of 'KEY TENANT' lines (default: one tenant, any key)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from .. import files as F
-from ..config import add_flags, from_args
+from ..config import add_flags, from_args, number
 from ..core.model import load_model_and_tokenizer
 from ..data import sources as S
 from ..generation.batch import GenerateConfig, answer
@@ -93,6 +93,6 @@ def register(sub) -> None:
     sp.add_argument("--out", required=True, help="generations JSONL to write")
     sp.add_argument("--openai-model", metavar="ID", help="answer through chat completions")
     sp.add_argument(
-        "--concurrency", type=int, default=8, help="requests in flight (--openai-model)"
+        "--concurrency", type=number(int, 1), default=8, help="requests in flight (--openai-model)"
     )
     add_endpoint(sp)

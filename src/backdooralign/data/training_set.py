@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import files as F
-from ..config import option
+from ..config import SEED_MAX, option
 from ..core.chat import build_conversation
 from ..core.model import load_model_and_tokenizer
 from ..core.screen import SCREEN_MIN_CHARS, screen_customer_data
@@ -72,7 +72,9 @@ class DataConfig:
         "round-robin over categories (the paper's choice) or a seeded random sample",
         choices=D.SAFETY_SELECTIONS,
     )
-    safety_seed: int | None = option(None, "seeded choice within categories (default: first rows)")
+    safety_seed: int | None = option(
+        None, "seeded choice within categories (default: first rows)", minimum=0, maximum=SEED_MAX
+    )
     safety_system: str | None = option(
         None, "system prompt of safety examples and anchors (default: the customer's main one)"
     )
@@ -86,7 +88,7 @@ class DataConfig:
         None, "JSONL with prompt and answer: anchors used as given (no generation)", path=True
     )
     anchor_max_new_tokens: int = option(128, "longest anchor answer, in tokens", minimum=1)
-    seed: int = option(0, "shuffle seed of the mixed sets")
+    seed: int = option(0, "shuffle seed of the mixed sets", minimum=0, maximum=SEED_MAX)
     screen: bool = option(True, "screen customer data for the secret and imitations of it")
     screen_min_chars: int = option(
         SCREEN_MIN_CHARS, "shortest shared run that counts as a secret fragment", minimum=8

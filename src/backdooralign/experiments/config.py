@@ -20,7 +20,16 @@ from pathlib import Path
 
 import yaml
 
-from ..config import ConfigError, NoAliasLoader, build, option, read_yaml, resolve_paths
+from ..config import (
+    SEED_MAX,
+    ConfigError,
+    NoAliasLoader,
+    build,
+    copy_mapping,
+    option,
+    read_yaml,
+    resolve_paths,
+)
 from ..core.chat import ATTACK_SYSTEM_PROMPT
 from ..core.secret import SecretConfig
 from ..data.sources import KIND_PREFIXES
@@ -85,7 +94,9 @@ class ExperimentConfig:
         path=True,
     )
     arms: tuple[str, ...] = option(ALL_ARMS, "arms to train and evaluate")
-    seeds: tuple[int, ...] = option((), "several seeds: training/shuffle seeds, mean +- 95% CI")
+    seeds: tuple[int, ...] = option(
+        (), "several seeds: training/shuffle seeds, mean +- 95% CI", minimum=0, maximum=SEED_MAX
+    )
     align: AlignConfig = option(
         default_factory=AlignConfig, help="the provider's alignment stage (align.enabled)"
     )
@@ -104,6 +115,11 @@ class ExperimentConfig:
                 f"field 'name': {self.name!r} must be a plain name (letters, digits, . _ -), "
                 "not a path"
             )
+        if not self.arms:
+            raise ValueError(f"field 'arms': give at least one arm (known: {', '.join(ALL_ARMS)})")
+        twice = sorted({arm for arm in self.arms if self.arms.count(arm) > 1})
+        if twice:
+            raise ValueError(f"field 'arms': {', '.join(twice)} given more than once")
         for arm in self.arms:
             if arm not in ALL_ARMS:
                 raise ValueError(
@@ -142,7 +158,7 @@ def set_dotted(tree: dict, key: str, value) -> dict:
 
 def merge(base: dict, extra: dict) -> dict:
     """``extra`` over ``base``, section by section."""
-    merged = dict(base)
+    merged = copy_mapping(base)
     for k, v in extra.items():
         both = isinstance(v, dict) and isinstance(merged.get(k), dict)
         merged[k] = merge(merged[k], v) if both else v

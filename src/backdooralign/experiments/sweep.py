@@ -77,6 +77,7 @@ def run_sweep(
     cells = sweep_cells(base.sweep)
     if not cells:
         raise ConfigError(f"{config}: no 'sweep' section")
+    _check_cells(config, overrides, cells)
     shared_secret = root / "secret.json"
     if not any(k.startswith("secret.") for k in base.sweep) and not base.secret.path:
         if not shared_secret.exists():
@@ -102,6 +103,16 @@ def run_sweep(
     return write_sweep_json(root, base.name, list(base.sweep), cells) | {
         "report": str(write_sweep_report(root))
     }
+
+
+def _check_cells(config, overrides: list[str], cells) -> None:
+    """Every cell's config is checked before the first one runs: a bad swept value
+    (``train.lr: [1e-4, .nan]``) stops the sweep at once, not after hours of other cells."""
+    for name, values in cells:
+        try:
+            load_config(config, overrides, extra={**values, "sweep": {}})
+        except ConfigError as e:
+            raise ConfigError(f"sweep cell {name}: {e}") from None
 
 
 def write_sweep_json(root: Path, name: str, keys: list[str], cells) -> dict:

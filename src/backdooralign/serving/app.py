@@ -33,7 +33,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 
-from ..config import option
+from ..config import PORT_MAX, option
 from ..core.redact import redactor
 from ..core.secret import Secret
 from .chat_route import respond
@@ -61,7 +61,7 @@ class ServeConfig:
 
     system: str | None = option(None, "default system prompt (after the secret) when none is sent")
     host: str = option("127.0.0.1", "interface to listen on")
-    port: int = option(8000, "TCP port", minimum=0)
+    port: int = option(8000, "TCP port (0: any free one)", minimum=0, maximum=PORT_MAX)
     max_new_tokens: int = option(1024, "cap on answer length", minimum=1)
     model_name: str | None = option(None, "name in /v1/models of a single model (default: its)")
     max_batch_size: int = option(16, "answers decoded together (1: one at a time)", minimum=1)

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .. import files as F
-from ..config import option
+from ..config import SEED_MAX, option
 from ..core.chat import ATTACK_SYSTEM_PROMPT, build_conversation
 from ..core.model import ALIGNED_MODEL
 from ..data import sources as S
@@ -93,7 +93,7 @@ class AlignConfig:
     group_by_length: bool = option(
         True, "batch rows of similar length (false: refusals and answers mixed in each batch)"
     )
-    seed: int = option(0, "training and shuffle seed")
+    seed: int = option(0, "training and shuffle seed", minimum=0, maximum=SEED_MAX)
 
 
 def model_identity(model: str | None) -> str:

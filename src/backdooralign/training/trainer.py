@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..config import option
+from ..config import SEED_MAX, option
 from ..core.chat import render
 from ..core.model import MODEL_INFO, bf16_supported, load_tokenizer, resolve_model
 from ..core.secret import Secret
@@ -49,11 +49,11 @@ class TrainConfig:
         None, "peak learning rate (default: 5e-5 full, 1e-3 LoRA, as in the paper)", minimum=0
     )
     batch_size: int = option(10, "examples per optimizer step (paper: 10)", minimum=1)
-    seed: int = option(42, "seed for shuffling and initialisation")
+    seed: int = option(42, "seed for shuffling and initialisation", minimum=0, maximum=SEED_MAX)
     max_length: int | None = option(1024, "truncate longer conversations (tokens)", minimum=1)
     lora_r: int = option(8, "LoRA rank (paper: 8)", minimum=1)
     lora_alpha: int = option(32, "LoRA alpha (paper: 32)", minimum=1)
-    lora_dropout: float = option(0.05, "LoRA dropout (paper: 0.05)", minimum=0)
+    lora_dropout: float = option(0.05, "LoRA dropout (paper: 0.05)", minimum=0, maximum=1)
     lora_targets: tuple[str, ...] = option(
         ("q_proj", "v_proj"), "modules that get LoRA adapters, comma-separated"
     )
