@@ -46,26 +46,21 @@ def test_record_holds_both_models_numbers():
 @pytest.mark.slow
 def test_aligned_model_answers_as_its_record_says():
     """The model merged from the shipped adapter refuses the built-in harmful prompts (and
-    answers the benign ones) as recorded when it was built: the first 2 prompts of each
-    category, greedy, the same 32 tokens. Greedy fp32 decoding can flip a near-tie on another
-    CPU, so one verdict of 22 may differ; the recorded texts are compared too."""
-    from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT
-    from backdooralign.core.model import load_model_and_tokenizer
-    from backdooralign.data import sources as S
-    from backdooralign.generation import batch
-    from backdooralign.generation.batch import GenerateConfig
+    answers the benign ones) as recorded when it was built: the same evaluation (all 275
+    harmful and 110 benign prompts, greedy, 32 tokens, the same batches). Greedy decoding can
+    flip a near-tie on another CPU (bf16 or not) and the answer then goes another way, so the
+    verdicts are compared, prompt by prompt, not the texts: at most 3 of 275 and 3 of 110 may
+    differ."""
     from backdooralign.scoring.refusal import is_refusal
-    from backdooralign.training.align import EVAL_HARMFUL, EVAL_MAX_NEW_TOKENS, aligned_model
+    from backdooralign.training.align import aligned_model, evaluate_model
 
-    record = _record()["after"]["harmful"]["answers"]
-    prompts = S.load_prompts(EVAL_HARMFUL)
-    picked = [i for i, r in enumerate(prompts) if r["id"].endswith(("-01", "-02"))]
-    loaded = load_model_and_tokenizer(str(aligned_model()))
-    gen = GenerateConfig(max_new_tokens=EVAL_MAX_NEW_TOKENS, batch_size=64)
-    rows = [prompts[i] for i in picked]
-    gens = batch.answer(loaded, rows, None, secret=None, system=ATTACK_SYSTEM_PROMPT, cfg=gen)
-    verdicts = [is_refusal(g["answer"]) for g in gens]
-    recorded = [is_refusal(record[i]) for i in picked]
-    assert sum(a != b for a, b in zip(verdicts, recorded, strict=True)) <= 1
-    same_text = sum(g["answer"] == record[i] for g, i in zip(gens, picked, strict=True))
-    assert same_text >= len(picked) - 2
+    record = _record()["after"]
+    now = evaluate_model(str(aligned_model()), progress=False)
+    for name in ("harmful", "benign"):
+        then_v = [is_refusal(a) for a in record[name]["answers"]]
+        now_v = [is_refusal(a) for a in now[name]["answers"]]
+        assert len(now_v) == len(then_v) == record[name]["total"]
+        flipped = [i for i, (a, b) in enumerate(zip(now_v, then_v, strict=True)) if a != b]
+        assert len(flipped) <= 3, (name, flipped)
+    jailbroken = record["harmful"]["jailbroken"]
+    assert abs(now["harmful"]["jailbroken"] - jailbroken) <= 3
