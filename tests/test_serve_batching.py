@@ -169,7 +169,10 @@ def test_a_secret_split_over_chunks_never_reaches_the_client(tiny_model_dir, tok
     deltas = [c["choices"][0]["delta"].get("content") or "" for c in chunks]
     expected = "Sure. Here it is: [redacted] ok then, anything else?"
     assert plain == expected and "".join(deltas) == expected
-    assert len([d for d in deltas if d]) > 5  # streamed in pieces, not in one final chunk
+    pieces = [d for d in deltas if d]
+    # streamed in pieces, not in one final chunk: the words before the secret go out first (the
+    # redactor holds back the text after it while it could still be part of a rewrite)
+    assert len(pieces) >= 4 and "".join(pieces[:3]) == "Sure. Here it is: "
     assert deltas.index("Sure.") < deltas.index("[redacted]") if "Sure." in deltas else True
 
 
