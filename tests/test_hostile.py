@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -688,3 +690,33 @@ def test_a_multi_line_library_error_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(secret_module, "load_secret", fails)
     assert main(["secret", "show", str(tmp_path / "s.json")]) == 1
     assert capsys.readouterr().err == "error: first line second line third\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["data", "check", "{fifo}"],
+        ["secret", "show", "{fifo}"],
+        ["build", "--arm", "attack", "--data", "{fifo}", "--out", "{tmp}/out.jsonl"],
+    ],
+    ids=["data check", "secret show", "build --data"],
+)
+def test_a_fifo_as_input_is_refused_instead_of_hanging(argv, tmp_path):
+    """A FIFO nobody writes to blocked these commands forever; now a one-line error, at once
+    (a subprocess with a timeout, so a regression fails instead of hanging the suite)."""
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    args = [a.format(fifo=fifo, tmp=tmp_path) for a in argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "-m", "backdooralign", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 1, done.stderr
+    out = done.stdout + done.stderr  # data check reports on stdout, the others on stderr
+    assert f"error: {fifo}: not a regular file (a FIFO, device or socket)\n" in out
+    assert "Traceback" not in out
+    assert not (tmp_path / "out.jsonl").exists()

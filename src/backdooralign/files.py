@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -60,12 +61,24 @@ def _os_error(path: str | Path, action: str, e: OSError) -> DataError:
 # Reading
 
 
+def refuse_special(path: str | Path) -> None:
+    """A FIFO, device or socket as an input would block or never end: refused before reading."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing, a loop, unreadable: the read itself says which
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(path, None, None, "not a regular file (a FIFO, device or socket)")
+
+
 def read_bytes(path: str | Path) -> bytes:
     """The bytes of a file.
 
     Raises:
-        DataError: the file is missing, a directory, unreadable or its name is too long.
+        DataError: the file is missing, a directory, not a regular file, unreadable or its
+            name is too long.
     """
+    refuse_special(path)
     try:
         return Path(path).read_bytes()
     except OSError as e:
@@ -251,6 +264,7 @@ def sha256_file(path: str | Path) -> str:
         DataError: the file is missing, a directory or unreadable.
     """
     h = hashlib.sha256()
+    refuse_special(path)
     try:
         with open(path, "rb") as f:
             for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..config import SEED_MAX, option
-from ..files import write_json
+from ..files import refuse_special, write_json
 from .chat import find_control_token
 
 FORMAT_VERSION = 1
@@ -116,6 +116,7 @@ def load_secret(path: str | Path) -> Secret:
             secret file. Errors never quote the text.
     """
     path = Path(path)
+    refuse_special(path)  # a FIFO would block forever
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
