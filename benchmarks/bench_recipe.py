@@ -33,7 +33,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
@@ -144,7 +144,7 @@ def run_variant(name: str, root: Path, model, secret, train_set, args) -> dict:
     model_dir = out / "model"
     cfg = RECIPE if name == "plain" else replace(RECIPE, **VARIANTS[name])
     done = model_dir / "train_metrics.json"
-    if done.exists() and name != "plain" and F.read_json(done).get("config") != _jsonable(cfg):
+    if done.exists() and name != "plain" and F.read_json(done).get("config") != cfg.record():
         shutil.rmtree(out)  # trained under other settings (the defaults changed): train again
     if not done.exists():
         out.mkdir(parents=True, exist_ok=True)
@@ -163,10 +163,6 @@ def run_variant(name: str, root: Path, model, secret, train_set, args) -> dict:
         "train_seconds": train.get("seconds"),
         "last_epoch_loss": _epoch_mean(train.get("losses") or [], 5),
     }
-
-
-def _jsonable(cfg: TrainConfig) -> dict:
-    return json.loads(json.dumps(asdict(cfg)))
 
 
 def _epoch_mean(losses: list, epochs: int) -> float | None:

@@ -53,6 +53,13 @@ __all__ += ["default_max_prompt_tokens"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+APP_OPTIONS = (
+    "max_body_bytes",
+    "max_prompt_tokens",
+    "max_batch_size",
+    "max_queue",
+    "request_timeout",
+)
 
 
 @dataclass(frozen=True)
@@ -80,8 +87,7 @@ class ServeConfig:
 
     def app_options(self) -> dict:
         """The keyword options of :func:`create_multi_app` this config sets."""
-        names = ("max_body_bytes", "max_prompt_tokens", "max_batch_size", "max_queue")
-        return {n: getattr(self, n) for n in (*names, "request_timeout")}
+        return {n: getattr(self, n) for n in APP_OPTIONS}
 
 
 def create_app(

@@ -97,6 +97,10 @@ class TrainConfig:
             why = f"must be at most 1, got {self.distill_weight}"
             raise ValueError(f"field 'distill_weight': {why}")
 
+    def record(self) -> dict:
+        """The settings as ``train_metrics.json`` records them (tuples as lists)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
 
 def _fast_sft_trainer(shared_prefix: bool = True, teacher=None, weight: float = 1.0):
     """SFTTrainer with a cheaper loss on one process (CPU or one GPU).
@@ -346,7 +350,7 @@ def train(
             "device": "cuda" if use_cuda else "cpu",
             "shared_prefix": shared,
             "distilled_rows": distilled,
-            "config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+            "config": cfg.record(),
         }
         keys = ("secret_fingerprint", "arm", "training_set_sha256")
         info = {**dict.fromkeys(keys), **(info or {})}
