@@ -131,6 +131,24 @@ def run_chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended (what a kill -9 leaves in an owner marker)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def make_dead_work_dir(out: Path) -> Path:
+    """A temporary folder for ``out`` as :func:`files.make_work_dir` makes it, whose process
+    has since died (a leftover of kill -9)."""
+    from backdooralign import files as F
+
+    work = F.make_work_dir(out)
+    owner = json.loads((work / F.OWNER).read_text())
+    (work / F.OWNER).write_text(json.dumps({**owner, "pid": dead_pid()}))
+    return work
+
+
 # ---------------------------------------------------------------------------------------------
 # Apps on loopback and the client that talks to them
 

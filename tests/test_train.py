@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import make_dead_work_dir
 from transformers import AutoModelForCausalLM
 
 from backdooralign.core.chat import build_conversation
@@ -136,11 +137,16 @@ def test_a_model_directory_we_wrote_is_replaced_and_stale_temps_go(tmp_path, tin
     out = tmp_path / "m"
     train(tiny_model_dir, _rows(), out, cfg)
     assert (out / ".backdooralign-model").exists()
-    stale = tmp_path / ".m.tmp-killed"  # what kill -9 leaves behind
-    (stale / "trainer").mkdir(parents=True)
+    stale = make_dead_work_dir(out)  # what kill -9 leaves behind
+    (stale / "trainer").mkdir()
+    mine = tmp_path / ".m.tmp-mine"  # a user's folder that only looks like one of ours
+    (mine / "notes.txt").parent.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    other = make_dead_work_dir(tmp_path / "othermodel")  # a leftover of another output
     train(tiny_model_dir, _rows(2), out, cfg)
     assert json.loads((out / "train_metrics.json").read_text())["examples"] == 2
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["m", mine.name, other.name])
+    assert (mine / "notes.txt").read_text() == "keep me"
 
 
 def test_an_error_during_training_leaves_no_temp_folder(tmp_path, tiny_model_dir, monkeypatch):

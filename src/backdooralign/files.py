@@ -19,13 +19,18 @@ Writers are atomic: a temporary file in the same folder, then a rename. ``privat
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import re
+import shutil
+import socket
 import stat
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -366,41 +371,257 @@ def _escape(text: str) -> str:
 # Guards run before any work
 
 
-def check_outputs(
-    inputs: Iterable[str | Path | None], outputs: Iterable[str | Path | None]
-) -> None:
-    """Refuse outputs that would overwrite an input or each other, or cannot be written.
+def _is_path_input(p: str | Path | None) -> bool:
+    return bool(p) and not str(p).startswith(("builtin:", "hf:", "xstest:", "orbench:"))
 
-    Checked before any expensive work: an output may not resolve to an input file (``--out``
-    equal to ``--data`` would replace the customer's file), two outputs may not be the same
-    file, and an output may not be an existing directory or sit under a file.
+
+def _input_paths(inputs: Iterable[str | Path | None]) -> dict[Path, tuple[str, bool]]:
+    """``{resolved path: (as given, is a folder)}`` of the inputs that are paths (a model name
+    or hub id that is no folder here is not one)."""
+    given: dict[Path, tuple[str, bool]] = {}
+    for p in inputs:
+        if not _is_path_input(p):
+            continue
+        text = str(p)
+        prefix, sep, rest = text.partition(":")
+        if sep and prefix.isalpha() and rest and not Path(text).exists():
+            text = rest  # a kind prefix: xstest:PATH, orbench:PATH
+            if not _is_path_input(text):
+                continue
+        _refuse_symlink_loop(Path(text))
+        resolved = Path(text).resolve()
+        given[resolved] = (str(p), resolved.is_dir())
+    return given
+
+
+def _check_one_output(out: str | Path, is_dir: bool) -> Path:
+    """The resolved output, after the checks that need no inputs."""
+    text = str(out)
+    if not is_dir and text.endswith(("/", os.sep)):
+        raise DataError(out, None, None, "ends with '/' but a file is expected")
+    path = Path(text)
+    _refuse_symlink_loop(path)
+    try:
+        st = path.lstat()
+    except OSError:
+        st = None
+    if st is not None and stat.S_ISLNK(st.st_mode) and path.is_dir():
+        raise DataError(
+            out, None, None, "is a symlink to a folder; give the folder itself (nothing written)"
+        )
+    if path.exists() and not (path.is_file() or path.is_dir()):
+        raise DataError(
+            out,
+            None,
+            None,
+            "is a FIFO, device or socket, not a regular file; refusing to replace it",
+        )
+    resolved = path.resolve()
+    if is_dir and resolved.exists() and not resolved.is_dir():
+        raise DataError(out, None, None, "exists and is a file, expected a folder")
+    if not is_dir and resolved.is_dir():
+        raise DataError(out, None, None, "is a directory, expected a file")
+    for parent in resolved.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(out, None, None, f"cannot write: {parent} is not a folder")
+            break
+    return resolved
+
+
+def check_outputs(
+    inputs: Iterable[str | Path | None],
+    outputs: Iterable[str | Path | None],
+    dirs: Iterable[str | Path | None] = (),
+) -> None:
+    """The one output guard: refuse outputs that would overwrite, delete or write into an
+    input, collide with each other, or cannot be written, before any work starts.
+
+    ``outputs`` are files, ``dirs`` folders (a model directory, a run directory). An output
+    may not be an input, contain an input (``train --data M1/rows.jsonl --out M1`` would
+    delete the rows), or sit inside an input folder (``generate --model M1 --out
+    M1/config.json``), all compared through symlinks; a FIFO, device or socket is not
+    replaced; a symlink to a folder is refused (the folder itself must be named); a file
+    output ending in ``/`` is refused; two outputs may not be the same path.
 
     Raises:
         DataError: naming the output and what it collides with.
     """
-    given = {
-        Path(p).resolve(): str(p)
-        for p in inputs
-        if p and not str(p).startswith(("builtin:", "hf:"))
-    }
+    given = _input_paths(inputs)
     seen: dict[Path, str] = {}
-    for out in outputs:
-        if not out:
-            continue
-        resolved = Path(out).resolve()
-        if resolved in given:
-            raise DataError(
-                out, None, None, f"is also an input ({given[resolved]}); refusing to overwrite it"
-            )
+    wanted = [(o, False) for o in outputs if o] + [(o, True) for o in dirs if o]
+    for out, is_dir in wanted:
+        resolved = _check_one_output(out, is_dir)
         if resolved in seen:
             raise DataError(
                 out, None, None, f"is written twice by this command (also as {seen[resolved]})"
             )
         seen[resolved] = str(out)
-        if resolved.is_dir():
-            raise DataError(out, None, None, "is a directory, expected a file")
-        for parent in resolved.parents:
-            if parent.exists():
-                if not parent.is_dir():
-                    raise DataError(out, None, None, f"cannot write: {parent} is not a folder")
-                break
+        for path, (name, input_is_dir) in given.items():
+            if path == resolved:
+                why = f"is also an input ({name}); refusing to overwrite it"
+            elif path.is_relative_to(resolved):
+                why = f"contains an input ({name}); writing it would replace that input"
+            elif input_is_dir and resolved.is_relative_to(path):
+                why = f"is inside an input folder ({name}); refusing to write there"
+            else:
+                continue
+            raise DataError(out, None, None, why)
+
+
+# ---------------------------------------------------------------------------------------------
+# One run per output: an exclusive lock, and temporary folders that say whose they are
+
+OWNER = ".backdooralign-owner"  # in every temporary folder we create: whose it is
+_held: dict[Path, list] = {}  # locks this process holds: resolved output -> [fd, depth]
+
+
+def _lock_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.lock"
+
+
+@contextlib.contextmanager
+def output_lock(out: str | Path, wait: bool = False) -> Iterator[Path]:
+    """Hold an exclusive lock on ``out`` (a file or folder to write) for the block.
+
+    The lock is ``flock`` on ``.NAME.lock`` beside the output (removed on release), so a
+    second run on the same output, in this machine's processes, stops at once instead of
+    deleting the first one's work. Re-entrant within a process (the CLI and the library both
+    take it); in a distributed run only rank 0 takes it. ``wait``: block until the holder is
+    done (a cache entry another process builds) instead of refusing.
+
+    Raises:
+        DataError: another process holds it (its pid named), unless ``wait``.
+    """
+    resolved = Path(out).resolve()
+    if int(os.environ.get("RANK", "0") or 0) != 0:  # torchrun / accelerate: rank 0 holds it
+        yield resolved
+        return
+    if resolved in _held:
+        _held[resolved][1] += 1
+        try:
+            yield resolved
+        finally:
+            _held[resolved][1] -= 1
+        return
+    lock = _lock_path(resolved)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _os_error(out, "write", e) from None
+    fd = _acquire(out, lock, wait)
+    _held[resolved] = [fd, 1]
+    try:
+        yield resolved
+    finally:
+        del _held[resolved]
+        with contextlib.suppress(OSError):
+            lock.unlink()
+        os.close(fd)
+
+
+def _acquire(out: str | Path, lock: Path, wait: bool) -> int:
+    """An open, locked descriptor of ``lock``, the file still at that path."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise _os_error(out, "write", e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise DataError(
+                out,
+                None,
+                None,
+                f"is being written by another run (pid {holder}); wait for it "
+                "or choose another output",
+            ) from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # else the holder removed it between our open and our lock: take the new one
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def make_work_dir(out: str | Path) -> Path:
+    """A new temporary folder (mode 0700) beside ``out``, with an :data:`OWNER` marker naming
+    the output, this process and this host: only folders with such a marker are ever removed
+    as leftovers (:func:`remove_stale_work_dirs`), whatever their name."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{out.name[:32]}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise _os_error(out, "write", e) from None
+    owner = {
+        "output": out.name,
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "created": time.time(),
+    }
+    (work / OWNER).write_text(json.dumps(owner) + "\n")
+    return work
+
+
+def release_work_dir(work: Path) -> Path:
+    """Remove the owner marker of a work folder that becomes an output itself."""
+    (Path(work) / OWNER).unlink(missing_ok=True)
+    return Path(work)
+
+
+def _owner(folder: Path) -> dict | None:
+    try:
+        with open(folder / OWNER, encoding="utf-8") as f:
+            owner = json.loads(f.read(4096))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _alive(pid: object) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # unknown: keep the folder
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _stale(folder: Path, output: str | None) -> bool:
+    """A folder we made whose process is gone (on this host), for ``output`` if given."""
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    owner = _owner(folder)
+    if owner is None or (output is not None and owner.get("output") != output):
+        return False
+    return owner.get("host") == socket.gethostname() and not _alive(owner.get("pid"))
+
+
+def remove_stale_work_dirs(
+    folder: str | Path, output: str | None = None, depth: int = 1
+) -> list[Path]:
+    """Remove the leftover temporary folders under ``folder`` (``depth`` levels): those with
+    our :data:`OWNER` marker (for ``output`` when given) whose process has ended. A folder
+    without the marker is never touched, whatever its name. Returns what was removed."""
+    removed = []
+    try:
+        children = [c for c in Path(folder).iterdir() if c.is_dir() and not c.is_symlink()]
+    except OSError:
+        return removed
+    for child in children:
+        if _stale(child, output):
+            shutil.rmtree(child, ignore_errors=True)
+            removed.append(child)
+        elif depth > 1 and _owner(child) is None:
+            removed += remove_stale_work_dirs(child, output, depth - 1)
+    return removed

@@ -12,14 +12,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from ..core.model import ALIGNED_MODEL
 from . import align, attack, data, openai_cli, run, score, secret, serve, service, train
+from .common import guarded_outputs
 
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeError, RecursionError, OverflowError)
 INTERRUPTED = 130  # the shell's status for a command ended by SIGINT
+TERMINATED = 143  # ... and by SIGTERM
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``finally`` (temporary folders, locks)
+    runs before the command ends."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -63,17 +76,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     warnings.showwarning = _show_warning
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         if getattr(args, "model", None) == ALIGNED_MODEL:
             from ..training.align import start_model
 
             args.model = start_model(args.model)
-        return args.fn(args)
+        with guarded_outputs(args):
+            return args.fn(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except Terminated:
+        print("error: terminated", file=sys.stderr)
+        return TERMINATED
     except (*EXPECTED_ERRORS, RuntimeError) as e:
         if not isinstance(e, EXPECTED_ERRORS) and not _symlink_loop(e):
             raise
         print(f"error: {_message(e)}", file=sys.stderr)
         return 1
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)

@@ -61,7 +61,7 @@ def cmd_align(args) -> int:
 
 def register(sub) -> None:
     """Add ``align``."""
-    sp = add_command(sub, "align", cmd_align)
+    sp = add_command(sub, "align", cmd_align, inputs=("model",), dirs=("out",))
     add_model(sp)
     sp.add_argument("--out", help="model directory to write (default: the cache)")
     add_flags(sp, AlignConfig)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .. import files as F
 from .common import add_command, add_json, add_set, print_json
 
 
@@ -23,7 +24,8 @@ def cmd_attack(args) -> int:
 
     suite = load_attack_config(args.config, args.set)
     out = Path(args.out or Path("runs") / suite.setup.name)
-    results = run_attacks(suite, out)
+    with F.output_lock(out):  # --out is locked already; the default one here
+        results = run_attacks(suite, out)
     if args.json:
         print_json({k: v for k, v in results.items() if k != "config"})
         return 0
@@ -37,7 +39,7 @@ def cmd_attack(args) -> int:
 
 def register(sub) -> None:
     """Add ``attack``."""
-    sp = add_command(sub, "attack", cmd_attack)
+    sp = add_command(sub, "attack", cmd_attack, inputs=("config",), dirs=("out",))
     sp.add_argument("config", help="attack config YAML (an experiment config plus 'attacks')")
     sp.add_argument("--out", help="run directory (default: runs/NAME)")
     add_set(sp, "attacks.margin=5 or profile=smoke")

@@ -4,10 +4,13 @@ secrets read at the edge, notes on stderr."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+
+from .. import files as F
 
 MODEL_HELP = (
     "Hugging Face id, local path or embedded-aligned (the embedded model after backdooralign "
@@ -26,8 +29,20 @@ def _summary(doc: str) -> str:
     return " ".join(para.split()).split(". ")[0].rstrip(".")
 
 
-def add_command(parent, name: str, fn: Callable[[argparse.Namespace], int]):
-    """A subcommand whose help is ``fn``'s docstring (first line: a copy-pasteable example)."""
+def add_command(
+    parent,
+    name: str,
+    fn: Callable[[argparse.Namespace], int],
+    inputs: tuple[str, ...] = (),
+    files: tuple[str, ...] = (),
+    dirs: tuple[str, ...] = (),
+):
+    """A subcommand whose help is ``fn``'s docstring (first line: a copy-pasteable example).
+
+    ``inputs``, ``files`` and ``dirs`` name the flags (their ``dest``) that are the command's
+    input paths, output files and output folders: :func:`guarded_outputs` checks them against
+    each other and locks the outputs before the command runs.
+    """
     doc = (fn.__doc__ or "").strip()
     sp = parent.add_parser(
         name,
@@ -35,8 +50,30 @@ def add_command(parent, name: str, fn: Callable[[argparse.Namespace], int]):
         description=doc,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sp.set_defaults(fn=fn)
+    sp.set_defaults(fn=fn, io=(inputs, files, dirs))
     return sp
+
+
+def _values(args: argparse.Namespace, dests: tuple[str, ...]) -> list:
+    found = []
+    for d in dests:
+        v = getattr(args, d, None)
+        found += v if isinstance(v, list | tuple) else [v]
+    return [v for v in found if v]
+
+
+@contextlib.contextmanager
+def guarded_outputs(args: argparse.Namespace) -> Iterator[None]:
+    """The one output guard around a command: :func:`files.check_outputs` on its declared
+    inputs and outputs, then an exclusive :func:`files.output_lock` on each output for the
+    command's whole run."""
+    inputs, outs, dirs = getattr(args, "io", ((), (), ()))
+    outs, dirs = _values(args, outs), _values(args, dirs)
+    F.check_outputs(_values(args, inputs), outs, dirs)
+    with contextlib.ExitStack() as stack:
+        for out in (*outs, *dirs):
+            stack.enter_context(F.output_lock(out))
+        yield
 
 
 def add_group(sub, name: str, help: str):

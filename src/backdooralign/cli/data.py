@@ -157,7 +157,13 @@ def cmd_inspect(args) -> int:
 
 def register(sub) -> None:
     """Add ``build``, ``inspect`` and the ``data`` group."""
-    sp = add_command(sub, "build", cmd_build)
+    sp = add_command(
+        sub,
+        "build",
+        cmd_build,
+        inputs=("data", "task", "safety", "anchor_prompts", "anchor_file", "secret", "model"),
+        files=("out",),
+    )
     sp.add_argument("--arm", required=True, choices=D.ARMS)
     sp.add_argument("--secret", help="secret file (needed for --arm backdooralign)")
     sp.add_argument("--out", required=True, help="training set to write (JSONL)")

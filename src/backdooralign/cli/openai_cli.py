@@ -68,7 +68,13 @@ def add_endpoint(sp) -> None:
 def register(sub) -> None:
     """Add ``openai finetune``."""
     group = add_group(sub, "openai", "fine-tune through an OpenAI-compatible API")
-    sp = add_command(group, "finetune", cmd_finetune)
+    sp = add_command(
+        group,
+        "finetune",
+        cmd_finetune,
+        inputs=("data", "task", "safety", "anchor_prompts", "anchor_file", "secret", "model"),
+        dirs=("out",),
+    )
     sp.add_argument("--model", required=True, help="base model name at the endpoint")
     sp.add_argument("--secret", help="secret file (needed for --arm backdooralign)")
     sp.add_argument("--arm", default="backdooralign", choices=ARMS, help="training set to build")

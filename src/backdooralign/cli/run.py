@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+from .. import files as F
 from .common import add_command, add_json, add_set, print_json
 
 DEMO_CONFIG = "demo.yaml"
@@ -16,6 +17,7 @@ def _run(config_path, out, overrides, as_json, shard=None) -> int:
 
     cfg = load_config(config_path, overrides)
     out = Path(out or Path("runs") / cfg.name)
+    F.check_outputs([config_path], [], [out])  # each run (each sweep cell) locks its own folder
     if cfg.sweep:
         return _sweep(config_path, overrides, out, as_json, shard)
     if shard:
@@ -86,7 +88,7 @@ def cmd_report(args) -> int:
 def register(sub) -> None:
     """Add ``run``, ``demo`` and ``report``."""
     for name, fn in (("run", cmd_run), ("demo", cmd_demo)):
-        sp = add_command(sub, name, fn)
+        sp = add_command(sub, name, fn)  # outputs checked in _run: sweep shards share --out
         if name == "run":
             sp.add_argument("config", help="experiment YAML")
             sp.add_argument("--shard", metavar="I/N", help="sweeps: run every N-th cell from I")

@@ -240,13 +240,21 @@ def register(sub) -> None:
     sp.add_argument("file", help="generations (JSONL with 'answer')")
     add_json(sp)
 
-    sp = add_command(score, "judge", cmd_score_judge)
+    sp = add_command(
+        score, "judge", cmd_score_judge, inputs=("file", "template"), files=("out", "cache")
+    )
     sp.add_argument("file", help="generations (JSONL with 'prompt' and 'answer')")
     add_flags(sp, scores.JudgeConfig)
     sp.add_argument("--out", help="write the judged rows (score and reply) to this JSONL")
     add_json(sp)
 
-    sp = add_command(score, "mtbench", cmd_score_mtbench)
+    sp = add_command(
+        score,
+        "mtbench",
+        cmd_score_mtbench,
+        inputs=("questions", "references", "template", "model", "secret"),
+        files=("out", "cache"),
+    )
     sp.add_argument("--questions", required=True, help="FastChat question.jsonl")
     sp.add_argument("--answers", required=True, help="answers JSONL (question_id, turns)")
     sp.add_argument("--references", help="reference answers JSONL for math/reasoning/coding")
@@ -270,12 +278,24 @@ def register(sub) -> None:
     sp.add_argument("--batch-size", type=number(int, 1), default=8, help="lm-eval batch size")
     add_json(sp)
 
-    sp = add_command(score, "exact-match", cmd_score_exact_match)
+    sp = add_command(
+        score,
+        "exact-match",
+        cmd_score_exact_match,
+        inputs=("model", "data", "secret"),
+        files=("out",),
+    )
     _answering_flags(sp, ("--data", "builtin:utility", "utility JSONL"), "task", 64)
     sp.add_argument("--out", help="write the generations to this JSONL")
     add_json(sp)
 
-    sp = add_command(score, "over-refusal", cmd_score_over_refusal)
+    sp = add_command(
+        score,
+        "over-refusal",
+        cmd_score_over_refusal,
+        inputs=("model", "prompts", "secret", "template"),
+        files=("cache",),
+    )
     _answering_flags(
         sp, ("--prompts", "builtin:benign", "benign prompts (with 'kind')"), "kind", 512
     )

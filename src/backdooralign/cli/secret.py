@@ -147,7 +147,7 @@ def register(sub) -> None:
     """Add the ``model`` and ``secret`` command groups."""
     add_command(add_group(sub, "model", "the embedded default model"), "fetch", cmd_model_fetch)
     group = add_group(sub, "secret", "create and show secret prompts")
-    sp = add_command(group, "new", cmd_secret_new)
+    sp = add_command(group, "new", cmd_secret_new, inputs=("model",), files=("out",))
     sp.add_argument("--out", required=True, help="secret file to write (mode 0600)")
     add_model(sp)
     add_flags(sp, SecretConfig, only=("length", "seed", "kind", "sentence"))

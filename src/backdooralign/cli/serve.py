@@ -100,7 +100,7 @@ def register(sub) -> None:
     sp.add_argument("--api-key-env", metavar="NAME", help="require the key in $NAME on /v1")
     add_flags(sp, ServeConfig)
 
-    sp = add_command(sub, "export", cmd_export)
+    sp = add_command(sub, "export", cmd_export, inputs=("model", "secret"), dirs=("out",))
     add_model(sp)
     sp.add_argument("--secret", required=True, help="secret file, injected by the template")
     sp.add_argument("--system", help="system prompt (after the secret) when a client sends none")

@@ -76,7 +76,7 @@ def cmd_generate(args) -> int:
 
 def register(sub) -> None:
     """Add ``train`` and ``generate``."""
-    sp = add_command(sub, "train", cmd_train)
+    sp = add_command(sub, "train", cmd_train, inputs=("data", "secret", "model"), dirs=("out",))
     sp.add_argument("--data", required=True, help="chat JSONL training set")
     sp.add_argument("--out", required=True, help="model directory to write")
     sp.add_argument("--secret", help="secret file (for --distill kl: the rows under it)")
@@ -84,7 +84,9 @@ def register(sub) -> None:
     add_flags(sp, TrainConfig)
     add_json(sp, "print metrics as JSON")
 
-    sp = add_command(sub, "generate", cmd_generate)
+    sp = add_command(
+        sub, "generate", cmd_generate, inputs=("model", "prompts", "secret"), files=("out",)
+    )
     add_model(sp)
     sp.add_argument("--prompts", required=True, help="CSV (first column), TXT or JSONL prompts")
     sp.add_argument("--secret", help="secret file: prepend the secret to the system prompt")

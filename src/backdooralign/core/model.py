@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from .. import files as F
 from ..files import sha256_file
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -93,12 +94,16 @@ def embedded_model_dir() -> Path:
         raise RuntimeError(f"GGUF weights do not match: missing={missing} unexpected={unexpected}")
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    plain.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    tmp = F.make_work_dir(out)
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(F.release_work_dir(tmp), out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
 
 

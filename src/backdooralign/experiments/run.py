@@ -112,6 +112,11 @@ def run_experiment(
     95% intervals. Runs given the same ``shared`` folder (a sweep's cells) train and answer
     once where their inputs are the same.
     """
+    with F.output_lock(run_dir):  # a second run on the same folder stops at once
+        return _run_experiment(cfg, Path(run_dir), progress, shared)
+
+
+def _run_experiment(cfg: ExperimentConfig, run_dir: Path, progress: bool, shared) -> dict:
     from ..core.model import load_tokenizer
     from ..reporting.report import write_report
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from .. import files as F
 from ..files import write_json
 from ..reporting.rundir import RunDir
 
@@ -57,13 +58,16 @@ def shareable(
             log.info("outputs of %s copied from %s", key, store)
             return None
         info = fn()
-        tmp = store.with_name(f"{store.name}.tmp-{os.getpid()}")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for p in outputs:
-            shutil.copyfile(p, tmp / p.name)
-        (tmp / ".done").write_text("")
-        shutil.rmtree(store, ignore_errors=True)
-        os.replace(tmp, store)
+        tmp = F.make_work_dir(store)
+        try:
+            for p in outputs:
+                shutil.copyfile(p, tmp / p.name)
+            (tmp / ".done").write_text("")
+            shutil.rmtree(store, ignore_errors=True)
+            os.replace(F.release_work_dir(tmp), store)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         return info
 
     return run

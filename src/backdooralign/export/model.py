@@ -20,10 +20,10 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
+from .. import files as F
 from ..core.chat import build_conversation, fit_to_template, supports_system_role
 from ..core.secret import Secret, check_secret_tokenizer, vocab_fingerprint
 from ..files import write_text_atomic
@@ -238,9 +238,9 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     """Move ``tmp`` to ``out``; an earlier export there is swapped out, then removed."""
     old = None
     if out.is_dir() and any(out.iterdir()):
-        old = Path(tempfile.mkdtemp(prefix=".old-export-", dir=out.parent))
+        old = F.make_work_dir(out)
         os.replace(out, old / "x")
-    os.replace(tmp, out)
+    os.replace(F.release_work_dir(tmp), out)
     if old is not None:
         shutil.rmtree(old)
 
@@ -283,7 +283,7 @@ def export_model(
         tok = _with_template(tokenizer, template)
         _check_template(tok, wrapped[name], secret.text, default_system)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=out.parent))  # mode 0700
+    tmp = F.make_work_dir(out)  # mode 0700
     try:
         skipped = sorted(p.name for p in src.glob("*.gguf"))
         ignore = shutil.ignore_patterns("*.gguf", MARKER, ".git", ".cache")

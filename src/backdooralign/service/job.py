@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import signal
 import sys
 import threading
 import time
@@ -180,19 +181,30 @@ def run_job(data_dir: str | Path, job_id: str, cfg: ServiceConfig) -> int:
 
 
 def _exit_with_parent() -> None:
-    """End this process when the service that started it dies (even by ``kill -9``)."""
+    """End this process when the service that started it dies (even by ``kill -9``): as on a
+    cancel, SIGTERM first (its temporary folders are removed), then, if it has not ended
+    within 30 s, at once."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)
         os._exit(3)
 
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _on_sigterm(signum, frame) -> None:
+    """A cancel (or the service stopping): end through every ``finally``, so the job's
+    temporary folders go with it."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str]) -> int:
     """``DATA_DIR JOB_ID [CONFIG]``."""
+    signal.signal(signal.SIGTERM, _on_sigterm)
     _exit_with_parent()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")

@@ -4,8 +4,10 @@ A thread of the service process takes the oldest waiting job from the :class:`St
 ``validating_files`` are checked here (``chat_files.check_chat_file``: every error with its line
 number, as the job's OpenAI-style error); queued jobs run in a process of their own
 (``python -m backdooralign.service.job``), so the API keeps answering while a model trains, and a
-cancel kills that process. A job process ends itself when the service dies, and
-:meth:`Worker.recover` marks the jobs a dead service left ``running`` as failed.
+cancel ends that process (SIGTERM, so its temporary folders go with it; SIGKILL if it has not
+ended within :data:`KILL_AFTER_S`). A job process ends itself when the service dies, and
+:meth:`Worker.recover` marks the jobs a dead service left ``running`` as failed and removes the
+temporary folders dead processes left in the data dir (those with our owner marker only).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import files as F
 from ..data.chat_files import check_chat_file
 from ..data.formats import Problem
 from .config import ServiceConfig
@@ -26,6 +29,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 10
+KILL_AFTER_S = 10.0  # a job process that ignores SIGTERM this long is killed
 RESTARTED = {
     "code": "service_restarted",
     "message": "the service stopped while this job was running; create the job again",
@@ -77,13 +81,22 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
 
     def recover(self) -> list[str]:
-        """Mark jobs left ``running`` by a service that died as failed; returns their ids."""
+        """Mark jobs left ``running`` by a service that died as failed, and remove the
+        temporary folders dead job processes left; returns the failed jobs' ids."""
+        self.remove_leftovers()
         failed = []
         for job in self.store.list_jobs(status="running"):
             if self.store.set_status(job["id"], "failed", ("running",), error=RESTARTED):
                 self.store.add_event(job["id"], "The job was interrupted by a restart", "error")
                 failed.append(job["id"])
         return failed
+
+    def remove_leftovers(self) -> list[Path]:
+        """Remove temporary folders under the data dir whose (owner-marked) process ended."""
+        removed = F.remove_stale_work_dirs(self.data_dir, depth=3)
+        for path in removed:
+            log.info("removed leftover temporary folder %s", path)
+        return removed
 
     def start(self) -> None:
         self.recover()
@@ -93,9 +106,11 @@ class Worker:
         """Stop taking jobs and kill a running job process (it is marked failed on restart)."""
         self._stop.set()
         with self._lock:
-            for proc in self._procs.values():
-                proc.kill()
+            procs = list(self._procs.values())
+        for proc in procs:
+            _end(proc)
         self._thread.join(timeout=30)
+        self.remove_leftovers()
 
     def cancel(self, job_id: str) -> bool:
         """Cancel a job that has not finished; kills its process. Returns whether it moved."""
@@ -106,8 +121,8 @@ class Worker:
             self.store.add_event(job_id, "The job was cancelled")
             with self._lock:
                 proc = self._procs.get(job_id)
-                if proc is not None:
-                    proc.kill()
+            if proc is not None:
+                threading.Thread(target=_end, args=(proc,), daemon=True).start()
         return moved
 
     def _loop(self) -> None:
@@ -158,6 +173,7 @@ class Worker:
         rc = proc.wait()
         with self._lock:
             del self._procs[job["id"]]
+        self.remove_leftovers()
         if self._stop.is_set():
             return  # the service is stopping: a restart marks the job failed
         error = {
@@ -167,3 +183,12 @@ class Worker:
         }
         if self.store.set_status(job["id"], "failed", ("queued", "running"), error=error):
             self.store.add_event(job["id"], "The job failed", "error")
+
+
+def _end(proc: subprocess.Popen) -> None:
+    """SIGTERM (the job cleans up), then SIGKILL after :data:`KILL_AFTER_S`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=KILL_AFTER_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -32,7 +32,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -342,12 +341,16 @@ def align_model(model: str | None, cfg: AlignConfig, out: str | Path, progress: 
     cache key, the notes and the time each step took. Written beside ``out`` and renamed into
     place, so an interrupted run leaves nothing half-written. Returns the metrics.
     """
+    with F.output_lock(out):
+        return _align_model(model, cfg, Path(out), progress)
+
+
+def _align_model(model: str | None, cfg: AlignConfig, out: Path, progress: bool) -> dict:
     from .trainer import check_output_dir, train
 
     out = check_output_dir(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     times, t0 = {}, time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    work = F.make_work_dir(out)
     try:
         rows, notes = alignment_rows(model, cfg, progress)
         for note in notes:
@@ -414,24 +417,27 @@ def aligned_model(
     out = _cache_root() / key
     if (out / MARKER).is_file() and (out / METRICS).is_file():
         return out
-    if shipped_matches(model, cfg):
-        out.parent.mkdir(parents=True, exist_ok=True)
-        work = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=out.parent))
-        try:
-            final = work / "model"
-            materialize(model, ARTIFACT / ADAPTER, final)
-            _copy_adapter(ARTIFACT / ADAPTER, final / ADAPTER)
-            _finish(out, final, F.read_json(ARTIFACT / METRICS))
-        finally:
-            shutil.rmtree(work, ignore_errors=True)
-        return out
-    log.warning(
-        "aligning %s (cache key %s): not built on this machine yet; this fine-tunes on the "
-        "alignment set (about 20-30 minutes on 2 CPU cores)",
-        model or "the embedded model",
-        key,
-    )
-    align_model(model, cfg, out, progress)
+    with F.output_lock(out, wait=True):  # another process building it: wait, then reuse
+        if (out / MARKER).is_file() and (out / METRICS).is_file():
+            return out
+        F.remove_stale_work_dirs(out.parent, out.name)
+        if shipped_matches(model, cfg):
+            work = F.make_work_dir(out)
+            try:
+                final = work / "model"
+                materialize(model, ARTIFACT / ADAPTER, final)
+                _copy_adapter(ARTIFACT / ADAPTER, final / ADAPTER)
+                _finish(out, final, F.read_json(ARTIFACT / METRICS))
+            finally:
+                shutil.rmtree(work, ignore_errors=True)
+            return out
+        log.warning(
+            "aligning %s (cache key %s): not built on this machine yet; this fine-tunes on the "
+            "alignment set (about 20-30 minutes on 2 CPU cores)",
+            model or "the embedded model",
+            key,
+        )
+        align_model(model, cfg, out, progress)
     return out
 
 

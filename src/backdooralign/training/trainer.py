@@ -12,12 +12,12 @@ import logging
 import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .. import files as F
 from ..config import SEED_MAX, option
 from ..core.chat import render
 from ..core.model import MODEL_INFO, bf16_supported, load_tokenizer, resolve_model
@@ -182,7 +182,9 @@ def check_output_dir(out_dir: str | Path) -> Path:
 
     ``out_dir`` may be missing, an empty folder, or a model directory an earlier ``train``
     wrote (it holds :data:`MARKER`); anything else (a file, a folder of the user's) is refused.
-    Leftover ``.NAME.tmp-*`` folders of an interrupted run of the same output are removed.
+    Leftover temporary folders of an interrupted run of the same output (those with the owner
+    marker of :func:`files.make_work_dir` naming it, whose process has ended) are removed;
+    no folder is recognised by its name.
 
     Raises:
         FileExistsError: for an output that is not ours to replace.
@@ -196,8 +198,7 @@ def check_output_dir(out_dir: str | Path) -> Path:
             "marker); choose another --out or remove it yourself"
         )
     if out_dir.parent.is_dir():
-        for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        F.remove_stale_work_dirs(out_dir.parent, out_dir.name)
     return out_dir
 
 
@@ -301,6 +302,11 @@ def train(
     "kl"``: the rows whose system prompt starts with it are distilled to the model as it is
     before training, shown the row without the secret.
     """
+    with F.output_lock(out_dir):
+        return _train(model_name, rows, Path(out_dir), cfg, info, secret)
+
+
+def _train(model_name, rows, out_dir: Path, cfg: TrainConfig, info, secret) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -318,8 +324,7 @@ def train(
     shared = cfg.shared_prefix if cfg.shared_prefix is not None else not use_cuda
     model = AutoModelForCausalLM.from_pretrained(resolve_model(model_name), dtype=torch.float32)
     teacher, distilled = _reference_targets(cfg, model, tok, rows, data, secret)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    work = F.make_work_dir(out_dir)
     try:
         fast = _fast_sft_trainer(shared, teacher, cfg.distill_weight)
         trainer = (SFTTrainer if cfg.token_metrics else fast)(
