@@ -7,8 +7,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
+import stat
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,7 @@ class Case:
     unchanged: tuple[str, ...] = ()  # must be byte-identical afterwards
     absent: tuple[str, ...] = ()  # must not exist afterwards
     links: dict[str, str] = field(default_factory=dict)  # symlink -> its target, made first
+    folders: tuple[str, ...] = ()  # empty folders made first
 
 
 def _config(body: str) -> dict[str, str]:
@@ -40,6 +44,10 @@ def _config(body: str) -> dict[str, str]:
 # appended to configs that must be refused: were the bad value accepted, the run would stop at
 # once on the missing file instead of running an experiment
 NET = "eval:\n  harmful: missing.csv\n"
+MODEL_FILES = {
+    "M1/.backdooralign-model": "written by backdooralign train\n",
+    "M1/config.json": "{}",
+}
 
 
 CASES = [
@@ -51,6 +59,93 @@ CASES = [
         ("c.jsonl: 1 row(s) flagged prefixed left out (rows 2)", "never decides"),
         {"c.jsonl": json.dumps(CHAT) + "\n" + json.dumps({**CHAT, "prefixed": True}) + "\n"},
         ("c.jsonl",),
+    ),
+    # --- one output guard: an output may not be, contain or sit inside an input
+    Case(
+        "train --data inside the --out folder",
+        ("train", "--model", "{model}", "--data", "{t}/M1/my_data.jsonl", "--out", "{t}/M1"),
+        1,
+        ("M1", "contains an input", "my_data.jsonl"),
+        {**MODEL_FILES, "M1/my_data.jsonl": json.dumps(CHAT) + "\n"},
+        ("M1/my_data.jsonl", "M1/config.json"),
+    ),
+    Case(
+        "train --model is the --out folder",
+        ("train", "--model", "{t}/M1", "--data", "{t}/c.jsonl", "--out", "{t}/M1"),
+        1,
+        ("M1", "is also an input"),
+        {**MODEL_FILES, "c.jsonl": json.dumps(CHAT) + "\n"},
+        ("M1/config.json",),
+    ),
+    Case(
+        "train --out inside the --model folder",
+        ("train", "--model", "{t}/M1", "--data", "{t}/c.jsonl", "--out", "{t}/M1/sub"),
+        1,
+        ("M1/sub", "is inside an input folder"),
+        {**MODEL_FILES, "c.jsonl": json.dumps(CHAT) + "\n"},
+        ("M1/config.json",),
+        absent=("M1/sub",),
+    ),
+    Case(
+        "generate --out is a file of the model folder",
+        ("generate", "--model", "{t}/M1", "--prompts", "{t}/p.txt", "--out", "{t}/M1/config.json"),
+        1,
+        ("config.json", "is inside an input folder"),
+        {**MODEL_FILES, "p.txt": "hello\n"},
+        ("M1/config.json",),
+    ),
+    Case(
+        "generate --out through a symlink into the model folder",
+        ("generate", "--model", "{t}/M1", "--prompts", "{t}/p.txt", "--out", "{t}/ln/x.jsonl"),
+        1,
+        ("is inside an input folder",),
+        {**MODEL_FILES, "p.txt": "hello\n"},
+        ("M1/config.json",),
+        absent=("M1/x.jsonl",),
+        links={"ln": "M1"},
+    ),
+    Case(
+        "build --out ends with a slash",
+        ("build", "--arm", "attack", "--data", "{t}/c.jsonl", "--out", "{t}/x.jsonl/"),
+        1,
+        ("x.jsonl/", "ends with '/'"),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+        ("c.jsonl",),
+        absent=("x.jsonl",),
+    ),
+    Case(
+        "train --out is a symlink to a folder",
+        ("train", "--model", "{model}", "--data", "{t}/c.jsonl", "--out", "{t}/link"),
+        1,
+        ("link", "symlink to a folder"),
+        {"c.jsonl": json.dumps(CHAT) + "\n"},
+        links={"link": "real"},
+        folders=("real",),
+    ),
+    Case(
+        "export --out is the model folder",
+        ("export", "--model", "{t}/M1", "--secret", "{t}/s.json", "--out", "{t}/M1"),
+        1,
+        ("is also an input",),
+        {**MODEL_FILES, "s.json": "{}"},
+        ("M1/config.json", "s.json"),
+    ),
+    Case(
+        "score exact-match --out is the data",
+        (
+            "score",
+            "exact-match",
+            "--model",
+            "{model}",
+            "--data",
+            "{t}/d.jsonl",
+            "--out",
+            "{t}/d.jsonl",
+        ),
+        1,
+        ("is also an input",),
+        {"d.jsonl": json.dumps(CHAT) + "\n"},
+        ("d.jsonl",),
     ),
     # --- data loss and overwrites
     Case(
@@ -627,6 +722,8 @@ def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
         p = tmp_path / rel
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(text.encode("utf-8", "surrogateescape"))
+    for rel in case.folders:
+        (tmp_path / rel).mkdir(parents=True)
     for rel, target in case.links.items():
         (tmp_path / rel).symlink_to(target)
     before = {rel: _digest(tmp_path / rel) for rel in case.unchanged}
@@ -648,8 +745,12 @@ def test_hostile_input(case: Case, tmp_path, tiny_model_dir, capsys):
         assert not (tmp_path / rel).exists(), rel
     for rel, target in case.links.items():  # a symlink is never replaced by a written file
         assert os.readlink(tmp_path / rel) == target, rel
-    leftovers = [p.name for p in tmp_path.rglob(".*tmp*")]
+    leftovers = [p.name for p in tmp_path.rglob(".*tmp*")] + [
+        p.name for p in tmp_path.rglob("*.lock")
+    ]
     assert leftovers == []
+    for rel in case.folders:  # made empty, left empty
+        assert list((tmp_path / rel).iterdir()) == [], rel
 
 
 def test_every_case_has_its_own_name():
@@ -720,3 +821,122 @@ def test_a_fifo_as_input_is_refused_instead_of_hanging(argv, tmp_path):
     assert f"error: {fifo}: not a regular file (a FIFO, device or socket)\n" in out
     assert "Traceback" not in out
     assert not (tmp_path / "out.jsonl").exists()
+
+
+# --- outputs: special files, locks, leftovers recognised by their owner marker, SIGTERM
+
+
+def _cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "backdooralign", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, **kw)
+
+
+def test_a_fifo_as_output_is_refused_not_replaced(tmp_path):
+    (tmp_path / "c.jsonl").write_text(json.dumps(CHAT) + "\n")
+    fifo = tmp_path / "out.jsonl"
+    os.mkfifo(fifo)
+    done = _cli("build", "--arm", "attack", "--data", str(tmp_path / "c.jsonl"), "--out", str(fifo))
+    assert done.returncode == 1, done.stderr
+    assert done.stderr == (
+        f"error: {fifo}: is a FIFO, device or socket, not a regular file; refusing to replace it\n"
+    )
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
+
+
+def test_a_device_as_output_is_refused_before_anything_is_written():
+    from backdooralign import files as F
+
+    with pytest.raises(F.DataError, match="FIFO, device or socket"):
+        F.check_outputs([], ["/dev/null"])
+    with pytest.raises(F.DataError, match="FIFO, device or socket"):
+        F.check_outputs([], [], ["/dev/null"])
+
+
+def test_a_second_run_on_the_same_output_stops_at_once(tmp_path, tiny_model_dir):
+    """While a run holds ``--out`` (its lock), a second one is refused before any work and
+    the first one's live temporary folder is left alone."""
+    from backdooralign import files as F
+
+    out = tmp_path / "m"
+    (tmp_path / "c.jsonl").write_text(json.dumps(CHAT) + "\n")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        live = Path(holder.stdout.readline().strip())  # the holder's temporary folder
+        args = ["--model", tiny_model_dir, "--data", str(tmp_path / "c.jsonl"), "--out", str(out)]
+        done = _cli("train", *args, "--epochs", "1")
+        assert done.returncode == 1, done.stderr
+        assert f"error: {out}: is being written by another run (pid {holder.pid})" in done.stderr
+        assert (live / F.OWNER).is_file()
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    done = _cli("train", *args, "--epochs", "1", "--no-bf16")  # the lock went with it
+    assert done.returncode == 0, done.stderr
+
+
+HOLD_LOCK = """
+import sys, time
+from backdooralign import files as F
+with F.output_lock(sys.argv[1]):
+    print(F.make_work_dir(sys.argv[1]), flush=True)
+    time.sleep(600)
+"""
+
+
+@pytest.mark.parametrize("out_name", ["m1", "*"])
+def test_leftovers_are_recognised_by_their_marker_not_their_name(tmp_path, out_name):
+    """A user's ``.m1.tmp-mine/`` and another output's ``.othermodel.tmp-backup/`` look like
+    leftovers by name (``--out 'tr/*'`` globbed them all); only marked folders of a dead
+    process, for this output, are removed."""
+    from conftest import make_dead_work_dir
+
+    from backdooralign.training.trainer import check_output_dir
+
+    tr = tmp_path / "tr"
+    kept = [tr / ".m1.tmp-mine", tr / ".othermodel.tmp-backup", tr / f".{out_name}.tmp-x"]
+    for k in kept:
+        (k / "file.txt").parent.mkdir(parents=True)
+        (k / "file.txt").write_text("mine")
+    live = __import__("backdooralign.files", fromlist=["x"]).make_work_dir(tr / out_name)
+    dead_other = make_dead_work_dir(tr / "othermodel")
+    dead = make_dead_work_dir(tr / out_name)
+    check_output_dir(tr / out_name)
+    assert not dead.exists()
+    assert all((k / "file.txt").read_text() == "mine" for k in kept)
+    assert live.is_dir() and dead_other.is_dir()  # a live run's, another output's
+
+
+def test_sigterm_during_train_leaves_no_temporary_folder(tmp_path, tiny_model_dir):
+    from backdooralign import files as F
+
+    rows = "".join(json.dumps(CHAT) + "\n" for _ in range(8))
+    (tmp_path / "c.jsonl").write_text(rows)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    args = ["--model", tiny_model_dir, "--data", str(tmp_path / "c.jsonl"), "--out"]
+    cmd = [sys.executable, "-m", "backdooralign", "train", *args, str(tmp_path / "m")]
+    proc = subprocess.Popen(
+        [*cmd, "--epochs", "100000", "--no-bf16"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not list(tmp_path.glob(f".*/{F.OWNER}")):  # training has its folder
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        time.sleep(1.0)  # into the training loop
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.rstrip().endswith("error: terminated"), err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.jsonl"]

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx2
 import openai
 import pytest
-from conftest import AppServer, free_port, openai_client
+from conftest import AppServer, free_port, make_dead_work_dir, openai_client
 
+from backdooralign import files as F
 from backdooralign.cli import main
 from backdooralign.core.secret import file_mode, load_secret
 from backdooralign.service.app import create_service, run_service
@@ -381,18 +382,31 @@ def test_the_least_recently_used_model_is_evicted_and_its_scheduler_stopped(
     assert answers[2].choices[0].message.content == answers[0].choices[0].message.content
 
 
-def test_cancel_kills_the_running_job(tmp_path, config_file, http):
+def _work_dirs(data_dir: Path) -> list[Path]:
+    """The temporary folders (with our owner marker) under a service's data dir."""
+    return [p.parent for p in data_dir.rglob(F.OWNER)]
+
+
+def test_cancel_kills_the_running_job_and_leaves_no_temporary_folder(tmp_path, config_file, http):
+    config_file.write_text(config_file.read_text().replace("epochs: 1", "epochs: 500"))
     cfg = load_service_config(config_file)
-    app = create_service(tmp_path / "svc", cfg, config_path=config_file)
+    data_dir = tmp_path / "svc"
+    app = create_service(data_dir, cfg, config_path=config_file)
     with AppServer(app) as server:
         client = openai_client(server, http)
         up = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
         job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
         _wait(client, job.id, ("running",), 30)
         pid = app.state.store.get_job(job.id)["pid"]
+        deadline = time.monotonic() + 60
+        while not _work_dirs(data_dir):  # training has started: its folder is there
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
         cancelled = client.fine_tuning.jobs.cancel(job.id)
         assert cancelled.status == "cancelled"
         _wait_dead(pid)
+        assert _work_dirs(data_dir) == []
+        assert not any(p.name.startswith(".") for p in (data_dir / "models").iterdir())
         with pytest.raises(openai.BadRequestError):
             client.fine_tuning.jobs.cancel(job.id)
         time.sleep(0.5)
@@ -516,6 +530,9 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, config_file, http)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     _wait_dead(pid)  # the job process follows its service
+    planted = make_dead_work_dir(data_dir / "models" / "ftjob-old")  # an older kill -9's
+    users = data_dir / "models" / ".ftjob-old.tmp-notours"  # no marker: never touched
+    users.mkdir()
     proc = _start_service(data_dir, config_file, port)
     try:
         job = client.fine_tuning.jobs.retrieve(job.id)
@@ -527,6 +544,8 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, config_file, http)
         proc.wait(timeout=30)
     assert (job.status, job.error.code) == ("failed", "service_restarted")
     assert events[:2] == ["The job was interrupted by a restart", "Fine-tuning job started"]
+    assert not planted.exists() and users.is_dir()
+    assert _work_dirs(data_dir) == []  # nor the killed job's own
 
 
 def test_store_final_states_are_not_undone_and_survive_a_reopen(tmp_path):
