@@ -78,9 +78,12 @@ def claim_data_dir(data_dir: str | Path) -> Path:
 
 
 def _is_sqlite(path: Path) -> bool:
+    """Whether ``path`` is an SQLite database file (by its 16-byte header)."""
+    if not path.is_file():
+        return False
     try:
         with path.open("rb") as f:
-            return path.is_file() and f.read(16) == b"SQLite format 3\x00"
+            return f.read(16) == b"SQLite format 3\x00"
     except OSError:
         return False
 
