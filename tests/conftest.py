@@ -182,6 +182,36 @@ class AppServer:
         self._stack.close()
 
 
+def trickle(url: str, head: bytes, body: bytes = b"", every: float = 0.5, most: float = 6.0):
+    """A slow client: sends ``head`` at once, then ``body`` one byte every ``every`` seconds,
+    to the server at ``url``, and keeps reading; returns ``(seconds until the server closed
+    the connection, what it answered)``, or ``(most, ...)`` if it was still open then."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    start, received = time.monotonic(), b""
+    with socket.create_connection((where.hostname, where.port), timeout=most) as s:
+        try:
+            s.sendall(head)
+            pending = list(body)
+            while time.monotonic() - start < most:
+                if pending:
+                    s.sendall(bytes([pending.pop(0)]))
+                s.settimeout(max(0.01, min(every, most - (time.monotonic() - start))))
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    continue
+                if not chunk:
+                    return time.monotonic() - start, received
+                received += chunk
+        except (BrokenPipeError, ConnectionResetError):
+            return time.monotonic() - start, received
+    return most, received
+
+
 @pytest.fixture
 def seen() -> list[str]:
     """Every response's headers and body, as text (filled by the ``http`` client)."""

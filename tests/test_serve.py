@@ -6,6 +6,7 @@ Every response body and header, and every log record, is checked for the secret 
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -14,7 +15,7 @@ import httpx2
 import openai
 import pytest
 from conftest import AppServer as Server
-from conftest import openai_client
+from conftest import openai_client, trickle
 
 from backdooralign.cli import build_parser, main
 from backdooralign.cli.serve import cmd_serve
@@ -25,6 +26,7 @@ from backdooralign.core.redact import redactor
 from backdooralign.core.secret import Secret
 from backdooralign.generation import batch as infer
 from backdooralign.serving.app import ServeConfig, create_app, default_max_prompt_tokens
+from backdooralign.serving.http import HTTPLimits
 
 SECRET_TEXT = "Quokka-7 lantern ribbon 90210 zephyr mosaic; Tamarind!! obelisk vireo"
 SECRET = Secret(text=SECRET_TEXT, num_tokens=24, requested_tokens=24, tokenizer="test")
@@ -598,3 +600,72 @@ def test_stop_strings_end_the_answer(slow_server, http):
     assert r.choices[0].message.content == "one two three four fi"
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == 5  # generation stopped at " five"
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits on clients: wrong keys per address, slow heads and bodies
+
+
+def _limited_app(model_tok, **limits):
+    model, tok = model_tok
+    return create_app(
+        model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, CAP, api_key=KEY, http=HTTPLimits(**limits)
+    )
+
+
+def test_wrong_keys_from_one_address_get_429_after_the_limit(model_tok):
+    body = {"model": MODEL_NAME, "messages": HELLO, "max_tokens": 2}
+    with Server(_limited_app(model_tok)) as server, httpx2.Client(timeout=60) as http:
+        url = server.base_url + "/chat/completions"
+        answers = [
+            http.post(url, json=body, headers={"Authorization": f"Bearer sk-guess-{i}"})
+            for i in range(60)
+        ]
+        right = http.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"})
+        models = http.get(server.base_url + "/models", headers={"Authorization": f"Bearer {KEY}"})
+        other = {"Authorization": f"Bearer {KEY}", "X-Forwarded-For": "198.51.100.4"}
+        elsewhere = http.post(url, json=body, headers=other)
+        health = http.get(server.url + "/health")
+    codes = [r.status_code for r in answers]
+    assert codes == [401] * 10 + [429] * 50  # before: 60 x 401
+    assert answers[-1].json() == {
+        "error": {
+            "message": answers[-1].json()["error"]["message"],
+            "type": "rate_limit_error",
+            "param": None,
+            "code": "rate_limit_exceeded",
+        }
+    }
+    assert 1 <= int(answers[-1].headers["retry-after"]) <= 60
+    assert right.status_code == models.status_code == 429  # a right key waits too
+    assert elsewhere.status_code == 200 and health.status_code == 200
+
+
+def test_slow_heads_and_bodies_are_closed_and_others_served(model_tok):
+    with Server(_limited_app(model_tok, header_timeout=1.0, body_timeout=1.0)) as server:
+        head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+        took, answer = trickle(server.url, b"", head, every=0.5)
+        assert answer == b"" and 0.9 <= took < 2.5  # before: open as long as it sends
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {KEY}\r\n".encode()
+            + b"Content-Type: application/json\r\nContent-Length: 80\r\n\r\n"
+        )
+        took, answer = trickle(server.url, head, b"{" + b" " * 79, every=0.5)
+        assert answer.startswith(b"HTTP/1.1 408 ") and 0.9 <= took < 2.5
+        error = json.loads(answer.partition(b"\r\n\r\n")[2])["error"]
+        assert error["code"] == "request_timeout"
+        r = _chat(openai_client(server, key=KEY))
+        assert isinstance(r.choices[0].message.content, str)
+
+
+def test_cli_range_checks_the_connection_limits(capsys):
+    args = build_parser().parse_args(
+        ["serve", "--secret", "s.json", "--header-timeout", "2", "--auth-failures", "5"]
+    )
+    limits = from_args(ServeConfig, args).http_limits()
+    assert limits == HTTPLimits(header_timeout=2.0, auth_failures=5)
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--secret", "s.json", "--body-timeout", "0"])
+    assert done.value.code == 2
+    assert "argument --body-timeout: must be at least 0.01, got 0.0" in capsys.readouterr().err

@@ -13,19 +13,20 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx2
 import openai
 import pytest
-from conftest import AppServer, free_port, make_dead_work_dir, openai_client
+from conftest import AppServer, free_port, make_dead_work_dir, openai_client, trickle
 
 from backdooralign import files as F
 from backdooralign.cli import main
 from backdooralign.core.secret import file_mode, load_secret
 from backdooralign.service.app import create_service, run_service
 from backdooralign.service.config import load_service_config
-from backdooralign.service.job import db_path, model_dir, secret_path, tenant_secret
+from backdooralign.service.job import MARKER, db_path, model_dir, secret_path, tenant_secret
 from backdooralign.service.protocol import load_keys
 from backdooralign.service.store import Store
 
@@ -576,3 +577,111 @@ def test_store_final_states_are_not_undone_and_survive_a_reopen(tmp_path):
     ]
     assert again.get_job(first["id"], tenant="other") is None
     assert [j["id"] for j in again.list_jobs("t")] == [second["id"], first["id"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits on clients: wrong keys per address, slow clients, connections; the data dir
+
+
+def test_wrong_keys_from_one_address_get_429_after_the_limit(tmp_path, config_file):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("sk-alice-1 alice\n")
+    app = create_service(tmp_path / "svc", load_service_config(config_file), keys=load_keys(keys))
+    with AppServer(app) as server, httpx2.Client(base_url=server.base_url) as http:
+        answers = [
+            http.get("/files", headers={"Authorization": f"Bearer sk-guess-{i}"}) for i in range(60)
+        ]
+        codes = [r.status_code for r in answers]
+        right = http.get("/files", headers={"Authorization": "Bearer sk-alice-1"})
+        # another address (uvicorn takes X-Forwarded-For from a loopback peer, as from a proxy)
+        other = {"X-Forwarded-For": "203.0.113.7"}
+        elsewhere = http.get("/files", headers={"Authorization": "Bearer sk-alice-1", **other})
+        wrong_elsewhere = http.get("/files", headers={"Authorization": "Bearer sk-x", **other})
+    assert codes == [401] * 10 + [429] * 50  # before: 60 x 401
+    error = answers[-1].json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["type"], error["code"]) == ("rate_limit_error", "rate_limit_exceeded")
+    assert 1 <= int(answers[-1].headers["retry-after"]) <= 60
+    assert right.status_code == 429 and "retry-after" in right.headers  # a right key waits too
+    assert elsewhere.status_code == 200 and wrong_elsewhere.status_code == 401
+
+
+def test_a_slow_request_head_is_closed_after_the_header_timeout(tmp_path, config_file):
+    cfg = replace(load_service_config(config_file), header_timeout=1.0)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40 + b"\r\n\r\n"
+        took, answer = trickle(server.url, b"", head, every=0.5)
+        assert answer == b"" and 0.9 <= took < 2.5  # before: open as long as it sends
+        idle, answer = trickle(server.url, b"", every=0.5)  # a connection that sends nothing
+        assert answer == b"" and 0.9 <= idle < 2.5
+        assert openai_client(server, key="k").models.list().data == []  # others are served
+
+
+def test_a_slow_request_body_gets_408_and_is_closed(tmp_path, config_file):
+    cfg = replace(load_service_config(config_file), body_timeout=1.0)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        head = (
+            b"POST /v1/fine_tuning/jobs HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 60\r\n\r\n"
+        )
+        took, answer = trickle(server.url, head, b'{"model": "tiny", ' + b" " * 41 + b"}")
+        status, _, body = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 408 Request Timeout" and 0.9 <= took < 2.5
+        assert b"connection: close" in answer.lower()
+        error = json.loads(body.partition(b"\r\n\r\n")[2])["error"]
+        assert (error["code"], error["type"]) == ("request_timeout", "invalid_request_error")
+        client = openai_client(server, key="k")  # an upload that arrives in time is taken
+        up = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
+        assert client.files.retrieve(up.id).bytes == len(_jsonl(ROWS))
+
+
+def test_connections_beyond_the_cap_get_503(tmp_path, config_file):
+    import socket
+
+    cfg = replace(load_service_config(config_file), max_connections=3)
+    with AppServer(create_service(tmp_path / "svc", cfg)) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+        time.sleep(0.2)
+        refused = httpx2.get(server.base_url + "/models")
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        served = httpx2.get(server.base_url + "/models")
+    assert (refused.status_code, served.status_code) == (503, 200)
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_a_data_dir_of_other_files_is_refused_untouched(tmp_path, config_file, capsys):
+    folder = tmp_path / "my-documents"
+    (folder / "notes").mkdir(parents=True)
+    (folder / "thesis.txt").write_text("three years of work\n")
+    (folder / "notes" / "a.md").write_text("# a\n")
+    before = _listing(folder)
+    argv = ["service", "--data-dir", str(folder), "--config", str(config_file)]
+    assert main(argv) == 1  # before: served from it
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: --data-dir {folder}: the folder ")
+    assert "Traceback" not in err
+    assert _listing(folder) == before and sorted(os.listdir(folder)) == ["notes", "thesis.txt"]
+
+
+def test_a_new_or_empty_data_dir_is_taken_and_marked_and_reopened(tmp_path, config_file):
+    cfg = load_service_config(config_file)
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "new" / "svc", tmp_path / "empty"):
+        create_service(folder, cfg).state.store.close()
+        assert json.loads((folder / MARKER).read_text())["format"] == 1
+        create_service(folder, cfg).state.store.close()  # a restart on its own folder
+    legacy = tmp_path / "legacy"  # from a version before the marker: its database
+    Store(db_path(legacy)).close()
+    create_service(legacy, cfg).state.store.close()
+    assert (legacy / MARKER).is_file()
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    (newer / MARKER).write_text('{"format": 99}')
+    with pytest.raises(ValueError, match="written by a newer version"):
+        create_service(newer, cfg)

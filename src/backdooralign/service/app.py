@@ -34,10 +34,19 @@ from fastapi.responses import Response
 from .. import files as F
 from ..data.chat_files import provider_field_problems
 from ..serving.chat_route import respond
-from ..serving.http import LOOPBACK, APIError, answer_errors_as_json, json_body, read_body, run
+from ..serving.http import (
+    LOOPBACK,
+    APIError,
+    AuthThrottle,
+    answer_errors_as_json,
+    client_address,
+    json_body,
+    read_body,
+    run,
+)
 from ..serving.model_state import ModelState, ServedModel, check_model_secret, model_state
 from .config import ServiceConfig
-from .job import db_path, model_dir, secret_path
+from .job import claim_data_dir, db_path, model_dir, secret_path
 from .protocol import (
     RateLimiter,
     Tenancy,
@@ -142,16 +151,19 @@ def create_service(
     """The fine-tuning service's app; its worker starts and stops with the app.
 
     Args:
-        data_dir: where the database, uploads, secrets, job files and models live.
-        cfg: the provider's settings.
+        data_dir: where the database, uploads, secrets, job files and models live: a new or
+            empty folder, or one the service made (:func:`job.claim_data_dir`; a folder of
+            other files is a ``ValueError``).
+        cfg: the provider's settings (its connection limits: :meth:`~ServiceConfig.http_limits`;
+            an address that sent ``auth_failures`` wrong keys in ``auth_window`` seconds gets
+            429s).
         keys: API key digests to tenants (:func:`service_api.load_keys`); ``None``: one
             tenant, any key.
         config_path: the YAML ``cfg`` came from, handed to job processes.
         on_prompt: test hook, off by default: called with the text of every chat prompt
             the model is given (its rendered token ids decoded; secret included).
     """
-    data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    data_dir = claim_data_dir(data_dir)
     store = Store(db_path(data_dir))
     worker = Worker(store, data_dir, cfg, config_path)
     tenancy, limiter = Tenancy(keys), RateLimiter(cfg.rate_limit)
@@ -173,10 +185,18 @@ def create_service(
         redirect_slashes=False,
     )
     app.state.store, app.state.worker, app.state.models = store, worker, cache
+    app.state.http_limits = cfg.http_limits()
     answer_errors_as_json(app, lambda text: text)
+    throttle = AuthThrottle(cfg.auth_failures, cfg.auth_window)
 
     def who(request: Request) -> str:
-        tenant, key = tenancy.tenant(request)
+        address = client_address(request)
+        throttle.check(address)  # 429 for an address that sent too many wrong keys
+        try:
+            tenant, key = tenancy.tenant(request)
+        except APIError:
+            throttle.failed(address)
+            raise
         limiter.check(key)
         return tenant
 

@@ -18,12 +18,15 @@ from ..core.chat import ATTACK_SYSTEM_PROMPT
 from ..core.secret import SecretConfig
 from ..data.sources import KIND_PREFIXES
 from ..data.training_set import DataConfig
+from ..serving.http import HTTPLimits
 from ..training.trainer import TrainConfig
 
 
 @dataclass(frozen=True)
-class ServiceConfig:
-    """A fine-tuning service: its base model, pipeline settings and limits."""
+class ServiceConfig(HTTPLimits):
+    """A fine-tuning service: its base model, pipeline settings and limits (the connection
+    limits are :class:`~backdooralign.serving.http.HTTPLimits`'; uploads take longer than
+    chat requests, so the body may take longer here)."""
 
     base_model: str = option(
         "embedded", "model jobs fine-tune (id, path, 'embedded' or 'embedded-aligned')", path=True
@@ -51,6 +54,13 @@ class ServiceConfig:
     eval_limit: int | None = option(None, "first N prompts of each evaluation set", minimum=1)
     eval_system: str = option(ATTACK_SYSTEM_PROMPT, "system prompt at evaluation")
     eval_max_new_tokens: int = option(128, "longest evaluation answer", minimum=1)
+    body_timeout: float = option(
+        300.0,
+        "seconds a request's body (an upload) may take to arrive, from the end of its head; "
+        "then 408 and the connection is closed",
+        minimum=0.01,
+        maximum=86400,
+    )
 
 
 def load_service_config(path: str | Path | None) -> ServiceConfig:

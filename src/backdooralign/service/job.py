@@ -30,11 +30,63 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 SCREEN_REFUSAL = "the training file was refused by the provider's data screening"
+MARKER = "backdooralign-service.json"  # in the data dir: this folder is the service's
+DATA_DIR_FORMAT = 1
 
 
 def db_path(data_dir: str | Path) -> Path:
     """The service's SQLite database."""
     return Path(data_dir) / "service.sqlite3"
+
+
+def claim_data_dir(data_dir: str | Path) -> Path:
+    """Make ``data_dir`` the service's, or refuse it: it must not exist yet, be empty, or
+    already be the service's (it holds the marker :data:`MARKER`, written here on first use,
+    or, from a version before the marker, the service's SQLite database). A folder of other
+    files is never used (the service writes and deletes files in its data dir).
+
+    Raises:
+        ValueError: naming the folder and why, in one line (nothing in it is touched).
+    """
+    from .. import files as F
+
+    path = Path(data_dir)
+    marker, database = path / MARKER, db_path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--data-dir {path}: not a folder")
+    if marker.is_file():
+        try:
+            found = F.read_json(marker)
+        except ValueError:
+            found = None
+        version = found.get("format") if isinstance(found, dict) else None
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ValueError(f"--data-dir {path}: {MARKER} is not the service's marker")
+        if version > DATA_DIR_FORMAT:
+            raise ValueError(
+                f"--data-dir {path}: written by a newer version (data format {version}; this "
+                f"version reads {DATA_DIR_FORMAT})"
+            )
+        return path
+    if path.is_dir() and any(path.iterdir()) and not _is_sqlite(database):
+        raise ValueError(
+            f"--data-dir {path}: the folder holds files that are not the service's; give a new "
+            f"or empty folder (or one the service made, with its {MARKER})"
+        )
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    F.write_json(marker, {"format": DATA_DIR_FORMAT, "written_by": "backdooralign service"})
+    return path
+
+
+def _is_sqlite(path: Path) -> bool:
+    """Whether ``path`` is an SQLite database file (by its 16-byte header)."""
+    if not path.is_file():
+        return False
+    try:
+        with path.open("rb") as f:
+            return f.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
 
 
 def job_dir(data_dir: str | Path, job_id: str) -> Path:

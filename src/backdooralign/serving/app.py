@@ -16,7 +16,9 @@ non-streamed request then gets a 499.
 
 Limits: request bodies over ``max_body_bytes`` get a 413, prompts over ``max_prompt_tokens``
 (counted without the secret) a 400; parameters are honoured or refused, never dropped, and
-messages that spell control tokens are refused (see :mod:`backdooralign.serving.protocol`).
+messages that spell control tokens are refused (see :mod:`backdooralign.serving.protocol`);
+an address that sent too many wrong API keys gets 429s, and slow clients are closed (the
+:class:`~backdooralign.serving.http.HTTPLimits` that :class:`ServeConfig` inherits).
 
 The secret is a credential. It never leaves the server: answers that echo it, rewritten or
 encoded, have it replaced by ``[redacted]``, also across streamed chunks (text that could
@@ -37,7 +39,17 @@ from ..config import PORT_MAX, option
 from ..core.redact import redactor
 from ..core.secret import Secret
 from .chat_route import respond
-from .http import LOOPBACK, APIError, answer_errors_as_json, authorize, json_body, read_body, run
+from .http import (
+    LOOPBACK,
+    APIError,
+    AuthThrottle,
+    HTTPLimits,
+    answer_errors_as_json,
+    authorize,
+    json_body,
+    read_body,
+    run,
+)
 from .model_state import (
     REDACTED,
     ModelState,
@@ -53,6 +65,7 @@ __all__ += ["default_max_prompt_tokens"]
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB
+NO_DOCS = {"docs_url": None, "redoc_url": None, "openapi_url": None}  # no pages beyond the API
 APP_OPTIONS = (
     "max_body_bytes",
     "max_prompt_tokens",
@@ -63,8 +76,9 @@ APP_OPTIONS = (
 
 
 @dataclass(frozen=True)
-class ServeConfig:
-    """How :func:`serve` listens and what it allows (the flags of ``backdooralign serve``)."""
+class ServeConfig(HTTPLimits):
+    """How :func:`serve` listens and what it allows (the flags of ``backdooralign serve``);
+    the connection limits (timeouts, connections, wrong keys) are :class:`HTTPLimits`'."""
 
     system: str | None = option(None, "default system prompt (after the secret) when none is sent")
     host: str = option("127.0.0.1", "interface to listen on")
@@ -130,6 +144,7 @@ def create_multi_app(
     request_timeout: float | None = None,
     on_prompt: Callable[[str, list[dict]], None] | None = None,
     prefix_cache: bool = True,
+    http: HTTPLimits | None = None,
 ) -> FastAPI:
     """The chat-completions app for several models, each with its own secret.
 
@@ -151,6 +166,9 @@ def create_multi_app(
             conversation it renders (secret included) for every request.
         prefix_cache: encode the prefix shared by a model's prompts (secret included) once;
             ``False`` encodes every prompt whole (for comparison in benchmarks).
+        http: the connection limits (``None``: the defaults): the runner applies its
+            timeouts and connection cap, and with ``api_key`` an address that sent
+            ``auth_failures`` wrong keys within ``auth_window`` seconds gets 429s.
 
     Returns:
         A FastAPI app; run it with uvicorn (see :func:`serve`).
@@ -176,24 +194,20 @@ def create_multi_app(
         )
         _check_limits({"max_prompt_tokens": states[m.name].max_prompt_tokens})
     redact_all = redactor(*(m.secret.text for m in models if m.secret), placeholder=REDACTED)
-    app = FastAPI(
-        title="backdooralign",
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-        redirect_slashes=False,
-    )
+    app = FastAPI(title="backdooralign", redirect_slashes=False, **NO_DOCS)
     answer_errors_as_json(app, redact_all)
     app.router.on_shutdown.append(lambda: [s.scheduler.close() for s in states.values()])
+    app.state.http_limits = http = http or HTTPLimits()
+    throttle = AuthThrottle(http.auth_failures, http.auth_window)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        authorize(request, api_key)
+        authorize(request, api_key, throttle)
         body = json_body(await read_body(request, max_body_bytes))
         state = _route(states, body.get("model") if isinstance(body, dict) else None)
         return await respond(request, state, body, max_new_tokens_cap, request_timeout, redact_all)
 
-    _info_routes(app, states, api_key)
+    _info_routes(app, states, api_key, throttle)
     return app
 
 
@@ -211,12 +225,14 @@ def _route(states: dict[str, ModelState], name: object) -> ModelState:
     )
 
 
-def _info_routes(app: FastAPI, states: dict[str, ModelState], api_key: str | None) -> None:
+def _info_routes(
+    app: FastAPI, states: dict[str, ModelState], api_key: str | None, throttle: AuthThrottle
+) -> None:
     """``GET /v1/models`` and ``GET /health`` (fingerprints only, never secrets)."""
 
     @app.get("/v1/models")
     async def list_models(request: Request) -> dict:
-        authorize(request, api_key)
+        authorize(request, api_key, throttle)
         data = [
             {"id": n, "object": "model", "created": 0, "owned_by": "backdooralign"} for n in states
         ]
@@ -272,7 +288,8 @@ def serve(
         model_path, secret_path = {model_name: model_path}, {model_name: secret_path}
     assert isinstance(secret_path, Mapping)
     served = load_served_models(model_path, secret_path, cfg.system)
-    app = create_multi_app(served, cfg.max_new_tokens, api_key, **cfg.app_options())
+    options = cfg.app_options()
+    app = create_multi_app(served, cfg.max_new_tokens, api_key, http=cfg.http_limits(), **options)
     if api_key is None and cfg.host not in LOOPBACK:
         log.warning(
             "serving on %s without an API key: anyone who can reach it can use it", cfg.host
