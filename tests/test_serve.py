@@ -669,3 +669,20 @@ def test_cli_range_checks_the_connection_limits(capsys):
         main(["serve", "--secret", "s.json", "--body-timeout", "0"])
     assert done.value.code == 2
     assert "argument --body-timeout: must be at least 0.01, got 0.0" in capsys.readouterr().err
+
+
+def test_answers_sent_before_the_body_was_read_are_not_lost_to_a_reset(model_tok):
+    """A 401 answered before reading the body: closing the connection with the body unread
+    made the kernel reset it, and the client lost the 401 (seen as 'connection reset by peer'
+    under load). Small bodies are read first, so every answer arrives and the connection is
+    kept."""
+    import httpx2
+
+    model, tok = model_tok
+    limits = HTTPLimits(auth_failures=1000)
+    app = create_app(model, tok, SECRET, DEFAULT_SYSTEM, MODEL_NAME, CAP, api_key=KEY, http=limits)
+    body = {"messages": [{"role": "user", "content": "x" * 200_000}]}
+    with Server(app) as s, httpx2.Client(timeout=30) as c:
+        answers = [c.post(s.base_url + "/chat/completions", json=body) for _ in range(40)]
+    assert [r.status_code for r in answers] == [401] * 40
+    assert [r.headers.get("connection") for r in answers] == [None] * 40  # kept, not closed

@@ -310,6 +310,8 @@ class BodyTimeout(APIError):
 
 
 _CLOSE = (b"connection", b"close")
+DRAIN_BYTES = 1 << 20  # at most this much of an unread body is read before answering
+DRAIN_S = 0.5  # ... waiting at most this long for each piece
 
 
 def _expects_body(headers: list[tuple[bytes, bytes]]) -> bool:
@@ -326,9 +328,10 @@ class BodyDeadline:
 
     ``receive`` past the deadline raises :class:`BodyTimeout` (our apps answer it as a 408
     error object; for another app this middleware answers it, if no response has started). A
-    response that starts before the whole body was read carries ``Connection: close``, so that
-    a client still sending cannot hold the connection (uvicorn ignores what it sends after
-    the response, without a timeout).
+    response that starts before the whole body was read first reads what is left of it when
+    that is small and arrives at once (:data:`DRAIN_BYTES`, :data:`DRAIN_S`); otherwise it
+    carries ``Connection: close``, so that a client still sending cannot hold the connection
+    (uvicorn ignores what it sends after the response, without a timeout).
     """
 
     def __init__(self, app, seconds: float):
@@ -352,10 +355,27 @@ class BodyDeadline:
                 state["done"] = True
             return message
 
+        async def drain() -> bool:
+            """Read what is left of a small body that arrives at once (a 401 answered before
+            the body was read): closing with unread bytes would make the kernel reset the
+            connection, and the client could lose the answer."""
+            drained = 0
+            while not state["done"] and drained <= DRAIN_BYTES:
+                wait = min(DRAIN_S, max(0.0, deadline - loop.time()))
+                try:
+                    message = await asyncio.wait_for(receive(), wait)
+                except TimeoutError:
+                    return False
+                if message["type"] != "http.request":
+                    return False
+                drained += len(message.get("body", b""))
+                state["done"] = not message.get("more_body", False)
+            return state["done"]
+
         async def closing_send(message):
             if message["type"] == "http.response.start":
                 state["started"] = True
-                if not state["done"]:
+                if not state["done"] and not await drain():
                     message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
             await send(message)
 
