@@ -246,9 +246,11 @@ def decode(
         prefix_hint: the prefix expected to be shared (a server knows its template, secret and
             system prompt); cut to what the rows really share. ``None``: the rows' longest
             common prefix.
-        bf16: bf16 matrix products. The static engine multiplies by a bf16 copy of the weights
-            made once per model (norms, attention and the residual stream stay in the model's
-            dtype); the reference engine runs under bf16 autocast.
+        bf16: bf16 matrix products and attention, as under autocast. The reference engine runs
+            under bf16 autocast (each product casts its weights again); the static engine
+            multiplies by bf16 copies of the weights made once per model and keeps its keys and
+            values in bf16 (norms and the residual stream stay in the model's dtype, as under
+            autocast).
         more: called between steps with the number of rows still decoding; the rows it
             returns join the batch (a server's newly arrived requests).
         engine: ``"static"`` (a preallocated KV cache written in place and a lean decode step
@@ -341,8 +343,8 @@ class _Weights:
     head_dim: int
     scaling: float
     fused: bool
-    matmul_dtype: object  # dtype of the linear layers' weights
-    dtype: object  # the model's dtype: the residual stream, norms, attention, KV cache
+    matmul_dtype: object  # dtype of the linear layers' weights, of attention and the KV cache
+    dtype: object  # the model's dtype: the residual stream and norms
 
 
 _BF16_WEIGHTS: dict = {}  # id(model) -> (weakref to it, signature, _Weights): bf16 copies
@@ -508,7 +510,7 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
     cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
     attn_mask = mask[:, None, None, : col + 1]
     if ATTENTION != "sdpa":  # additive: 0 where attended, -inf elsewhere
-        bias = torch.zeros(attn_mask.shape, dtype=dt, device=ids.device)
+        bias = torch.zeros(attn_mask.shape, dtype=md, device=ids.device)
         bias.masked_fill_(~attn_mask, float("-inf"))
     q_size, kv_size = heads * d, kvh * d
     for i, layer in enumerate(w.layers):
@@ -524,7 +526,7 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
         k = (k * cos) + (_rotate_half(k) * sin)
         keys[i][:, :, col] = k
         values[i][:, :, col] = v.view(n, kvh, d)
-        qg = q.view(n, kvh, group, d)  # the query heads grouped by key head, as HF does
+        qg = q.view(n, kvh, group, d).to(md)  # query heads grouped by key head, as HF does
         k_all, v_all = keys[i][:, :, : col + 1], values[i][:, :, : col + 1]
         if ATTENTION == "sdpa":
             out = F.scaled_dot_product_attention(
@@ -610,7 +612,7 @@ class _StaticBatch:
         for layer in ref.cache.layers:
             for src, dst in ((layer.keys, keys), (layer.values, values)):
                 buf = torch.empty(
-                    (n, w.kv_heads, capacity, w.head_dim), dtype=w.dtype, device=device
+                    (n, w.kv_heads, capacity, w.head_dim), dtype=w.matmul_dtype, device=device
                 )
                 buf[:, :, :width] = src
                 dst.append(buf)
