@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from .engine import (
+from .rows import (
     MIN_PREFIX,
     PrefixCache,
     Row,
