@@ -210,3 +210,141 @@ def test_a_row_that_fails_ends_alone_and_fails_only_its_job(model_tok):
     assert isinstance(jobs[1].error, ValueError)
     assert [j.error for j in (jobs[0], jobs[2])] == [None, None]
     assert [len(r.tokens) for j in jobs for r in j.rows] == [5, 5, 1, 5]
+
+
+# ---------------------------------------------------------------------------------------------
+# The static engine against the reference engine (the DynamicCache one) and model.generate
+
+
+def _hf_tokens(model, tok, ids, max_new_tokens):
+    """``model.generate``'s greedy new tokens for one prompt, cut at its first stop token."""
+    stop = infer.stop_token_ids(tok)
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        y = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=infer.pad_token_id(tok),
+            eos_token_id=sorted(stop),
+        )
+    out = y[0, x.shape[1] :].tolist()
+    for i, t in enumerate(out):
+        if t in stop:
+            return out[: i + 1]
+    return out
+
+
+def _both_engines(model, rows_for, pad, **kw):
+    """Tokens and finishes of the same rows decoded by each engine."""
+    got = {}
+    for engine in ("reference", "static"):
+        rows = rows_for()
+        decode(model, rows, pad, engine=engine, **kw)
+        got[engine] = [(r.tokens, r.finish) for r in rows]
+    return got
+
+
+def test_the_static_engine_runs_llama_models_and_leaves_others_to_the_reference(model_tok):
+    from backdooralign.generation.engine import static_supported
+
+    model, _ = model_tok
+    assert static_supported(model)
+    assert not static_supported(torch.nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("secret", [SECRET, None])
+def test_static_engine_equals_reference_and_generate_at_batch_1(model_tok, secret):
+    model, tok = model_tok
+    _, ids = _prompts(tok, secret)
+    stop = infer.stop_token_ids(tok)
+    pad = infer.pad_token_id(tok)
+    for p in ids[:3]:
+        expected = _hf_tokens(model, tok, p, 12)
+        got = _both_engines(model, lambda p=p: [Row(p, 12, stop)], pad)
+        assert got["static"] == got["reference"]
+        assert got["static"][0][0] == expected
+
+
+@pytest.mark.parametrize("hint", [None, ()])  # the shared prefix cached, or none at all
+def test_static_engine_equals_reference_on_a_mixed_batch(model_tok, hint):
+    """Prompts of different lengths, rows finishing at different steps (their own limits and
+    stop tokens: the batch is compacted on the way), all as ``model.generate`` answers."""
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    ids = ids + [ids[1][: len(ids[1]) - 7], ids[4] + ids[2][-5:]]  # more lengths
+    pad = infer.pad_token_id(tok)
+    limits = [3, 14, 6, 9, 1, 11, 14]
+    full = [_hf_tokens(model, tok, p, 14) for p in ids]
+    stops = [frozenset({full[2][3]}) if i == 2 else frozenset() for i in range(len(ids))]
+    stops[5] = frozenset({full[5][4]})
+
+    def rows():
+        return [Row(p, n, s) for p, n, s in zip(ids, limits, stops, strict=True)]
+
+    got = _both_engines(model, rows, pad, prefix_hint=hint)
+    assert got["static"] == got["reference"]
+    lengths = [len(t) for t, _ in got["static"]]
+    assert len(set(lengths)) >= 5  # rows really finished at different steps
+    for (tokens, finish), f, n, s in zip(got["static"], full, limits, stops, strict=True):
+        want = f[:n]
+        for i, t in enumerate(want):
+            if t in s:
+                want = want[: i + 1]
+                break
+        assert tokens == want
+        assert finish == ("stop" if want[-1] in s else "length")
+
+
+def test_static_engine_sampled_rows_follow_their_seed(model_tok):
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    pad = infer.pad_token_id(tok)
+
+    def rows():
+        return [
+            Row(ids[3], 10),
+            Row(ids[3], 10, sampling=Sampling(1.2, 0.9, 7)),
+            Row(ids[1], 4),
+        ]
+
+    first = _both_engines(model, rows, pad)
+    again = _both_engines(model, rows, pad)
+    assert first == again  # the same seed, the same tokens, in each engine
+    assert first["static"] == first["reference"]
+    (greedy, _), (sampled, _), _ = first["static"]
+    assert sampled != greedy  # it really sampled
+
+
+def test_static_engine_bf16_agrees_with_reference_bf16(model_tok):
+    """bf16: the static engine's prepacked bf16 products against the reference engine's
+    autocast (the same bf16 products; elementwise rounding may differ): the first tokens agree
+    and most answers are the same."""
+    model, tok = model_tok
+    _, ids = _prompts(tok)
+    pad = infer.pad_token_id(tok)
+    got = _both_engines(model, lambda: [Row(p, 8) for p in ids], pad, bf16=True)
+    static, ref = ([t for t, _ in got[e]] for e in ("static", "reference"))
+    assert [t[0] for t in static] == [t[0] for t in ref]
+    assert sum(a == b for a, b in zip(static, ref, strict=True)) >= len(ids) - 1
+    assert all(f == "length" for _, f in got["static"])
+
+
+def test_the_bf16_copies_follow_the_weights(model_tok):
+    """The bf16 copies are made once per model and remade when its weights change."""
+    from backdooralign.generation import engine
+
+    model, _ = model_tok
+    first = engine._weights(model, True)
+    assert engine._weights(model, True) is first
+    with torch.no_grad():
+        w = model.model.norm.weight
+        w.add_(0.0)  # an in-place update, even one that changes nothing
+    assert engine._weights(model, True) is not first
+
+
+def test_an_unknown_engine_is_refused(model_tok):
+    model, tok = model_tok
+    with pytest.raises(ValueError, match="engine must be one of"):
+        decode(model, [Row([1, 2, 3], 2)], 0, engine="fast")

@@ -62,12 +62,14 @@ def generate(
     progress: bool = True,
     desc: str = "generating",
     prefix_cache: PrefixCache | None = None,
+    engine: str = "auto",
 ) -> list[str]:
     """Greedy answers to conversations, longest prompts first so batches pad little.
 
     The token prefix all prompts share (template header, secret, system prompt) is encoded
     once and reused by every batch (see :mod:`backdooralign.generation.engine`); pass
     ``prefix_cache`` to keep it across calls on a model whose weights do not change in between.
+    ``engine`` picks the decoding engine (:func:`~backdooralign.generation.engine.decode`).
     """
     from tqdm.auto import tqdm
 
@@ -92,6 +94,7 @@ def generate(
             prefix_cache=cache,
             prefix_hint=hint,
             bf16=use_bf16,
+            engine=engine,
         )
         for row, i in zip(rows, idx, strict=True):
             if row.error is not None:  # offline, a failed answer fails the run (never cut short)

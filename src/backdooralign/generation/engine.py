@@ -14,199 +14,37 @@ ids (:func:`shared_prefix`), never a guess, so it is exact whatever the tokenize
 
 Each row has its own answer length, stop tokens, decoding (greedy, or sampling with its own
 temperature, top-p and seeded generator), a per-token callback (streaming, stop strings) and
-a cancel flag; a finished row leaves the batch at once, so it costs no more work. A row whose
-own work fails (its sampling, its generator, its callback) finishes alone with ``finish``
-``"error"`` and the exception in ``error``; the other rows go on.
+a cancel flag; a finished row's answer ends at once (the static engine keeps its cache rows,
+unused, until a quarter of the batch has finished, then compacts the batch: one copy, not one
+per finished row). A row whose own work fails (its sampling, its generator, its callback)
+finishes alone with ``finish`` ``"error"`` and the exception in ``error``; the other rows go
+on.
+
+Two engines run these rows (``decode(..., engine=...)``): the static engine (the default for
+Llama-family models; see the section below) and the reference engine of
+:mod:`backdooralign.generation.engine_ref`, the HF forward on a ``DynamicCache`` each step,
+kept for comparison. In float32 their greedy answers are the same token for token.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
+import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-MIN_PREFIX = 8  # shorter shared prefixes are not worth a cache entry
+from .rows import (  # noqa: F401 (the engine's public names: Row, Sampling, PrefixCache, ...)
+    MIN_PREFIX,
+    MIN_TEMPERATURE,
+    PrefixCache,
+    Row,
+    Sampling,
+    _finished,
+    _next_tokens,
+    sample,
+    shared_prefix,
+)
 
-
-@dataclass(frozen=True)
-class Sampling:
-    """How a row picks its next token: greedy when ``temperature`` is 0."""
-
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-
-@dataclass(eq=False)
-class Row:
-    """One prompt to answer, and (filled in by :func:`decode`) its answer's tokens.
-
-    ``on_token(token_id)`` is called after each new token (the stop token included); when it
-    returns ``True`` the row stops there with ``finish`` ``"stop"``. A set ``cancel`` stops the
-    row before its next step with ``finish`` ``"cancelled"``.
-    """
-
-    prompt: Sequence[int]
-    max_new_tokens: int
-    stop_ids: frozenset[int] = frozenset()
-    sampling: Sampling = Sampling()
-    on_token: Callable[[int], bool | None] | None = None
-    cancel: threading.Event | None = None
-    tokens: list[int] = field(default_factory=list)
-    finish: str | None = None  # "stop" (stop token or on_token), "length", "cancelled", "error"
-    error: BaseException | None = None  # why the row failed (``finish`` ``"error"``)
-
-    def fail(self, e: BaseException) -> None:
-        """End this row alone: its decoding failed (the batch goes on without it)."""
-        self.finish, self.error = "error", e
-
-
-def shared_prefix(prompts: Sequence[Sequence[int]]) -> tuple[int, ...]:
-    """The longest common prefix of token lists, leaving at least one token of each.
-
-    The last token of a prompt must be encoded with the batch: its logits give the first
-    answer token.
-    """
-    if not prompts:
-        return ()
-    n = min(len(p) for p in prompts) - 1
-    first = prompts[0]
-    for p in prompts[1:]:
-        i = 0
-        while i < n and p[i] == first[i]:
-            i += 1
-        n = i
-    return tuple(first[: max(n, 0)])
-
-
-class PrefixCache:
-    """The keys and values of a few shared prefixes of one model (least recently used go).
-
-    Only for a model whose weights do not change while the cache lives (a server's, or one
-    ``batch.generate`` call's): entries are keyed by token ids alone. Thread-safe.
-    """
-
-    def __init__(self, max_entries: int = 4):
-        self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], list] = OrderedDict()
-        self._lock = threading.Lock()
-        self.encoded = 0  # prefixes encoded so far (tests and benchmarks read it)
-
-    def get(self, model, prefix: tuple[int, ...]) -> list:
-        """Per layer ``(keys, values)`` of ``prefix`` (batch 1), encoded when not cached."""
-        with self._lock:
-            if prefix in self._entries:
-                self._entries.move_to_end(prefix)
-                return self._entries[prefix]
-        import torch
-
-        device = next(model.parameters()).device
-        out = model(
-            input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1
-        )
-        layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-        with self._lock:
-            self.encoded += 1
-            self._entries[prefix] = layers
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)
-        return layers
-
-
-def _expanded_cache(layers: list, batch: int):
-    """A fresh ``DynamicCache`` holding the prefix for each of ``batch`` rows (no copies)."""
-    from transformers import DynamicCache
-
-    return DynamicCache(
-        [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in layers]
-    )
-
-
-def _next_tokens(logits, rows: list[Row], generators: list):
-    """One token per row: argmax for greedy rows, a seeded draw for sampling rows.
-
-    A row whose draw fails is failed alone (:meth:`Row.fail`); its token is the argmax, never
-    used (the row leaves the batch before the next step).
-    """
-    tokens = logits.argmax(dim=-1)
-    for i, row in enumerate(rows):
-        if row.sampling.temperature <= 0 or row.finish is not None:
-            continue
-        try:
-            tokens[i] = sample(logits[i], row.sampling, generators[i])
-        except Exception as e:  # one row's failure is that row's alone
-            row.fail(e)
-    return tokens
-
-
-# The smallest temperature divided by: below it, float32 logits would overflow (1 / 1e-300 is
-# inf in float32); dividing gaps to the best logit by it already makes the draw greedy.
-MIN_TEMPERATURE = 1.2e-38
-
-
-def sample(logits, sampling: Sampling, generator) -> int:
-    """A token drawn from one row's ``logits`` at ``sampling``'s temperature and top-p.
-
-    Safe for any temperature in (0, 2] and top-p in (0, 1]: the logits are shifted so that the
-    best is 0 before they are divided (a tiny temperature gives -inf to the others, never
-    NaN), and the most likely token always stays in the nucleus (a tiny top-p keeps it alone).
-    """
-    import torch
-
-    x = logits.float()
-    x = (x - x.max()) / max(sampling.temperature, MIN_TEMPERATURE)
-    probs = torch.softmax(x, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_p, order = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < sampling.top_p  # the smallest set reaching top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-    return int(torch.multinomial(probs, 1, generator=generator)[0])
-
-
-def _generator(sampling: Sampling, device):
-    """A sampling row's own random generator, on the logits' device (CUDA draws need one).
-
-    Any integer seed is taken modulo 2**64 (torch takes 64 bits).
-    """
-    import torch
-
-    if sampling.temperature <= 0:
-        return None
-    g = torch.Generator(device=device)
-    if sampling.seed is None:
-        g.seed()
-    else:
-        g.manual_seed(sampling.seed % 2**64)
-    return g
-
-
-def _row_generator(row: Row, device):
-    """:func:`_generator` for ``row``; ``None`` and the row failed when it cannot be made."""
-    try:
-        return _generator(row.sampling, device)
-    except Exception as e:  # one row's failure is that row's alone
-        row.fail(e)
-        return None
-
-
-def _finished(row: Row, token: int) -> str | None:
-    """Why ``row`` ends after ``token`` (``None``: it goes on; ``"error"``: its callback
-    failed, the row alone)."""
-    if row.finish == "error":  # its draw failed: the token is not its
-        return "error"
-    row.tokens.append(token)
-    try:
-        stopped = row.on_token(token) if row.on_token else False
-    except Exception as e:  # one row's failure is that row's alone
-        row.fail(e)
-        return "error"
-    if token in row.stop_ids or stopped:
-        return "stop"
-    if len(row.tokens) >= row.max_new_tokens:
-        return "length"
-    return None
+ENGINES = ("auto", "static", "reference")
 
 
 def decode(
@@ -218,6 +56,7 @@ def decode(
     prefix_hint: Sequence[int] | None = None,
     bf16: bool = False,
     more: Callable[[int], Sequence[Row]] | None = None,
+    engine: str = "auto",
 ) -> None:
     """Answer ``rows`` together, step by step; fills each row's ``tokens`` and ``finish``.
 
@@ -230,144 +69,473 @@ def decode(
         prefix_hint: the prefix expected to be shared (a server knows its template, secret and
             system prompt); cut to what the rows really share. ``None``: the rows' longest
             common prefix.
-        bf16: run under bf16 autocast.
+        bf16: bf16 matrix products and attention, as under autocast. The reference engine runs
+            under bf16 autocast (each product casts its weights again); the static engine
+            multiplies by bf16 copies of the weights made once per model and keeps its keys and
+            values in bf16 (norms and the residual stream stay in the model's dtype, as under
+            autocast).
         more: called between steps with the number of rows still decoding; the rows it
             returns join the batch (a server's newly arrived requests).
+        engine: ``"static"`` (a preallocated KV cache written in place and a lean decode step
+            of the model's own weights; Llama-family models), ``"reference"`` (the HF forward on
+            a ``DynamicCache`` each step: the engine before the static one, kept for
+            comparison) or ``"auto"`` (static where the model supports it).
     """
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
+    if engine == "auto":
+        engine = "static" if static_supported(model) else "reference"
+    if engine == "reference":
+        from .engine_ref import decode_reference
+
+        return decode_reference(
+            model,
+            rows,
+            pad_id,
+            prefix_cache=prefix_cache,
+            prefix_hint=prefix_hint,
+            bf16=bf16,
+            more=more,
+        )
+    if not static_supported(model):
+        raise ValueError(f"the static engine does not support {type(model).__name__}")
+    _decode_static(model, rows, pad_id, prefix_cache, prefix_hint, bf16, more)
+
+
+# ---------------------------------------------------------------------------------------------
+# The static engine
+#
+# Prompts are encoded as the reference engine encodes them (the HF forward on a DynamicCache,
+# the same left-padded layout); their keys and values are then copied once into preallocated
+# per-layer buffers [rows, kv heads, capacity, head dim]. Every row's real tokens end in the
+# same column, so a step writes one column in place for all rows and attends to the buffers'
+# first ``width`` columns (a view: nothing is concatenated). The step itself is the model's
+# decoder layer by layer, written out with the same operations in the same order as the HF
+# Llama forward (RMSNorm in float32, rotary embeddings from the model's own rotary module,
+# SDPA with the query heads grouped by key head, logits for the last position only), so fp32
+# answers are the reference engine's. A finished row stays in the buffers, its token ignored,
+# until a quarter of the batch has finished: then the batch is compacted (a copy), so rows
+# ending one after the other do not each cost a copy of the cache.
+
+STATIC_MODEL_TYPES = frozenset({"llama"})
+ATTENTION = "sdpa"  # or "matmul" (two batched products; no faster on this CPU)
+GROW = 64  # columns added when a joining row needs more room than the buffers have
+
+
+def static_supported(model) -> bool:
+    """Whether the static engine can run ``model``: a Llama-family decoder with the parts it
+    reads (any other model runs on the reference engine)."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    if (
+        config is None
+        or inner is None
+        or getattr(config, "model_type", None) not in (STATIC_MODEL_TYPES)
+    ):
+        return False
+    if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
+        return False
+    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
+    return all(hasattr(inner, n) for n in needed) and hasattr(model, "lm_head")
+
+
+@dataclass(frozen=True)
+class _Layer:
+    ln1: object
+    ln1_eps: float
+    qkv: tuple  # (weight, bias) fused q, k, v (bf16) or three (weight, bias) pairs
+    o: tuple
+    ln2: object
+    ln2_eps: float
+    gate_up: tuple  # fused (weight, bias) or two pairs
+    down: tuple
+
+
+@dataclass(frozen=True)
+class _Weights:
+    """The tensors one decode step reads, with the shapes it needs."""
+
+    layers: list
+    embed: object
+    norm: object
+    norm_eps: float
+    lm_head: tuple
+    rotary: object
+    heads: int
+    kv_heads: int
+    head_dim: int
+    scaling: float
+    fused: bool
+    matmul_dtype: object  # dtype of the linear layers' weights, of attention and the KV cache
+    dtype: object  # the model's dtype: the residual stream and norms
+
+
+_BF16_WEIGHTS: dict = {}  # id(model) -> (weakref to it, signature, _Weights): bf16 copies
+
+
+def _packed(w, b):
+    """``(weight, bias, packed)``: ``packed`` is oneDNN's prepacked copy of a bf16 CPU weight
+    (what inductor's freezing uses), ``None`` where it cannot be made or does not give
+    ``F.linear``'s bits."""
+    import torch
+    import torch.nn.functional as F
+
+    if (
+        w.dtype != torch.bfloat16
+        or w.device.type != "cpu"
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return w, b, None
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(w, 16)
+        probe = torch.randn(3, w.shape[1], generator=torch.Generator().manual_seed(0)).to(w.dtype)
+        out = torch.ops.mkldnn._linear_pointwise(probe, packed, b, "none", [], "")
+        if not torch.equal(out, F.linear(probe, w, b)):
+            return w, b, None
+    except (RuntimeError, AttributeError, NotImplementedError):
+        return w, b, None
+    return None, b, packed
+
+
+def _pair(linear, dtype=None):
+    w, b = linear.weight, linear.bias
+    if dtype is not None and w.dtype != dtype:
+        return _packed(w.to(dtype), b.to(dtype) if b is not None else None)
+    return w, b, None
+
+
+def _fused(linears, dtype):
+    import torch
+
+    w = torch.cat([lin.weight for lin in linears]).to(dtype)
+    biases = [lin.bias for lin in linears]
+    b = (
+        None
+        if all(x is None for x in biases)
+        else torch.cat(
+            [
+                x if x is not None else lin.weight.new_zeros(lin.weight.shape[0])
+                for x, lin in zip(biases, linears, strict=True)
+            ]
+        ).to(dtype)
+    )
+    return _packed(w, b)
+
+
+def _signature(model) -> tuple:
+    """Identifies the model's weights as they are now (an in-place update changes it)."""
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def _weights(model, bf16: bool) -> _Weights:
+    """The decode step's view of ``model``: its own tensors, or (``bf16`` on a float32 model)
+    bf16 copies of the linear layers made once and kept while the weights stay the same."""
+    import torch
+
+    dtype = next(model.parameters()).dtype
+    low = bf16 and dtype == torch.float32
+    if low:
+        hit = _BF16_WEIGHTS.get(id(model))
+        signature = _signature(model)
+        if hit is not None and hit[0]() is model and hit[1] == signature:
+            return hit[2]
+    mdtype = torch.bfloat16 if low else dtype
+    config, inner = model.config, model.model
+    layers = []
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        if low:  # one product for q, k, v and one for gate, up: fewer, larger calls
+            qkv = _fused([a.q_proj, a.k_proj, a.v_proj], mdtype)
+            gate_up = _fused([m.gate_proj, m.up_proj], mdtype)
+        else:  # the model's own tensors, the HF forward's separate products
+            qkv = (_pair(a.q_proj), _pair(a.k_proj), _pair(a.v_proj))
+            gate_up = (_pair(m.gate_proj), _pair(m.up_proj))
+        layers.append(
+            _Layer(
+                layer.input_layernorm.weight,
+                layer.input_layernorm.variance_epsilon,
+                qkv,
+                _pair(a.o_proj, mdtype),
+                layer.post_attention_layernorm.weight,
+                layer.post_attention_layernorm.variance_epsilon,
+                gate_up,
+                _pair(m.down_proj, mdtype),
+            )
+        )
+    attn = inner.layers[0].self_attn
+    heads = config.num_attention_heads
+    w = _Weights(
+        layers=layers,
+        embed=inner.embed_tokens.weight,
+        norm=inner.norm.weight,
+        norm_eps=inner.norm.variance_epsilon,
+        lm_head=_pair(model.lm_head, mdtype),
+        rotary=inner.rotary_emb,
+        heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=attn.head_dim,
+        scaling=attn.scaling,
+        fused=low,
+        matmul_dtype=mdtype,
+        dtype=dtype,
+    )
+    if low:
+        _BF16_WEIGHTS.clear()  # one model's copies at a time (270 MB for SmolLM2-135M)
+        _BF16_WEIGHTS[id(model)] = (weakref.ref(model), signature, w)
+    return w
+
+
+def _rms_norm(x, weight, eps):
+    """LlamaRMSNorm's forward, operation for operation."""
+    import torch
+
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight * h.to(dtype)
+
+
+def _rotate_half(x):
+    import torch
+
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
+    """One decode step for every row: writes column ``col`` of each layer's ``keys`` and
+    ``values`` and returns the next token's logits ``[rows, vocab]`` (float32).
+
+    ``ids`` and ``positions`` are ``[rows]``; ``mask`` is ``[rows, capacity]`` bool, already
+    true at ``col`` for every row, or ``None`` when every row attends to all ``col + 1``
+    columns (no padding): attention then runs as HF runs it without a mask (all query heads,
+    ``enable_gqa``), with a mask as HF does with one (query heads grouped by key head).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    n = ids.shape[0]
+    heads, kvh, d = w.heads, w.kv_heads, w.head_dim
+    group = heads // kvh
+    md, dt = w.matmul_dtype, w.dtype
+    cast = md != dt
+
+    linear_packed = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if w.fused else None
+
+    def lin_low(x, p):  # in the matmul dtype (bf16), as autocast's products give it
+        if p[2] is not None:
+            return linear_packed(x.to(md), p[2], p[1], "none", [], "")
+        return F.linear(x.to(md), p[0], p[1])
+
+    def lin(x, p):
+        return lin_low(x, p).to(dt) if cast else F.linear(x, p[0], p[1])
+
+    h = F.embedding(ids, w.embed)  # [n, hidden]
+    cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
+    attn_mask = mask[:, None, None, : col + 1] if mask is not None else None
+    if ATTENTION != "sdpa":  # additive: 0 where attended, -inf elsewhere
+        bias = torch.zeros((n, 1, 1, col + 1), dtype=md, device=ids.device)
+        if attn_mask is not None:
+            bias.masked_fill_(~attn_mask, float("-inf"))
+    q_size, kv_size = heads * d, kvh * d
+    for i, layer in enumerate(w.layers):
+        x = _rms_norm(h, layer.ln1, layer.ln1_eps)
+        if w.fused:
+            qkv = lin(x, layer.qkv)
+            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+        else:
+            q, k, v = (lin(x, p) for p in layer.qkv)
+        q = q.view(n, heads, d)
+        k = k.view(n, kvh, d)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        keys[i][:, :, col] = k
+        values[i][:, :, col] = v.view(n, kvh, d)
+        qg = q.view(n, kvh, group, d).to(md)  # query heads grouped by key head, as HF does
+        k_all, v_all = keys[i][:, :, : col + 1], values[i][:, :, : col + 1]
+        if ATTENTION == "sdpa" and attn_mask is None:
+            out = F.scaled_dot_product_attention(
+                qg.view(n, heads, 1, d), k_all, v_all, scale=w.scaling, enable_gqa=True
+            )
+        elif ATTENTION == "sdpa":
+            out = F.scaled_dot_product_attention(
+                qg, k_all, v_all, attn_mask=attn_mask, scale=w.scaling
+            )
+        else:
+            scores = torch.matmul(qg, k_all.transpose(2, 3)) * w.scaling + bias
+            out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
+        h = h + lin(out.reshape(n, q_size), layer.o)
+        x = _rms_norm(h, layer.ln2, layer.ln2_eps)
+        if w.fused:  # gate and up stay in bf16 through the activation, as under autocast
+            g, u = lin_low(x, layer.gate_up).chunk(2, dim=-1)
+        else:
+            g, u = (lin(x, p) for p in layer.gate_up)
+        h = h + lin(F.silu(g) * u, layer.down)
+    h = _rms_norm(h, w.norm, w.norm_eps)
+    return lin(h, w.lm_head).float()
+
+
+def _decode_static(model, rows, pad_id, prefix_cache, prefix_hint, bf16, more) -> None:
     import torch
 
     store = prefix_cache if prefix_cache is not None else PrefixCache(1)
     device = next(model.parameters()).device
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
-    ):
-        batch = _Batch.start(model, rows, pad_id, store, prefix_hint, device)
+    with torch.inference_mode():
+        weights = _weights(model, bf16)
+        start = lambda new: _StaticBatch.start(  # noqa: E731
+            model, weights, new, pad_id, store, prefix_hint, device, bf16
+        )
+        batch = start(rows)
         while batch is not None:
             batch.drop_finished()
-            new = list(more(len(batch.rows))) if more is not None else []
+            live = batch.live()
+            new = list(more(live)) if more is not None else []
             if new:
-                joined = _Batch.start(model, new, pad_id, store, prefix_hint, device)
-                batch = batch.merged(joined) if joined is not None else batch
-            if not batch.rows:
+                joined = start(new)
+                if joined is not None:
+                    batch = batch.merged(joined)
+                    live = batch.live()
+            if not live:
                 break
-            batch.step(model)
+            batch.step()
 
 
-def _cancelled(rows: Sequence[Row]) -> list[Row]:
-    """The rows still wanted; the others are marked cancelled."""
-    live = []
-    for r in rows:
-        if r.cancel is not None and r.cancel.is_set():
-            r.finish = "cancelled"
-        else:
-            live.append(r)
-    return live
+def _remaining(rows) -> int:
+    return max((r.max_new_tokens - len(r.tokens) for r in rows if r.finish is None), default=0)
 
 
 @dataclass(eq=False)
-class _Batch:
-    """Rows decoding together: their KV cache, attention mask and next positions."""
+class _StaticBatch:
+    """Rows decoding together on preallocated keys and values (see the section's comment).
 
+    ``rows`` may hold finished rows not yet compacted away: their columns are computed and
+    their tokens ignored.
+    """
+
+    weights: _Weights
     rows: list[Row]
     generators: list
-    cache: object  # DynamicCache
-    mask: object  # [rows, cache length], 1 for real tokens
-    lengths: object  # [rows], real tokens so far: the next token's position
-    tokens: list[int] = field(default_factory=list)  # each row's last token, not yet fed
+    keys: list  # per layer [rows, kv heads, capacity, head dim]
+    values: list
+    mask: object  # [rows, capacity] bool, true for real tokens
+    width: int  # columns used
+    lengths: object  # [rows] long: each row's next position
+    tokens: list[int]  # each row's last token, not yet fed
 
     @classmethod
-    def start(cls, model, rows, pad_id, store, hint, device) -> _Batch | None:
-        """Encode ``rows``' prompts (after the shared prefix) and pick their first tokens."""
+    def start(cls, model, weights, rows, pad_id, store, hint, device, bf16):
+        """Encode ``rows``' prompts as the reference engine does, then move their keys and
+        values into buffers with room for the longest answer."""
         import torch
-        from transformers import DynamicCache
 
-        rows = _cancelled(rows)
-        if not rows:
+        from .engine_ref import _Batch
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            ref = _Batch.start(model, rows, pad_id, store, hint, device)
+        if ref is None:
             return None
-        prompts = [r.prompt for r in rows]
-        if hint is not None:
-            prefix = shared_prefix([hint, *prompts])
-        else:  # one prompt alone shares nothing worth keeping
-            prefix = shared_prefix(prompts) if len(prompts) > 1 else ()
-        p = len(prefix) if len(prefix) >= MIN_PREFIX else 0
-        rest = [list(r.prompt[p:]) for r in rows]
-        width = max(len(x) for x in rest)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), p + width), dtype=torch.long)
-        mask[:, :p] = 1
-        positions = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, x in enumerate(rest):
-            ids[i, width - len(x) :] = torch.tensor(x)
-            mask[i, p + width - len(x) :] = 1
-            positions[i, width - len(x) :] = torch.arange(p, p + len(x))
-        lengths = torch.tensor([p + len(x) for x in rest], device=device)
-        cache = _expanded_cache(store.get(model, prefix), len(rows)) if p else DynamicCache()
-        generators = [_row_generator(r, device) for r in rows]
-        batch = cls(rows, generators, cache, mask.to(device), lengths)
-        batch._forward(model, ids.to(device), positions.to(device))
-        return batch
+        n, width = len(ref.rows), ref.mask.shape[1]
+        capacity = width + _remaining(ref.rows)
+        keys, values = [], []
+        w = weights
+        for layer in ref.cache.layers:
+            for src, dst in ((layer.keys, keys), (layer.values, values)):
+                buf = torch.empty(
+                    (n, w.kv_heads, capacity, w.head_dim), dtype=w.matmul_dtype, device=device
+                )
+                buf[:, :, :width] = src
+                dst.append(buf)
+        mask = torch.zeros((n, capacity), dtype=torch.bool, device=device)
+        mask[:, :width] = ref.mask.bool()
+        return cls(w, ref.rows, ref.generators, keys, values, mask, width, ref.lengths, ref.tokens)
 
-    def _forward(self, model, ids, positions) -> None:
-        """Run the model on ``ids``, then take one token per row (finished rows stay)."""
-        out = model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
+    def live(self) -> int:
+        return sum(r.finish is None for r in self.rows)
+
+    def step(self) -> None:
+        """Feed every row its last token: one more token each (finished rows' are dropped)."""
+        import torch
+
+        col = self.width
+        if col == self.mask.shape[1]:
+            self._grow(GROW)
+        device = self.lengths.device
+        ids = torch.tensor(self.tokens, dtype=torch.long, device=device)
+        self.mask[:, col] = True
+        dense = bool(self.mask[:, :col].all())  # no padding: HF attends without a mask
+        logits = _step_logits(
+            self.weights,
+            ids,
+            self.lengths,
+            self.keys,
+            self.values,
+            None if dense else self.mask,
+            col,
         )
-        self.cache = out.cache
-        self.tokens = _next_tokens(out.logits[:, -1, :], self.rows, self.generators).tolist()
-        for row, token in zip(self.rows, self.tokens, strict=True):
+        self.width = col + 1
+        self.lengths = self.lengths + 1
+        tokens = _next_tokens(logits, self.rows, self.generators).tolist()
+        for i, row in enumerate(self.rows):
+            if row.finish is not None:  # left over from before: its token is not its
+                continue
+            token = tokens[i]
+            self.tokens[i] = token
             row.finish = _finished(row, token)
             if row.finish is None and row.cancel is not None and row.cancel.is_set():
                 row.finish = "cancelled"
 
-    def step(self, model) -> None:
-        """Feed every row its last token: one more token each."""
+    def drop_finished(self, force: bool = False) -> None:
+        """Compact the batch once a quarter of it has finished (``force``: any finished)."""
+        n, live = len(self.rows), self.live()
+        if live == n or (not force and live and 4 * live > 3 * n):
+            return
+        keep = [i for i, r in enumerate(self.rows) if r.finish is None]
+        self._select(keep, self.width + _remaining(self.rows), 0)
+
+    def _select(self, keep: list[int], capacity: int, shift: int) -> None:
+        """Keep rows ``keep`` in new buffers of ``capacity`` columns, the used columns moved
+        ``shift`` to the right (left padding, masked)."""
         import torch
 
         device = self.lengths.device
-        ids = torch.tensor(self.tokens, dtype=torch.long, device=device)[:, None]
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(self.rows), 1))], dim=1)
-        positions = self.lengths[:, None]
-        self.lengths = self.lengths + 1
-        self._forward(model, ids, positions)
-
-    def drop_finished(self) -> None:
-        """Finished rows leave the batch: they cost nothing more."""
-        import torch
-
-        keep = [i for i, r in enumerate(self.rows) if r.finish is None]
-        if len(keep) == len(self.rows):
-            return
-        index = torch.tensor(keep, dtype=torch.long, device=self.lengths.device)
-        self.cache.batch_select_indices(index)
+        index = torch.tensor(keep, dtype=torch.long, device=device)
+        w, n = self.width, len(keep)
+        for bufs in (self.keys, self.values):
+            for i, old in enumerate(bufs):
+                new = old.new_empty((n, old.shape[1], capacity, old.shape[3]))
+                if shift:
+                    new[:, :, :shift] = 0
+                new[:, :, shift : shift + w] = old[index, :, :w]
+                bufs[i] = new
+        mask = torch.zeros((n, capacity), dtype=torch.bool, device=device)
+        mask[:, shift : shift + w] = self.mask[index, :w]
+        self.mask, self.width = mask, w + shift
+        self.lengths = self.lengths[index]
         self.rows = [self.rows[i] for i in keep]
         self.generators = [self.generators[i] for i in keep]
         self.tokens = [self.tokens[i] for i in keep]
-        self.mask, self.lengths = self.mask[index], self.lengths[index]
 
-    def merged(self, other: _Batch) -> _Batch:
-        """One batch of both: the shorter cache is left-padded (masked) to the longer one."""
+    def _grow(self, extra: int) -> None:
+        self._select(list(range(len(self.rows))), self.mask.shape[1] + extra, 0)
+
+    def merged(self, other: _StaticBatch) -> _StaticBatch:
+        """One batch of both: the narrower one is left-padded (masked) to the wider."""
         import torch
-        import torch.nn.functional as F
 
-        other.drop_finished()
+        self.drop_finished(force=True)
+        other.drop_finished(force=True)
         if not self.rows:
             return other
-        width = max(self.mask.shape[1], other.mask.shape[1])
-
-        def pad(x, dim_from_end: int):  # left-pad along the sequence dimension
-            missing = width - x.shape[-dim_from_end]
-            return F.pad(x, [0, 0] * (dim_from_end - 1) + [missing, 0]) if missing else x
-
-        for a, b in zip(self.cache.layers, other.cache.layers, strict=True):
-            a.keys = torch.cat([pad(a.keys, 2), pad(b.keys, 2)])
-            a.values = torch.cat([pad(a.values, 2), pad(b.values, 2)])
-        self.mask = torch.cat([pad(self.mask, 1), pad(other.mask, 1)])
+        if not other.rows:
+            return self
+        width = max(self.width, other.width)
+        capacity = width + max(_remaining(self.rows), _remaining(other.rows))
+        for b in (self, other):
+            b._select(list(range(len(b.rows))), capacity, width - b.width)
+        self.keys = [torch.cat(pair) for pair in zip(self.keys, other.keys, strict=True)]
+        self.values = [torch.cat(pair) for pair in zip(self.values, other.values, strict=True)]
+        self.mask = torch.cat([self.mask, other.mask])
         self.lengths = torch.cat([self.lengths, other.lengths])
         self.rows += other.rows
         self.generators += other.generators
