@@ -136,7 +136,18 @@ def static_supported(model) -> bool:
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return False
     needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    return all(hasattr(inner, n) for n in needed) and hasattr(model, "lm_head")
+    if not (all(hasattr(inner, n) for n in needed) and hasattr(model, "lm_head")):
+        return False
+    return not _has_hooks(model)
+
+
+def _has_hooks(model) -> bool:
+    """Forward hooks on any module (a probe, an adapter, a test's scripted logits): the lean
+    step does not call the modules' forward, so such a model runs on the reference engine."""
+    return any(
+        m._forward_hooks or m._forward_pre_hooks
+        for m in model.modules()  # noqa: SLF001
+    )
 
 
 @dataclass(frozen=True)
