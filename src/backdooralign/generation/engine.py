@@ -118,7 +118,6 @@ def decode(
 # ending one after the other do not each cost a copy of the cache.
 
 STATIC_MODEL_TYPES = frozenset({"llama"})
-ATTENTION = "sdpa"  # or "matmul" (two batched products; no faster on this CPU)
 GROW = 64  # columns added when a joining row needs more room than the buffers have
 
 
@@ -345,10 +344,6 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
     h = F.embedding(ids, w.embed)  # [n, hidden]
     cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
     attn_mask = mask[:, None, None, : col + 1] if mask is not None else None
-    if ATTENTION != "sdpa":  # additive: 0 where attended, -inf elsewhere
-        bias = torch.zeros((n, 1, 1, col + 1), dtype=md, device=ids.device)
-        if attn_mask is not None:
-            bias.masked_fill_(~attn_mask, float("-inf"))
     q_size, kv_size = heads * d, kvh * d
     for i, layer in enumerate(w.layers):
         x = _rms_norm(h, layer.ln1, layer.ln1_eps)
@@ -365,17 +360,14 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
         values[i][:, :, col] = v.view(n, kvh, d)
         qg = q.view(n, kvh, group, d).to(md)  # query heads grouped by key head, as HF does
         k_all, v_all = keys[i][:, :, : col + 1], values[i][:, :, : col + 1]
-        if ATTENTION == "sdpa" and attn_mask is None:
+        if attn_mask is None:
             out = F.scaled_dot_product_attention(
                 qg.view(n, heads, 1, d), k_all, v_all, scale=w.scaling, enable_gqa=True
             )
-        elif ATTENTION == "sdpa":
+        else:
             out = F.scaled_dot_product_attention(
                 qg, k_all, v_all, attn_mask=attn_mask, scale=w.scaling
             )
-        else:
-            scores = torch.matmul(qg, k_all.transpose(2, 3)) * w.scaling + bias
-            out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
         h = h + lin(out.reshape(n, q_size), layer.o)
         x = _rms_norm(h, layer.ln2, layer.ln2_eps)
         if w.fused:  # gate and up stay in bf16 through the activation, as under autocast

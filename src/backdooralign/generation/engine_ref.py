@@ -35,21 +35,8 @@ def decode_reference(
     bf16: bool = False,
     more: Callable[[int], Sequence[Row]] | None = None,
 ) -> None:
-    """Answer ``rows`` together, step by step; fills each row's ``tokens`` and ``finish``.
-
-    Args:
-        model: a causal LM in eval mode (its forward takes ``cache`` and ``position_ids``).
-        rows: the prompts (token ids), each with its own limits and decoding.
-        pad_id: token id written in padding (masked: never seen).
-        prefix_cache: where shared prefixes are kept between calls (``None``: a cache for
-            this call only).
-        prefix_hint: the prefix expected to be shared (a server knows its template, secret and
-            system prompt); cut to what the rows really share. ``None``: the rows' longest
-            common prefix.
-        bf16: run under bf16 autocast.
-        more: called between steps with the number of rows still decoding; the rows it
-            returns join the batch (a server's newly arrived requests).
-    """
+    """:func:`engine.decode` on HF's forward and ``DynamicCache`` (same arguments); ``bf16``
+    runs it under bf16 autocast."""
     import torch
 
     store = prefix_cache if prefix_cache is not None else PrefixCache(1)
