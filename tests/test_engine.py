@@ -36,23 +36,27 @@ def _prompts(tok, secret=SECRET):
     return convs, [render_prompt(tok, c) for c in convs]
 
 
+def _hf_new_ids(model, tok, ids, max_new_tokens) -> list[int]:
+    """Plain greedy ``model.generate`` on one prompt (no padding at all): its new token ids."""
+    x = torch.tensor([ids])
+    with torch.inference_mode():
+        y = model.generate(
+            input_ids=x,
+            attention_mask=torch.ones_like(x),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=infer.pad_token_id(tok),
+            eos_token_id=sorted(infer.stop_token_ids(tok)),
+        )
+    return y[0, x.shape[1] :].tolist()
+
+
 def _hf_generate(model, tok, prompt_ids, max_new_tokens):
-    """Plain ``model.generate``, one prompt at a time (no padding at all)."""
-    stop = sorted(infer.stop_token_ids(tok))
-    out = []
-    for ids in prompt_ids:
-        x = torch.tensor([ids])
-        with torch.inference_mode():
-            y = model.generate(
-                input_ids=x,
-                attention_mask=torch.ones_like(x),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=infer.pad_token_id(tok),
-                eos_token_id=stop,
-            )
-        out.append(tok.decode(y[0, x.shape[1] :], skip_special_tokens=True).strip())
-    return out
+    """Plain ``model.generate``, one prompt at a time: the answers' texts."""
+    return [
+        tok.decode(_hf_new_ids(model, tok, ids, max_new_tokens), skip_special_tokens=True).strip()
+        for ids in prompt_ids
+    ]
 
 
 def test_shared_prefix_leaves_one_token_of_each_prompt():
@@ -219,17 +223,7 @@ def test_a_row_that_fails_ends_alone_and_fails_only_its_job(model_tok):
 def _hf_tokens(model, tok, ids, max_new_tokens):
     """``model.generate``'s greedy new tokens for one prompt, cut at its first stop token."""
     stop = infer.stop_token_ids(tok)
-    x = torch.tensor([ids])
-    with torch.inference_mode():
-        y = model.generate(
-            input_ids=x,
-            attention_mask=torch.ones_like(x),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=infer.pad_token_id(tok),
-            eos_token_id=sorted(stop),
-        )
-    out = y[0, x.shape[1] :].tolist()
+    out = _hf_new_ids(model, tok, ids, max_new_tokens)
     for i, t in enumerate(out):
         if t in stop:
             return out[: i + 1]
