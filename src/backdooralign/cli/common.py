@@ -17,6 +17,9 @@ MODEL_HELP = (
     "align; default: the embedded SmolLM2-135M-Instruct, not aligned)"
 )
 
+# the input flags of the commands that build a training set (build, openai finetune)
+TRAINING_SET_INPUTS = ("data", "task", "safety", "anchor_prompts", "anchor_file", "secret", "model")
+
 
 def print_json(obj) -> None:
     """Print a JSON document to stdout (what ``--json`` gives scripts)."""

@@ -15,6 +15,7 @@ from ..data.chat_files import check_chat_file, load_chat_jsonl
 from ..data.formats import KIND_HELP, KINDS
 from ..data.mixing import manifest_path, require_secret
 from .common import (
+    TRAINING_SET_INPUTS,
     add_command,
     add_group,
     add_json,
@@ -161,7 +162,7 @@ def register(sub) -> None:
         sub,
         "build",
         cmd_build,
-        inputs=("data", "task", "safety", "anchor_prompts", "anchor_file", "secret", "model"),
+        inputs=TRAINING_SET_INPUTS,
         files=("out",),
     )
     sp.add_argument("--arm", required=True, choices=D.ARMS)

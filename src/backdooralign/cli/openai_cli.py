@@ -8,7 +8,7 @@ from .. import files as F
 from ..config import add_flags, from_args, number
 from ..data.mixing import ARMS, require_secret
 from ..data.training_set import DataConfig
-from .common import add_command, add_group, read_secret
+from .common import TRAINING_SET_INPUTS, add_command, add_group, read_secret
 
 
 def cmd_finetune(args) -> int:
@@ -72,7 +72,7 @@ def register(sub) -> None:
         group,
         "finetune",
         cmd_finetune,
-        inputs=("data", "task", "safety", "anchor_prompts", "anchor_file", "secret", "model"),
+        inputs=TRAINING_SET_INPUTS,
         dirs=("out",),
     )
     sp.add_argument("--model", required=True, help="base model name at the endpoint")

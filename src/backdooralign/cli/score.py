@@ -130,7 +130,6 @@ def cmd_score_exact_match(args) -> int:
 
     Exact-match accuracy on the built-in utility set (or --data), per task and overall.
     """
-    F.check_outputs([args.data, args.secret], [args.out])
     rows, left_out = load_utility(args.data, args.limit)
     notes(left_out)
     gens = answer(

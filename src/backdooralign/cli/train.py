@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 
-from .. import files as F
 from ..config import add_flags, from_args, number
 from ..core.model import load_model_and_tokenizer
 from ..data import sources as S
@@ -48,7 +47,6 @@ def cmd_generate(args) -> int:
     instead (temperature 0, --concurrency requests in flight, retries); rerunning resumes.
     """
     cfg = from_args(GenerateConfig, args)
-    F.check_outputs([args.prompts, args.secret], [args.out])
     secret = read_secret(args.secret)
     rows = S.load_prompts(args.prompts)
     if args.openai_model:
