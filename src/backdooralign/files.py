@@ -372,7 +372,7 @@ def _escape(text: str) -> str:
 
 
 def _is_path_input(p: str | Path | None) -> bool:
-    return bool(p) and not str(p).startswith(("builtin:", "hf:", "xstest:", "orbench:"))
+    return bool(p) and not str(p).startswith(("builtin:", "hf:"))
 
 
 def _input_paths(inputs: Iterable[str | Path | None]) -> dict[Path, tuple[str, bool]]:
