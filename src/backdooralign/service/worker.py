@@ -23,7 +23,7 @@ from .. import files as F
 from ..data.chat_files import check_chat_file
 from ..data.formats import Problem
 from .config import ServiceConfig
-from .job import job_dir
+from .job import job_dir, model_dir
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -91,9 +91,10 @@ class Worker:
                 failed.append(job["id"])
         return failed
 
-    def remove_leftovers(self) -> list[Path]:
-        """Remove temporary folders under the data dir whose (owner-marked) process ended."""
-        removed = F.remove_stale_work_dirs(self.data_dir, depth=3)
+    def remove_leftovers(self, folder: Path | None = None, depth: int = 3) -> list[Path]:
+        """Remove temporary folders under ``folder`` (default: the whole data dir) whose
+        (owner-marked) process ended."""
+        removed = F.remove_stale_work_dirs(folder or self.data_dir, depth=depth)
         for path in removed:
             log.info("removed leftover temporary folder %s", path)
         return removed
@@ -173,7 +174,7 @@ class Worker:
         rc = proc.wait()
         with self._lock:
             del self._procs[job["id"]]
-        self.remove_leftovers()
+        self.remove_leftovers(model_dir(self.data_dir, job["id"]).parent, depth=1)  # its train's
         if self._stop.is_set():
             return  # the service is stopping: a restart marks the job failed
         error = {
