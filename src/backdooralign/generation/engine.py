@@ -376,9 +376,10 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
             g, u = (lin(x, p) for p in layer.gate_up)
         h = h + lin(F.silu(g) * u, layer.down)
     h = _rms_norm(h, w.norm, w.norm_eps)
-    # bf16 logits stay bf16: argmax picks the same token from the same values, and sample()
-    # casts its row to float itself; the [batch, vocab] copy to float32 was ~4.6 ms a step
-    return lin_low(h, w.lm_head) if cast else F.linear(h, w.lm_head[0], w.lm_head[1])
+    # Logits in the matmul dtype (bf16 stays bf16: argmax picks the same token from the same
+    # values and sample() casts its row to float itself; the [batch, vocab] float32 copy was
+    # ~4.6 ms a step). In float32 lin_low is lin: the lm_head pair is unpacked, .to() a no-op.
+    return lin_low(h, w.lm_head)
 
 
 def _decode_static(model, rows, pad_id, prefix_cache, prefix_hint, bf16, more) -> None:
