@@ -13,12 +13,18 @@ def cmd_service(args) -> int:
     /v1/models, /v1/chat/completions). Each job mixes the tenant's secret-prefixed safety
     examples into the customer's data, trains, and serves the model with that secret; customers
     never see either. --keys FILE holds "KEY TENANT" lines; without it there is one tenant, any
-    key is accepted, and the service listens on loopback only.
+    key is accepted, and the service listens on loopback only. --executor ray runs each job as
+    a task on a Ray cluster (RAY_ADDRESS), with the resources of the config's ray_num_cpus and
+    ray_num_gpus; its nodes see --data-dir at the same path.
     """
     from ..service.app import run_service
     from ..service.config import load_service_config
 
     cfg = load_service_config(args.config)
+    if args.executor == "ray":
+        from ..service.ray_exec import connect
+
+        connect(args.ray_address)  # Ray installed and the cluster there, before serving
     run_service(
         args.data_dir,
         cfg,
@@ -26,6 +32,7 @@ def cmd_service(args) -> int:
         args.port,
         config_path=args.config,
         keys_path=args.keys,
+        executor=args.executor,
     )
     return 0
 
@@ -40,3 +47,13 @@ def register(sub) -> None:
     )
     sp.add_argument("--config", help="service.yaml: base model, safety data, training, limits")
     sp.add_argument("--keys", help="file of 'KEY TENANT' lines (default: one tenant, any key)")
+    sp.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="where jobs run: a process on this machine (local) or a Ray task (ray)",
+    )
+    sp.add_argument(
+        "--ray-address",
+        help="the Ray cluster (default: $RAY_ADDRESS; 'local': start one on this machine)",
+    )

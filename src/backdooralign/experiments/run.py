@@ -18,6 +18,7 @@ judge when one is configured), ``benign`` (over-refusal), ``utility`` (exact mat
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -258,11 +259,13 @@ def _train_stages(cfg: ExperimentConfig, run: RunDir, shared: Path | None, secre
         model_dirs[arm] = str(out)
 
         def do_train(arm=arm, out=out, data=data, train_cfg=train_cfg):
-            if shared and (out / "train_metrics.json").exists():
-                m = F.read_json(out / "train_metrics.json")
-                return {k: v for k, v in m.items() if k != "config"}
-            log.info("training arm %s", arm)
-            m = trainer.train_model(cfg.model, data, out, train_cfg, secret=secret)
+            # shared: a cell running beside this one may be training it; wait, then reuse
+            with F.output_lock(out, wait=True) if shared else contextlib.nullcontext():
+                if shared and (out / "train_metrics.json").exists():
+                    m = F.read_json(out / "train_metrics.json")
+                else:
+                    log.info("training arm %s", arm)
+                    m = trainer.train_model(cfg.model, data, out, train_cfg, secret=secret)
             return {k: v for k, v in m.items() if k != "config"}
 
         metrics[arm], _ = run_stage(

@@ -44,13 +44,17 @@ def shareable(
 
     Cells of a sweep (and any runs pointed at one ``shared`` folder) whose stage inputs hash
     to the same key do the work once: the first stores copies of its output files, the next
-    ones copy them back.
+    ones copy them back (one running at the same time waits for the first: a file lock).
     """
     if shared is None:
         return fn
     store = shared / "outputs" / key
 
     def run():
+        with F.output_lock(store, wait=True):
+            return make_or_copy()
+
+    def make_or_copy():
         if (store / ".done").exists():
             for p in outputs:
                 p.parent.mkdir(parents=True, exist_ok=True)

@@ -67,42 +67,80 @@ def run_sweep(
     progress: bool = True,
 ) -> dict:
     """Run this shard's cells of a config's sweep and write ``sweep.json`` and the report."""
+    root = Path(root)
+    base, cells = prepare_sweep(config, overrides, root)
+    for name, values in shard_cells(cells, shard):
+        run_cell(config, overrides, root, name, values, progress)
+    return finish_sweep(root, base, cells)
+
+
+def prepare_sweep(config: str | Path, overrides: list[str], root: Path):
+    """The sweep's base config and its cells, every cell's config checked, and the shared
+    secret (``ROOT/secret.json``) made when the cells share one; before any cell runs."""
     from ..core.model import load_tokenizer
     from ..core.secret import make_secret, save_secret
-    from ..reporting.sweep_report import write_sweep_report
-    from .run import run_experiment
 
-    root = Path(root)
     base = load_config(config, overrides)
     cells = sweep_cells(base.sweep)
     if not cells:
         raise ConfigError(f"{config}: no 'sweep' section")
     _check_cells(config, overrides, cells)
-    shared_secret = root / "secret.json"
+    shared_secret = _shared_secret(root)
     if not any(k.startswith("secret.") for k in base.sweep) and not base.secret.path:
         if not shared_secret.exists():
             tok = load_tokenizer(base.model)
             save_secret(make_secret(base.secret, tok, base.model), shared_secret)
+    return base, cells
+
+
+def shard_cells(cells: list[tuple[str, dict]], shard: tuple[int, int]) -> list[tuple[str, dict]]:
+    """The cells of ``shard=(i, n)``: every n-th from the i-th."""
     i, n = shard
-    for index, (name, values) in enumerate(cells):
-        if index % n != i:
-            continue
-        extra = {**values, "sweep": {}}
-        if shared_secret.exists() and not any(k.startswith("secret.") for k in values):
-            extra["secret.path"] = str(shared_secret.resolve())
-        start = time.perf_counter()
-        try:
-            cfg = load_config(config, overrides, extra=extra)
-            run_experiment(cfg, root / "cells" / name, progress, shared=root / "shared")
-            status = {"status": "done", "error": None}
-        except Exception as e:  # a failed cell is reported; the others go on
-            log.error("cell %s failed: %s", name, e)
-            status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        status["seconds"] = round(time.perf_counter() - start, 1)
-        F.write_json(_status_path(root, name), {**status, "overrides": values})
+    return [cell for index, cell in enumerate(cells) if index % n == i]
+
+
+def run_cell(
+    config: str | Path, overrides: list[str], root: Path, name: str, values: dict, progress: bool
+) -> dict:
+    """Run one cell in ``ROOT/cells/NAME`` and record its state in its ``status.json``: a
+    failed cell is recorded (its error in one line), not raised, so the others go on."""
+    from .run import run_experiment
+
+    shared_secret = _shared_secret(root)
+    extra = {**values, "sweep": {}}
+    if shared_secret.exists() and not any(k.startswith("secret.") for k in values):
+        extra["secret.path"] = str(shared_secret.resolve())
+    start = time.perf_counter()
+    try:
+        cfg = load_config(config, overrides, extra=extra)
+        run_experiment(cfg, root / "cells" / name, progress, shared=root / "shared")
+        status = {"status": "done", "error": None}
+    except Exception as e:  # a failed cell is reported; the others go on
+        log.error("cell %s failed: %s", name, e)
+        status = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+    status["seconds"] = round(time.perf_counter() - start, 1)
+    return record_cell(root, name, values, status)
+
+
+def record_cell(root: Path, name: str, values: dict, status: dict) -> dict:
+    """Write a cell's ``status.json`` (``status``, ``error``, ``seconds``, its overrides)."""
+    doc = {**status, "overrides": values}
+    F.write_json(_status_path(root, name), doc)
+    return doc
+
+
+def finish_sweep(root: Path, base, cells) -> dict:
+    """``sweep.json`` and the report, from every cell's status (the document, with the
+    report's path as ``report``)."""
+    from ..reporting.sweep_report import write_sweep_report
+
     return write_sweep_json(root, base.name, list(base.sweep), cells) | {
         "report": str(write_sweep_report(root))
     }
+
+
+def _shared_secret(root: Path) -> Path:
+    return root / "secret.json"
 
 
 def _check_cells(config, overrides: list[str], cells) -> None:

@@ -147,6 +147,7 @@ def create_service(
     keys: dict[bytes, str] | None = None,
     config_path: str | Path | None = None,
     on_prompt: Callable[[str], None] | None = None,
+    executor: str = "local",
 ) -> FastAPI:
     """The fine-tuning service's app; its worker starts and stops with the app.
 
@@ -162,10 +163,12 @@ def create_service(
         config_path: the YAML ``cfg`` came from, handed to job processes.
         on_prompt: test hook, off by default: called with the text of every chat prompt
             the model is given (its rendered token ids decoded; secret included).
+        executor: where jobs run: ``local`` (a process here) or ``ray`` (a Ray task on the
+            cluster Ray is connected to, :mod:`.ray_exec`).
     """
     data_dir = claim_data_dir(data_dir)
     store = Store(db_path(data_dir))
-    worker = Worker(store, data_dir, cfg, config_path)
+    worker = Worker(store, data_dir, cfg, config_path, executor=executor)
     tenancy, limiter = Tenancy(keys), RateLimiter(cfg.rate_limit)
     cache = ModelCache(data_dir, cfg, on_prompt)
 
@@ -349,6 +352,7 @@ def run_service(
     *,
     config_path: str | Path | None = None,
     keys_path: str | Path | None = None,
+    executor: str = "local",
 ) -> None:
     """Serve the fine-tuning API with uvicorn until interrupted.
 
@@ -363,7 +367,7 @@ def run_service(
             "on loopback (127.0.0.1); give --keys FILE to serve other hosts"
         )
     keys = load_keys(keys_path) if keys_path else None
-    app = create_service(data_dir, cfg, keys=keys, config_path=config_path)
+    app = create_service(data_dir, cfg, keys=keys, config_path=config_path, executor=executor)
     tenants = f"{len(set(keys.values()))} tenants" if keys else "one tenant, any key"
     print(
         f"fine-tuning service on http://{host}:{port}/v1 ({tenants}; base model "

@@ -54,6 +54,12 @@ class ServiceConfig(HTTPLimits):
     eval_limit: int | None = option(None, "first N prompts of each evaluation set", minimum=1)
     eval_system: str = option(ATTACK_SYSTEM_PROMPT, "system prompt at evaluation")
     eval_max_new_tokens: int = option(128, "longest evaluation answer", minimum=1)
+    ray_num_cpus: float = option(
+        1.0, "with --executor ray: CPUs each job's Ray task asks for", minimum=0
+    )
+    ray_num_gpus: float = option(
+        0.0, "with --executor ray: GPUs each job's Ray task asks for", minimum=0
+    )
     body_timeout: float = option(
         300.0,
         "seconds a request's body (an upload) may take to arrive, from the end of its head; "

@@ -71,11 +71,13 @@ class Worker:
         cfg: ServiceConfig,
         config_path: str | Path | None = None,
         poll_s: float = 0.2,
+        executor: str = "local",
     ):
         self.store, self.data_dir, self.cfg = store, Path(data_dir), cfg
         self.config_path = config_path
+        self.executor = executor  # "local": a process here; "ray": a Ray task (ray_exec)
         self.poll_s = poll_s
-        self._procs: dict[str, subprocess.Popen] = {}
+        self._procs: dict = {}  # job id -> its subprocess.Popen, or ray_exec.RayJob
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
@@ -165,10 +167,15 @@ class Worker:
             cmd.append(str(Path(self.config_path).resolve()))
         work = job_dir(self.data_dir, job["id"])
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(work / "log.txt", "ab") as out:
-            proc = subprocess.Popen(
-                cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
+        if self.executor == "ray":  # the same command in a Ray task, by the node's Python
+            from .ray_exec import start_job
+
+            proc = start_job(cmd[1:], work / "log.txt", self.cfg)
+        else:
+            with open(work / "log.txt", "ab") as out:
+                proc = subprocess.Popen(
+                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
         with self._lock:
             self._procs[job["id"]] = proc
         rc = proc.wait()
