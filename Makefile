@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install model browser demo test test-fast lint format bench clean aligned-artifact
+.PHONY: install model browser postgres demo test test-fast lint format bench clean aligned-artifact
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,13 +25,21 @@ browser:
 	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium) >/dev/null; } \
 	  || echo "chromium not installed: the report screenshot test will be skipped"
 
+# Debian's PostgreSQL server for the multi-server service tests (tests/pg_cluster.py starts a
+# throwaway cluster of it; skipped, with a reason, when missing).
+postgres:
+	@command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) >/dev/null; } \
+	  || echo "postgresql not installed: the PostgreSQL service tests will be skipped"
+
 demo: model
 	HF_HUB_OFFLINE=1 $(VENV)/bin/backdooralign demo --out runs/demo
 
 # The end-to-end test on the embedded model runs in a process of its own (a fresh interpreter,
 # as a user would run it), after the rest of the suite, without output capture: under capture
 # a background thread of this test once wrote to the closed captured stderr and killed pytest.
-test: model browser
+test: model browser postgres
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m slow
 

@@ -29,6 +29,7 @@ from backdooralign.service.config import load_service_config
 from backdooralign.service.job import MARKER, db_path, model_dir, secret_path, tenant_secret
 from backdooralign.service.protocol import load_keys
 from backdooralign.service.store import Store
+from backdooralign.service.worker import worker_name
 
 SRC = str(Path(__file__).parent.parent / "src")
 ROWS = [
@@ -117,7 +118,7 @@ def test_finetune_with_the_client_then_chat_with_the_secret_applied(
             f"Created fine-tuning job: {job.id}",
             f"Validated training file: {manifest['training_file']}",
             "Fine-tuning job queued",
-            "Fine-tuning job started",
+            f"Fine-tuning job started (worker {worker_name(app.state.worker.id)})",
             "Safety alignment step completed",
             "Training started",
             "Training completed",
@@ -544,7 +545,8 @@ def test_sigkill_mid_job_then_restart_loses_nothing(tmp_path, config_file, http)
         proc.terminate()
         proc.wait(timeout=30)
     assert (job.status, job.error.code) == ("failed", "service_restarted")
-    assert events[:2] == ["The job was interrupted by a restart", "Fine-tuning job started"]
+    assert events[0] == "The job was interrupted by a restart"
+    assert events[1].startswith("Fine-tuning job started (worker ")
     assert not planted.exists() and users.is_dir()
     assert _work_dirs(data_dir) == []  # nor the killed job's own
 

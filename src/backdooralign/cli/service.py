@@ -16,15 +16,32 @@ def cmd_service(args) -> int:
     key is accepted, and the service listens on loopback only. --executor ray runs each job as
     a task on a Ray cluster (RAY_ADDRESS), with the resources of the config's ray_num_cpus and
     ray_num_gpus; its nodes see --data-dir at the same path.
+
+    Several machines: --database postgresql://USER@HOST/DB (one database for all; SQLite in
+    --data-dir is the default, for one machine) with --data-dir on storage every node mounts at
+    the same path; API servers with --role api, workers with --role worker (--role all, the
+    default, is both in one process).
     """
-    from ..service.app import run_service
+    from ..service.app import run_service, run_worker
     from ..service.config import load_service_config
+    from ..service.store import open_store
 
     cfg = load_service_config(args.config)
     if args.executor == "ray":
         from ..service.ray_exec import connect
 
         connect(args.ray_address)  # Ray installed and the cluster there, before serving
+    if args.database is not None:
+        open_store(args.database).close()  # reachable and migrated, or a one-line error
+    if args.role == "worker":
+        run_worker(
+            args.data_dir,
+            cfg,
+            database=args.database,
+            config_path=args.config,
+            executor=args.executor,
+        )
+        return 0
     run_service(
         args.data_dir,
         cfg,
@@ -33,6 +50,8 @@ def cmd_service(args) -> int:
         config_path=args.config,
         keys_path=args.keys,
         executor=args.executor,
+        database=args.database,
+        role=args.role,
     )
     return 0
 
@@ -52,6 +71,17 @@ def register(sub) -> None:
         choices=("local", "ray"),
         default="local",
         help="where jobs run: a process on this machine (local) or a Ray task (ray)",
+    )
+    sp.add_argument(
+        "--database",
+        help="postgresql://USER@HOST:PORT/DB shared by several servers and workers "
+        "(default: SQLite in --data-dir, one machine)",
+    )
+    sp.add_argument(
+        "--role",
+        choices=("all", "api", "worker"),
+        default="all",
+        help="all: the API and a worker; api: the API only; worker: run jobs, no API",
     )
     sp.add_argument(
         "--ray-address",

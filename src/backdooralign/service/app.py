@@ -11,8 +11,11 @@ secret-prefixed safety examples are mixed into the customer's data where the cus
 see them, and each fine-tuned model is served with its tenant's secret through the serving
 layer (:mod:`backdooralign.serving.model_state`: a scheduler per model batches
 concurrent requests; :func:`completions.respond` answers them, streamed or not, as
-``backdooralign serve`` does). State lives in SQLite (:class:`store.Store`); a worker thread
-(:class:`worker.Worker`) runs one job at a time in a process of its own.
+``backdooralign serve`` does). State lives in SQLite (:class:`store.Store`) or PostgreSQL
+(:class:`store_pg.PostgresStore`, for several API servers and workers on one database); a
+worker thread (:class:`worker.Worker`) runs one job at a time in a process of its own.
+:func:`run_service` serves the API with a worker (``role="all"``) or without (``"api"``);
+:func:`run_worker` is a worker alone (``backdooralign service --role worker``).
 
 The secret never leaves the service: not in responses, events, errors or logs; answers that
 echo it are redacted as in ``backdooralign serve``.
@@ -57,7 +60,7 @@ from .protocol import (
     parse_job_request,
     parse_multipart,
 )
-from .store import Store, new_id
+from .store import Store, new_id, open_store, shown_database
 from .worker import Worker, describe_errors
 
 log = logging.getLogger(__name__)
@@ -148,6 +151,8 @@ def create_service(
     config_path: str | Path | None = None,
     on_prompt: Callable[[str], None] | None = None,
     executor: str = "local",
+    database: str | None = None,
+    role: str = "all",
 ) -> FastAPI:
     """The fine-tuning service's app; its worker starts and stops with the app.
 
@@ -165,16 +170,23 @@ def create_service(
             the model is given (its rendered token ids decoded; secret included).
         executor: where jobs run: ``local`` (a process here) or ``ray`` (a Ray task on the
             cluster Ray is connected to, :mod:`.ray_exec`).
+        database: the store: a ``postgresql://`` URL, or ``None`` for the data dir's SQLite
+            (then this is the only service on it).
+        role: ``all`` (the API and a worker) or ``api`` (the API only: jobs are run by
+            workers elsewhere, :func:`run_worker`; a cancel reaches them through the store).
     """
+    if role not in ("all", "api"):
+        raise ValueError(f"role {role!r}: 'all' or 'api' (a worker alone is run_worker)")
     data_dir = claim_data_dir(data_dir)
-    store = Store(db_path(data_dir))
-    worker = Worker(store, data_dir, cfg, config_path, executor=executor)
+    store = open_store(database or db_path(data_dir))
+    worker = Worker(store, data_dir, cfg, config_path, executor=executor, database=database)
     tenancy, limiter = Tenancy(keys), RateLimiter(cfg.rate_limit)
     cache = ModelCache(data_dir, cfg, on_prompt)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        worker.start()
+        if role == "all":
+            worker.start()
         yield
         cache.close()
         await run_in_threadpool(worker.stop)
@@ -353,8 +365,11 @@ def run_service(
     config_path: str | Path | None = None,
     keys_path: str | Path | None = None,
     executor: str = "local",
+    database: str | None = None,
+    role: str = "all",
 ) -> None:
-    """Serve the fine-tuning API with uvicorn until interrupted.
+    """Serve the fine-tuning API with uvicorn until interrupted (``role``, ``database``:
+    :func:`create_service`'s).
 
     Raises:
         ValueError: when asked to listen beyond loopback without ``keys_path``.
@@ -367,11 +382,49 @@ def run_service(
             "on loopback (127.0.0.1); give --keys FILE to serve other hosts"
         )
     keys = load_keys(keys_path) if keys_path else None
-    app = create_service(data_dir, cfg, keys=keys, config_path=config_path, executor=executor)
+    app = create_service(
+        data_dir,
+        cfg,
+        keys=keys,
+        config_path=config_path,
+        executor=executor,
+        database=database,
+        role=role,
+    )
     tenants = f"{len(set(keys.values()))} tenants" if keys else "one tenant, any key"
+    where = f"database {shown_database(database)}" if database else "SQLite"
+    jobs = "jobs run by this process" if role == "all" else "API only: workers run the jobs"
     print(
         f"fine-tuning service on http://{host}:{port}/v1 ({tenants}; base model "
-        f"{cfg.base_model_name}; data in {data_dir})",
+        f"{cfg.base_model_name}; data in {data_dir}; {where}; {jobs})",
         flush=True,
     )
     run(app, host, port)
+
+
+def run_worker(
+    data_dir: str | Path,
+    cfg: ServiceConfig,
+    *,
+    database: str | None = None,
+    config_path: str | Path | None = None,
+    executor: str = "local",
+) -> None:
+    """Run jobs (no API) until SIGTERM or SIGINT: one of several workers on one database,
+    each on a node that mounts ``data_dir`` at the same path. On the signal the running job's
+    process is ended and the job given back (queued again while it has attempts left)."""
+    import signal
+    import threading
+
+    data_dir = claim_data_dir(data_dir)
+    store = open_store(database or db_path(data_dir))
+    worker = Worker(store, data_dir, cfg, config_path, executor=executor, database=database)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    where = f"database {shown_database(database)}" if database else "SQLite"
+    print(f"fine-tuning worker {worker.id} ({where}; data in {data_dir})", flush=True)
+    stop.wait()
+    worker.stop()
+    store.close()

@@ -54,6 +54,20 @@ class ServiceConfig(HTTPLimits):
     eval_limit: int | None = option(None, "first N prompts of each evaluation set", minimum=1)
     eval_system: str = option(ATTACK_SYSTEM_PROMPT, "system prompt at evaluation")
     eval_max_new_tokens: int = option(128, "longest evaluation answer", minimum=1)
+    lease_seconds: float = option(
+        30.0,
+        "a worker renews its lease on a running job this often x3; a job whose worker has not "
+        "renewed it for this long (the worker died) is queued again or failed",
+        minimum=1,
+        maximum=3600,
+    )
+    job_attempts: int = option(
+        1,
+        "times a job may be started: above 1, a job whose worker died is queued again (for "
+        "another worker) until it has been started this many times; then it fails",
+        minimum=1,
+        maximum=10,
+    )
     ray_num_cpus: float = option(
         1.0, "with --executor ray: CPUs each job's Ray task asks for", minimum=0
     )

@@ -25,13 +25,20 @@ from pathlib import Path
 
 from ..files import DataError
 from .config import ServiceConfig, load_service_config
-from .store import Store
+from .store import Store, open_store
 
 log = logging.getLogger(__name__)
 
 SCREEN_REFUSAL = "the training file was refused by the provider's data screening"
 MARKER = "backdooralign-service.json"  # in the data dir: this folder is the service's
 DATA_DIR_FORMAT = 1
+DATABASE_ENV = "BACKDOORALIGN_DATABASE"  # a job process's store, when not the data dir's SQLite
+WORKER_ENV = "BACKDOORALIGN_WORKER"  # the worker a job process runs for (its writes' guard)
+
+
+def worker_name(worker: str | None) -> str:
+    """The short name of a worker id (``HOST:PID:NAME``) shown in a job's events."""
+    return (worker or "local").rsplit(":", 1)[-1]
 
 
 def db_path(data_dir: str | Path) -> Path:
@@ -106,17 +113,37 @@ def secret_path(data_dir: str | Path, tenant: str) -> Path:
 
 
 def tenant_secret(data_dir: str | Path, tenant: str, cfg: ServiceConfig):
-    """The tenant's secret, made (OS CSPRNG, ``cfg.secret``) and saved on first use."""
+    """The tenant's secret, made (OS CSPRNG, ``cfg.secret``) and saved on first use.
+
+    Workers on several machines may make a tenant's first secret at once: the first one
+    saved wins (:func:`publish_secret`) and every worker uses that one, so a tenant's models
+    all answer to one secret."""
     from ..core.model import load_tokenizer
-    from ..core.secret import load_secret, make_secret, save_secret
+    from ..core.secret import load_secret, make_secret
 
     path = secret_path(data_dir, tenant)
     if path.exists():
         return load_secret(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = make_secret(cfg.secret, load_tokenizer(cfg.base_model), name=path.stem)
-    save_secret(secret, path)
-    return secret
+    return publish_secret(secret, path)
+
+
+def publish_secret(secret, path: Path):
+    """Save ``secret`` at ``path`` unless a secret is already there; returns the one that is
+    there afterwards. The file appears whole or not at all, and never replaces another
+    (written beside it, then hard-linked into place: atomic on local and network filesystems)."""
+    from ..core.secret import load_secret, save_secret
+
+    draft = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
+    save_secret(secret, draft)
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink(missing_ok=True)
+    return load_secret(path)
 
 
 def train_config(cfg: ServiceConfig, hyper: dict):
@@ -207,12 +234,20 @@ def _failure(e: BaseException, job: dict, upload_path: str | None) -> dict:
     return {"code": "server_error", "message": msg, "param": None}
 
 
-def run_job(data_dir: str | Path, job_id: str, cfg: ServiceConfig) -> int:
-    """Run a queued job to its final state; returns 0 when it succeeded."""
-    store = Store(db_path(data_dir))
-    if not store.set_status(job_id, "running", only_from=("queued",), pid=os.getpid()):
+def run_job(
+    data_dir: str | Path,
+    job_id: str,
+    cfg: ServiceConfig,
+    database: str | None = None,
+    worker: str | None = None,
+) -> int:
+    """Run a queued job to its final state for ``worker`` (its status moves only while that
+    worker holds the job); returns 0 when it succeeded. ``database``: the store (default: the
+    data dir's SQLite)."""
+    store = open_store(database or db_path(data_dir))
+    if not store.set_status(job_id, "running", ("queued",), worker, pid=os.getpid()):
         return 1  # cancelled (or taken) in the meantime
-    store.add_event(job_id, "Fine-tuning job started")
+    store.add_event(job_id, f"Fine-tuning job started (worker {worker_name(worker)})")
     job = store.get_job(job_id)
     try:
         from ..training.align import start_model
@@ -223,10 +258,10 @@ def run_job(data_dir: str | Path, job_id: str, cfg: ServiceConfig) -> int:
         log.error("job %s failed: %s", job_id, type(e).__name__)  # messages may quote rows
         upload = store.get_file(job["training_file"])
         error = _failure(e, job, upload["path"] if upload else None)
-        if store.set_status(job_id, "failed", only_from=("running",), error=error):
+        if store.set_status(job_id, "failed", ("running",), worker, error=error):
             store.add_event(job_id, "The job failed", "error")
         return 1
-    if store.set_status(job_id, "succeeded", only_from=("running",), fine_tuned_model=model_id):
+    if store.set_status(job_id, "succeeded", ("running",), worker, fine_tuned_model=model_id):
         store.add_event(job_id, f"New fine-tuned model created: {model_id}")
         store.add_event(job_id, "The job has successfully completed")
     return 0
@@ -261,7 +296,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
     cfg = load_service_config(argv[2] if len(argv) > 2 else None)
-    return run_job(argv[0], argv[1], cfg)
+    database, worker = os.environ.get(DATABASE_ENV), os.environ.get(WORKER_ENV)
+    return run_job(argv[0], argv[1], cfg, database, worker)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ def connect(address: str | None = None):
     return ray
 
 
-def run_job_process(argv: list[str], log_path: str, cwd: str) -> int:
+def run_job_process(argv: list[str], log_path: str, cwd: str, env: dict | None = None) -> int:
     """``python ARGV`` (the node's Python) in ``cwd``, its output appended to ``log_path``, run
     to its end (the Ray task's body); returns its exit status. A cancel of the task (a
     ``KeyboardInterrupt``) ends the process: SIGTERM, then SIGKILL after :data:`KILL_AFTER_S`."""
@@ -71,6 +71,7 @@ def run_job_process(argv: list[str], log_path: str, cwd: str) -> int:
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             cwd=cwd,
+            env={**os.environ, **(env or {})},
         )
     try:
         while True:  # a short wait at a time: Ray's cancel interrupts Python code only
@@ -123,10 +124,13 @@ class RayJob:
             return -signal.SIGKILL
 
 
-def start_job(argv: list[str], log_path: Path, cfg: ServiceConfig) -> RayJob:
-    """Submit ``python ARGV`` (a job process) as a Ray task with the resources ``cfg`` asks
-    for, never retried (a job runs at most once), run in this process's folder."""
+def start_job(
+    argv: list[str], log_path: Path, cfg: ServiceConfig, env: dict | None = None
+) -> RayJob:
+    """Submit ``python ARGV`` (a job process, with ``env`` added to its environment) as a Ray
+    task with the resources ``cfg`` asks for, never retried (a job runs at most once), run in
+    this process's folder."""
     ray = connect()
     resources = {"num_cpus": cfg.ray_num_cpus, "num_gpus": cfg.ray_num_gpus}
     task = _task(ray).options(**resources, max_retries=0, name=log_path.parent.name)
-    return RayJob(ray, task.remote(argv, str(log_path.resolve()), os.getcwd()))
+    return RayJob(ray, task.remote(argv, str(log_path.resolve()), os.getcwd(), env))

@@ -1,21 +1,31 @@
 """The service's job worker: validates new jobs, runs queued ones one at a time.
 
-A thread of the service process takes the oldest waiting job from the :class:`Store`. Jobs in
+A thread of the service process (or of ``backdooralign service --role worker``, several of them
+on one PostgreSQL database) claims the oldest waiting job from the :class:`Store`, under a lease
+it renews while the job runs (``lease_seconds``). A cancel, from any API server, shows as a
+lease that can no longer be renewed; the worker then ends the job's process. Each worker also
+gives back the jobs of workers that died (their lease ran out): queued again while they have
+attempts left (``job_attempts``), else failed (``worker_lost``). Jobs in
 ``validating_files`` are checked here (``chat_files.check_chat_file``: every error with its line
 number, as the job's OpenAI-style error); queued jobs run in a process of their own
 (``python -m backdooralign.service.job``), so the API keeps answering while a model trains, and a
 cancel ends that process (SIGTERM, so its temporary folders go with it; SIGKILL if it has not
 ended within :data:`KILL_AFTER_S`). A job process ends itself when the service dies, and
-:meth:`Worker.recover` marks the jobs a dead service left ``running`` as failed and removes the
-temporary folders dead processes left in the data dir (those with our owner marker only).
+:meth:`Worker.recover`, at start-up, gives back at once the jobs a dead worker of this machine
+left (a restart: ``service_restarted``) and removes the temporary folders dead processes left
+in the data dir (those with our owner marker, of this host, only).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import secrets
+import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +33,7 @@ from .. import files as F
 from ..data.chat_files import check_chat_file
 from ..data.formats import Problem
 from .config import ServiceConfig
-from .job import job_dir, model_dir
+from .job import DATABASE_ENV, WORKER_ENV, job_dir, model_dir, worker_name
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -35,6 +45,31 @@ RESTARTED = {
     "message": "the service stopped while this job was running; create the job again",
     "param": None,
 }
+WORKER_LOST = {
+    "code": "worker_lost",
+    "message": "the worker running this job stopped answering; create the job again",
+    "param": None,
+}
+_INTERRUPTED = "The job was interrupted by a restart"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_here(worker: str | None) -> bool:
+    """Whether ``worker`` (``HOST:PID:NAME``) was a process of this host that has ended."""
+    host, _, rest = (worker or "").partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    return int(pid) != os.getpid() and not _pid_alive(int(pid))
 
 
 def describe_errors(errors: Sequence[Problem]) -> str:
@@ -72,9 +107,13 @@ class Worker:
         config_path: str | Path | None = None,
         poll_s: float = 0.2,
         executor: str = "local",
+        database: str | None = None,
     ):
         self.store, self.data_dir, self.cfg = store, Path(data_dir), cfg
         self.config_path = config_path
+        self.database = database  # given to job processes (None: the data dir's SQLite)
+        self.id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.renew_s = min(1.0, cfg.lease_seconds / 3)  # also how soon a cancel is seen
         self.executor = executor  # "local": a process here; "ray": a Ray task (ray_exec)
         self.poll_s = poll_s
         self._procs: dict = {}  # job id -> its subprocess.Popen, or ray_exec.RayJob
@@ -83,15 +122,33 @@ class Worker:
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
 
     def recover(self) -> list[str]:
-        """Mark jobs left ``running`` by a service that died as failed, and remove the
-        temporary folders dead job processes left; returns the failed jobs' ids."""
+        """Give back the jobs that workers of this machine which have died left (a restart:
+        queued again while they have attempts left, else failed ``service_restarted``), fail
+        jobs a version without leases left ``running``, and remove the temporary folders dead
+        job processes left; returns the ids of the jobs given back."""
         self.remove_leftovers()
-        failed = []
-        for job in self.store.list_jobs(status="running"):
-            if self.store.set_status(job["id"], "failed", ("running",), error=RESTARTED):
-                self.store.add_event(job["id"], "The job was interrupted by a restart", "error")
-                failed.append(job["id"])
-        return failed
+        given_back = []
+        for job in self.store.list_jobs(status="running") + self.store.list_jobs(status="queued"):
+            if job["worker"] is None and job["status"] == "running":  # from before leases
+                if self.store.set_status(job["id"], "failed", ("running",), error=RESTARTED):
+                    self.store.add_event(job["id"], _INTERRUPTED, "error")
+                    given_back.append(job["id"])
+            elif _dead_here(job["worker"]):
+                attempts = self.cfg.job_attempts
+                if self.store.release(job, attempts, RESTARTED, _INTERRUPTED) is not None:
+                    given_back.append(job["id"])
+        return given_back
+
+    def give_back_lost(self) -> list[str]:
+        """Give back the jobs whose worker's lease ran out (it died, or lost the database):
+        queued again while they have attempts left, else failed ``worker_lost``."""
+        lost = []
+        for job in self.store.expired_leases():
+            why = f"The worker running this job ({worker_name(job['worker'])}) stopped answering"
+            if self.store.release(job, self.cfg.job_attempts, WORKER_LOST, why) is not None:
+                log.warning("job %s: its worker %s was lost", job["id"], job["worker"])
+                lost.append(job["id"])
+        return lost
 
     def remove_leftovers(self, folder: Path | None = None, depth: int = 3) -> list[Path]:
         """Remove temporary folders under ``folder`` (default: the whole data dir) whose
@@ -112,7 +169,8 @@ class Worker:
             procs = list(self._procs.values())
         for proc in procs:
             _end(proc)
-        self._thread.join(timeout=30)
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
         self.remove_leftovers()
 
     def cancel(self, job_id: str) -> bool:
@@ -129,8 +187,13 @@ class Worker:
         return moved
 
     def _loop(self) -> None:
+        log.info("worker %s started", self.id)
+        checked = 0.0
         while not self._stop.is_set():
-            job = self.store.claim_next()
+            if time.monotonic() - checked > self.renew_s:
+                checked = time.monotonic()
+                self.give_back_lost()
+            job = self.store.claim_next(self.id, self.cfg.lease_seconds, self.cfg.job_attempts)
             if job is None:
                 self._stop.wait(self.poll_s)
                 continue
@@ -143,7 +206,7 @@ class Worker:
                 log.error("job %s: worker error %s", job["id"], type(e).__name__)
                 error = {"code": "server_error", "message": "internal error", "param": None}
                 self.store.set_status(
-                    job["id"], "failed", ("validating_files", "queued"), error=error
+                    job["id"], "failed", ("validating_files", "queued"), self.id, error=error
                 )
 
     def _validate(self, job: dict) -> None:
@@ -154,10 +217,13 @@ class Worker:
         else:
             error = validation_error(upload["path"], upload["id"], self.cfg)
         if error is not None:
-            if self.store.set_status(job["id"], "failed", ("validating_files",), error=error):
+            if self.store.set_status(
+                job["id"], "failed", ("validating_files",), self.id, error=error
+            ):
                 self.store.add_event(job["id"], "Training file validation failed", "error")
             return
-        if self.store.set_status(job["id"], "queued", ("validating_files",)):
+        released = {"worker": None, "lease_until": None}  # for the worker that will run it
+        if self.store.set_status(job["id"], "queued", ("validating_files",), **released):
             self.store.add_event(job["id"], f"Validated training file: {upload['id']}")
             self.store.add_event(job["id"], "Fine-tuning job queued")
 
@@ -167,30 +233,65 @@ class Worker:
             cmd.append(str(Path(self.config_path).resolve()))
         work = job_dir(self.data_dir, job["id"])
         work.mkdir(parents=True, exist_ok=True, mode=0o700)
+        env = {WORKER_ENV: self.id}
+        if self.database is not None:
+            env[DATABASE_ENV] = self.database
         if self.executor == "ray":  # the same command in a Ray task, by the node's Python
             from .ray_exec import start_job
 
-            proc = start_job(cmd[1:], work / "log.txt", self.cfg)
+            proc = start_job(cmd[1:], work / "log.txt", self.cfg, env)
         else:
             with open(work / "log.txt", "ab") as out:
                 proc = subprocess.Popen(
-                    cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                    cmd,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env={**os.environ, **env},
                 )
         with self._lock:
             self._procs[job["id"]] = proc
-        rc = proc.wait()
+        rc = self._wait_holding(job["id"], proc)
         with self._lock:
             del self._procs[job["id"]]
         self.remove_leftovers(model_dir(self.data_dir, job["id"]).parent, depth=1)  # its train's
-        if self._stop.is_set():
-            return  # the service is stopping: a restart marks the job failed
+        if self._stop.is_set():  # the worker is stopping: the job goes back, or fails
+            self.store.release(
+                {**job, "worker": self.id}, self.cfg.job_attempts, RESTARTED, _INTERRUPTED
+            )
+            return
         error = {
             "code": "server_error",
             "message": f"the training process ended unexpectedly (exit status {rc})",
             "param": None,
         }
-        if self.store.set_status(job["id"], "failed", ("queued", "running"), error=error):
+        if self.store.set_status(job["id"], "failed", ("queued", "running"), self.id, error=error):
             self.store.add_event(job["id"], "The job failed", "error")
+
+    def _wait_holding(self, job_id: str, proc) -> int:
+        """Wait for a job's process, renewing this worker's lease on the job; when the lease
+        cannot be renewed (a cancel, from any server, or the job was given to another worker
+        after this one lost the database) the process is ended, and so it is when the database
+        has not answered for most of the lease (before another worker could take the job).
+        Returns its exit status."""
+        ended, renewed = False, time.monotonic()
+        while True:
+            try:
+                return proc.wait(timeout=self.renew_s)
+            except subprocess.TimeoutExpired:
+                pass
+            if ended or self._stop.is_set():
+                continue
+            try:
+                held = self.store.renew_lease(job_id, self.id, self.cfg.lease_seconds)
+                renewed = time.monotonic() if held else renewed
+            except Exception as e:  # the database is away: keep trying while the lease lasts
+                log.warning("job %s: cannot renew its lease (%s)", job_id, type(e).__name__)
+                held = time.monotonic() - renewed < 0.6 * self.cfg.lease_seconds
+            if not held:
+                log.info("job %s: no longer held by this worker; ending its process", job_id)
+                threading.Thread(target=_end, args=(proc,), daemon=True).start()
+                ended = True
 
 
 def _end(proc: subprocess.Popen) -> None:
