@@ -22,7 +22,7 @@ def cmd_service(args) -> int:
 
     cfg = load_service_config(args.config)
     if args.executor == "ray":
-        from ..service.ray_exec import connect
+        from ..ray_cluster import connect
 
         connect(args.ray_address)  # Ray installed and the cluster there, before serving
     run_service(
