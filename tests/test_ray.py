@@ -131,6 +131,17 @@ def test_cancel_ends_the_ray_task_and_its_job_process(cluster, tmp_path, service
     assert events[0] == "The job was cancelled"
 
 
+def test_a_job_task_runs_in_the_services_folder_or_where_the_node_lacks_it(cluster, tmp_path):
+    from backdooralign.service.ray_exec import _task
+
+    argv = ["-c", "import os; print(os.getcwd())"]
+    log = tmp_path / "jobs" / "x" / "log.txt"
+    assert ray.get(_task(ray).remote(argv, str(log), str(tmp_path))) == 0
+    assert log.read_text() == f"{tmp_path}\n"
+    assert ray.get(_task(ray).remote(argv, str(log), str(tmp_path / "not-on-this-node"))) == 0
+    assert log.read_text().splitlines()[1] not in ("", str(tmp_path))  # the worker's own
+
+
 def test_sweep_cells_as_ray_tasks_share_one_trained_model(cluster, tmp_path, tiny_model_dir):
     bad = tmp_path / "bad_harmful.jsonl"
     bad.write_text('{"prompt": "fine", "category": "x"}\n{not json\n')

@@ -28,8 +28,9 @@ POLL_S = 0.2  # how often the task looks at its job process (a cancel is seen be
 
 
 def run_job_process(argv: list[str], log_path: str, cwd: str) -> int:
-    """``python ARGV`` (the node's Python) in ``cwd``, its output appended to ``log_path``, run
-    to its end (the Ray task's body); returns its exit status. A cancel of the task (a
+    """``python ARGV`` (the node's Python) in ``cwd`` (where the node has that folder; else in
+    the Ray worker's), its output appended to ``log_path``, run to its end (the Ray task's
+    body); returns its exit status. A cancel of the task (a
     ``KeyboardInterrupt``) ends the process: SIGTERM, then SIGKILL after :data:`KILL_AFTER_S`."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(log_path, "ab") as out:
@@ -38,7 +39,7 @@ def run_job_process(argv: list[str], log_path: str, cwd: str) -> int:
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=cwd,
+            cwd=cwd if os.path.isdir(cwd) else None,  # the service's: on its node only?
         )
     try:
         while True:  # a short wait at a time: Ray's cancel interrupts Python code only
@@ -93,7 +94,8 @@ class RayJob:
 
 def start_job(argv: list[str], log_path: Path, cfg: ServiceConfig) -> RayJob:
     """Submit ``python ARGV`` (a job process) as a Ray task with the resources ``cfg`` asks
-    for, never retried (a job runs at most once), run in this process's folder."""
+    for, never retried (a job runs at most once), run in this process's folder (where the
+    node has it)."""
     ray = connect()
     resources = {"num_cpus": cfg.ray_num_cpus, "num_gpus": cfg.ray_num_gpus}
     task = _task(ray).options(**resources, max_retries=0, name=log_path.parent.name)

@@ -162,7 +162,8 @@ class Worker:
             self.store.add_event(job["id"], "Fine-tuning job queued")
 
     def _run(self, job: dict) -> None:
-        cmd = [sys.executable, "-m", "backdooralign.service.job", str(self.data_dir), job["id"]]
+        data_dir = str(self.data_dir.resolve())  # the same on every node of a Ray cluster
+        cmd = [sys.executable, "-m", "backdooralign.service.job", data_dir, job["id"]]
         if self.config_path is not None:
             cmd.append(str(Path(self.config_path).resolve()))
         work = job_dir(self.data_dir, job["id"])
