@@ -31,7 +31,8 @@ def cluster():
     """A Ray cluster of this machine for the module; its workers (and the job processes they
     start) import this checkout's backdooralign."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    env = {"PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")]).rstrip(":")}
+    paths = [SRC, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {"PYTHONPATH": os.pathsep.join(paths)}
     env |= {k: os.environ[k] for k in ("OMP_NUM_THREADS", "HF_HUB_OFFLINE") if k in os.environ}
     ray.init(
         num_cpus=2,
