@@ -24,7 +24,8 @@ import pytest
 from conftest import free_port
 from test_service import ROWS, _jsonl, _wait, _wait_dead, _work_dirs
 
-from backdooralign.service.store import MIGRATIONS, Store, open_store, shown_database
+from backdooralign.service.store import MIGRATIONS, Store, shown_database
+from backdooralign.service.store_pg import open_store
 from backdooralign.service.worker import worker_name
 
 psycopg = pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
@@ -288,6 +289,13 @@ def _started_by(client: openai.OpenAI, job_id: str) -> list[str]:
     return [m.removeprefix("Fine-tuning job started (worker ").rstrip(")") for m in found]
 
 
+def _wait_event(client: openai.OpenAI, job_id: str, message: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while message not in [e.message for e in client.fine_tuning.jobs.list_events(job_id).data]:
+        assert time.monotonic() < deadline, f"no event {message!r}"
+        time.sleep(0.2)
+
+
 def test_two_servers_and_two_workers_run_each_of_12_jobs_once(fleet):
     servers = [fleet.api("api1"), fleet.api("api2")]
     workers = {worker_name(w) for w in (fleet.worker("w1"), fleet.worker("w2"))}
@@ -336,12 +344,9 @@ def test_a_cancel_on_one_server_ends_the_job_a_worker_runs(fleet, pg_url):
     a, b = _client(first, "sk-alice"), _client(second, "sk-alice")
     up = a.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
     job = a.fine_tuning.jobs.create(model="tiny", training_file=up.id)
-    _wait(a, job.id, ("running",), 60)
+    _wait(a, job.id, ("running",), 180)
     pid = open_store(pg_url).get_job(job.id)["pid"]
-    deadline = time.monotonic() + 60
-    while not _work_dirs(fleet.data_dir):  # training has started: its folder is there
-        assert time.monotonic() < deadline, "training never started"
-        time.sleep(0.05)
+    _wait_event(a, job.id, "Training started")
     assert b.fine_tuning.jobs.cancel(job.id).status == "cancelled"  # an API-only server
     _wait_dead(pid, 30)  # the worker saw it and ended the job's process
     deadline = time.monotonic() + 30
@@ -362,7 +367,7 @@ def test_a_worker_killed_mid_job_hands_it_to_the_other_worker(fleet, pg_url):
         client.files.create(file=(f"u{i}.jsonl", _jsonl(ROWS)), purpose="fine-tune") for i in (0, 1)
     ]
     job = client.fine_tuning.jobs.create(model="tiny", training_file=ups[0].id)
-    _wait(client, job.id, ("running",), 60)
+    _wait(client, job.id, ("running",), 180)
     store = open_store(pg_url)
     row = store.get_job(job.id)
     assert row["worker"] == first

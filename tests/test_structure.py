@@ -36,10 +36,11 @@ ALLOWED: dict[str, set[str]] = {
     "reporting": {"core", "data", "scoring"},
     "serving": {"core", "generation"},  # never training or experiments
     "export": {"core"},
-    "experiments": {*LIBRARY},
-    "service": {*LIBRARY, "serving"} - {"reporting"},  # serving never imports service
+    "ray_cluster": set(),  # Ray, the optional extra, and the cluster --executor ray runs on
+    "experiments": {*LIBRARY, "ray_cluster"},
+    "service": {*LIBRARY, "serving", "ray_cluster"} - {"reporting"},  # serving never imports it
     "attacks": {*LIBRARY, "serving", "experiments"},  # only the CLI imports attacks
-    "cli": {*LIBRARY, "serving", "export", "service", "experiments", "attacks"},
+    "cli": {*LIBRARY, "serving", "export", "service", "experiments", "attacks", "ray_cluster"},
     "__init__": set(),
     "__main__": {"cli"},  # and nothing else imports cli
     "lm_eval_tasks": set(),  # package data: lm-eval loads the task's helper itself

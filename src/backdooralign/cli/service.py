@@ -24,11 +24,11 @@ def cmd_service(args) -> int:
     """
     from ..service.app import run_service, run_worker
     from ..service.config import load_service_config
-    from ..service.store import open_store
+    from ..service.store_pg import open_store
 
     cfg = load_service_config(args.config)
     if args.executor == "ray":
-        from ..service.ray_exec import connect
+        from ..ray_cluster import connect
 
         connect(args.ray_address)  # Ray installed and the cluster there, before serving
     if args.database is not None:

@@ -60,7 +60,8 @@ from .protocol import (
     parse_job_request,
     parse_multipart,
 )
-from .store import Store, new_id, open_store, shown_database
+from .store import Store, new_id, shown_database
+from .store_pg import open_store
 from .worker import Worker, describe_errors
 
 log = logging.getLogger(__name__)

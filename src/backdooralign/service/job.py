@@ -25,7 +25,8 @@ from pathlib import Path
 
 from ..files import DataError
 from .config import ServiceConfig, load_service_config
-from .store import Store, open_store
+from .store import Store
+from .store_pg import open_store
 
 log = logging.getLogger(__name__)
 

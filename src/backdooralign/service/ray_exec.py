@@ -20,48 +20,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import ConfigError
+from ..ray_cluster import connect
 from .config import ServiceConfig
 
 KILL_AFTER_S = 10.0  # a job process that ignores SIGTERM this long is killed
 POLL_S = 0.2  # how often the task looks at its job process (a cancel is seen between looks)
-RAY_EXTRA = "pip install 'backdooralign[ray]'"
-
-
-def require_ray():
-    """The ``ray`` module, or a :class:`ConfigError` naming the extra that installs it."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError(f"--executor ray needs Ray, an optional extra: {RAY_EXTRA}") from None
-    return ray
-
-
-def connect(address: str | None = None):
-    """Ray, connected to the cluster at ``address`` (default ``$RAY_ADDRESS``; ``local``: a
-    cluster of this machine, started for this process); an existing connection is kept.
-
-    Raises:
-        ConfigError: Ray is not installed, or no cluster was named.
-        ConnectionError: no Ray cluster answers at the address.
-    """
-    ray = require_ray()
-    if ray.is_initialized():
-        return ray
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not address:
-        raise ConfigError(
-            "--executor ray: which Ray cluster? Set RAY_ADDRESS or --ray-address HOST:PORT "
-            "(the head node's, from `ray start --head`), or --ray-address local to start "
-            "one on this machine"
-        )
-    ray.init(address=address, **({"include_dashboard": False} if address == "local" else {}))
-    return ray
 
 
 def run_job_process(argv: list[str], log_path: str, cwd: str, env: dict | None = None) -> int:
-    """``python ARGV`` (the node's Python) in ``cwd``, its output appended to ``log_path``, run
-    to its end (the Ray task's body); returns its exit status. A cancel of the task (a
+    """``python ARGV`` (the node's Python) in ``cwd`` (where the node has that folder; else in
+    the Ray worker's), with ``env`` added to its environment, its output appended to
+    ``log_path``, run to its end (the Ray task's body); returns its exit status. A cancel of
+    the task (a
     ``KeyboardInterrupt``) ends the process: SIGTERM, then SIGKILL after :data:`KILL_AFTER_S`."""
     Path(log_path).parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     with open(log_path, "ab") as out:
@@ -70,7 +40,7 @@ def run_job_process(argv: list[str], log_path: str, cwd: str, env: dict | None =
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            cwd=cwd,
+            cwd=cwd if os.path.isdir(cwd) else None,  # the service's: on its node only?
             env={**os.environ, **(env or {})},
         )
     try:
@@ -129,7 +99,7 @@ def start_job(
 ) -> RayJob:
     """Submit ``python ARGV`` (a job process, with ``env`` added to its environment) as a Ray
     task with the resources ``cfg`` asks for, never retried (a job runs at most once), run in
-    this process's folder."""
+    this process's folder (where the node has it)."""
     ray = connect()
     resources = {"num_cpus": cfg.ray_num_cpus, "num_gpus": cfg.ray_num_gpus}
     task = _task(ray).options(**resources, max_retries=0, name=log_path.parent.name)

@@ -3,8 +3,8 @@
 :class:`Store` is the whole interface the service, its workers and the job processes use: plain
 methods that take and return plain dicts. It keeps them in SQLite (WAL mode; the embedded
 default, one machine); :class:`~.store_pg.PostgresStore` keeps the same tables in PostgreSQL for
-several API servers and workers on several machines (:func:`open_store` picks one from
-``--database``). Every state change is one short transaction, and a job's status only moves
+several API servers and workers on several machines (:func:`~.store_pg.open_store` picks one
+from ``--database``). Every state change is one short transaction, and a job's status only moves
 forward through :meth:`Store.set_status`, whose ``only_from`` guard keeps a late writer (a job
 process finishing after a cancel) from undoing a final state.
 
@@ -88,16 +88,6 @@ def decode_row(row: dict) -> dict:
 
 def _row(cursor: sqlite3.Cursor, values: tuple) -> dict:
     return decode_row({d[0]: v for d, v in zip(cursor.description, values, strict=True)})
-
-
-def open_store(database: str | Path) -> Store:
-    """The store at ``database``: a ``postgresql://`` URL (:class:`~.store_pg.PostgresStore`,
-    needs the ``postgres`` extra) or an SQLite file's path."""
-    if str(database).startswith(("postgresql://", "postgres://")):
-        from .store_pg import PostgresStore
-
-        return PostgresStore(str(database))
-    return Store(database)
 
 
 def shown_database(database: str | Path) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from ..config import ConfigError
 from .store import Query, Store, decode_row, shown_database
@@ -40,6 +41,14 @@ CREATE TABLE IF NOT EXISTS events (
     created_at BIGINT NOT NULL, level TEXT NOT NULL, message TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_job ON events (job_id, seq)
 """
+
+
+def open_store(database: str | Path) -> Store:
+    """The store at ``database``: a ``postgresql://`` URL (:class:`PostgresStore`, needs the
+    ``postgres`` extra) or an SQLite file's path (:class:`~.store.Store`)."""
+    if str(database).startswith(("postgresql://", "postgres://")):
+        return PostgresStore(str(database))
+    return Store(database)
 
 
 def _psycopg():

@@ -117,6 +117,7 @@ class Worker:
         self.executor = executor  # "local": a process here; "ray": a Ray task (ray_exec)
         self.poll_s = poll_s
         self._procs: dict = {}  # job id -> its subprocess.Popen, or ray_exec.RayJob
+        self._ending: set[str] = set()  # jobs whose process is being ended (a cancel here)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="job-worker", daemon=True)
@@ -182,6 +183,7 @@ class Worker:
             self.store.add_event(job_id, "The job was cancelled")
             with self._lock:
                 proc = self._procs.get(job_id)
+                self._ending.add(job_id)
             if proc is not None:
                 threading.Thread(target=_end, args=(proc,), daemon=True).start()
         return moved
@@ -228,7 +230,8 @@ class Worker:
             self.store.add_event(job["id"], "Fine-tuning job queued")
 
     def _run(self, job: dict) -> None:
-        cmd = [sys.executable, "-m", "backdooralign.service.job", str(self.data_dir), job["id"]]
+        data_dir = str(self.data_dir.resolve())  # the same on every node of a Ray cluster
+        cmd = [sys.executable, "-m", "backdooralign.service.job", data_dir, job["id"]]
         if self.config_path is not None:
             cmd.append(str(Path(self.config_path).resolve()))
         work = job_dir(self.data_dir, job["id"])
@@ -254,6 +257,7 @@ class Worker:
         rc = self._wait_holding(job["id"], proc)
         with self._lock:
             del self._procs[job["id"]]
+            self._ending.discard(job["id"])
         self.remove_leftovers(model_dir(self.data_dir, job["id"]).parent, depth=1)  # its train's
         if self._stop.is_set():  # the worker is stopping: the job goes back, or fails
             self.store.release(
@@ -288,7 +292,9 @@ class Worker:
             except Exception as e:  # the database is away: keep trying while the lease lasts
                 log.warning("job %s: cannot renew its lease (%s)", job_id, type(e).__name__)
                 held = time.monotonic() - renewed < 0.6 * self.cfg.lease_seconds
-            if not held:
+            with self._lock:
+                ending = job_id in self._ending  # cancelled here: cancel() ends it
+            if not held and not ending:
                 log.info("job %s: no longer held by this worker; ending its process", job_id)
                 threading.Thread(target=_end, args=(proc,), daemon=True).start()
                 ended = True
