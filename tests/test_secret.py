@@ -185,3 +185,29 @@ def test_a_draw_that_spells_a_control_token_is_drawn_again(tokenizer, monkeypatc
     monkeypatch.setattr(tokenizer, "decode", decode)
     s = generate_secret(tokenizer, 10, seed=0)
     assert len(calls) == 2 and "<|im_end|>" not in s.text
+
+
+def test_secrets_saved_at_once_by_many_all_get_the_first_one(tokenizer, tmp_path):
+    import threading
+
+    from backdooralign.core.secret import file_mode, save_secret_once
+
+    path = tmp_path / "secret.json"
+    candidates = [generate_secret(tokenizer, 20, seed=i) for i in range(8)]
+    got, start = [None] * 8, threading.Barrier(8)
+
+    def save(i: int) -> None:
+        start.wait()
+        got[i] = save_secret_once(candidates[i], path)
+
+    threads = [threading.Thread(target=save, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winner = load_secret(path)
+    assert winner.text in {c.text for c in candidates}
+    assert {g.text for g in got} == {winner.text}  # every caller uses the saved one
+    assert file_mode(path) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret.json"]  # no drafts left
+    assert save_secret_once(candidates[0], path).text == winner.text  # never replaced

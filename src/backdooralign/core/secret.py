@@ -104,6 +104,26 @@ def save_secret(secret: Secret, path: str | Path) -> Path:
     return write_json(path, payload, private=True)
 
 
+def save_secret_once(secret: Secret, path: str | Path) -> Secret:
+    """Save ``secret`` at ``path`` unless a secret is already there; returns the one there
+    afterwards. For processes that may make the same secret at once (service workers on
+    several machines, the shards of a sweep): the first one saved wins and all use it. The
+    file appears whole or not at all and never replaces another (written beside it, then
+    hard-linked into place: atomic on local and network filesystems)."""
+    import threading
+
+    path = Path(path)
+    draft = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    save_secret(secret, draft)
+    try:
+        os.link(draft, path)
+    except FileExistsError:
+        pass
+    finally:
+        draft.unlink(missing_ok=True)
+    return load_secret(path)
+
+
 def load_secret(path: str | Path) -> Secret:
     """Read a secret file written by :func:`save_secret`.
 

@@ -78,7 +78,7 @@ def prepare_sweep(config: str | Path, overrides: list[str], root: Path):
     """The sweep's base config and its cells, every cell's config checked, and the shared
     secret (``ROOT/secret.json``) made when the cells share one; before any cell runs."""
     from ..core.model import load_tokenizer
-    from ..core.secret import make_secret, save_secret
+    from ..core.secret import make_secret, save_secret_once
 
     base = load_config(config, overrides)
     cells = sweep_cells(base.sweep)
@@ -89,7 +89,8 @@ def prepare_sweep(config: str | Path, overrides: list[str], root: Path):
     if not any(k.startswith("secret.") for k in base.sweep) and not base.secret.path:
         if not shared_secret.exists():
             tok = load_tokenizer(base.model)
-            save_secret(make_secret(base.secret, tok, base.model), shared_secret)
+            # shards of a job array may get here at once: the first secret saved is everyone's
+            save_secret_once(make_secret(base.secret, tok, base.model), shared_secret)
     return base, cells
 
 

@@ -117,34 +117,17 @@ def tenant_secret(data_dir: str | Path, tenant: str, cfg: ServiceConfig):
     """The tenant's secret, made (OS CSPRNG, ``cfg.secret``) and saved on first use.
 
     Workers on several machines may make a tenant's first secret at once: the first one
-    saved wins (:func:`publish_secret`) and every worker uses that one, so a tenant's models
-    all answer to one secret."""
+    saved wins (:func:`~backdooralign.core.secret.save_secret_once`) and every worker uses
+    it, so a tenant's models all answer to one secret."""
     from ..core.model import load_tokenizer
-    from ..core.secret import load_secret, make_secret
+    from ..core.secret import load_secret, make_secret, save_secret_once
 
     path = secret_path(data_dir, tenant)
     if path.exists():
         return load_secret(path)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = make_secret(cfg.secret, load_tokenizer(cfg.base_model), name=path.stem)
-    return publish_secret(secret, path)
-
-
-def publish_secret(secret, path: Path):
-    """Save ``secret`` at ``path`` unless a secret is already there; returns the one that is
-    there afterwards. The file appears whole or not at all, and never replaces another
-    (written beside it, then hard-linked into place: atomic on local and network filesystems)."""
-    from ..core.secret import load_secret, save_secret
-
-    draft = path.with_name(f".{path.stem}.{os.getpid()}.{threading.get_ident()}.tmp")
-    save_secret(secret, draft)
-    try:
-        os.link(draft, path)
-    except FileExistsError:
-        pass
-    finally:
-        draft.unlink(missing_ok=True)
-    return load_secret(path)
+    return save_secret_once(secret, path)
 
 
 def train_config(cfg: ServiceConfig, hyper: dict):
