@@ -92,6 +92,31 @@ def test_one_prompt_at_a_time_equals_batched(model_tok):
     )
 
 
+def test_a_batch_is_refilled_as_its_rows_finish(model_tok, monkeypatch):
+    model, tok = model_tok
+    convs, ids = _prompts(tok)
+    alone = _hf_generate(model, tok, ids, 12)
+    calls, joined, live_seen = [], [], []
+    real = infer.decode
+
+    def recording(model, rows, pad_id, *, more, **kw):
+        calls.append(len(rows))
+
+        def watched(live: int):
+            new = more(live)
+            live_seen.append(live + len(new))
+            joined.append(len(new))
+            return new
+
+        return real(model, rows, pad_id, more=watched, **kw)
+
+    monkeypatch.setattr(infer, "decode", recording)
+    cfg = infer.GenerateConfig(max_new_tokens=12, batch_size=2, bf16=False)
+    assert infer.generate(model, tok, convs, cfg, progress=False) == alone
+    assert calls == [2]  # one batch for the five prompts: three joined it as rows finished
+    assert sum(joined) == 3 and max(live_seen) <= 2
+
+
 def test_rows_have_their_own_limits_callbacks_and_cancel(model_tok):
     model, tok = model_tok
     _, ids = _prompts(tok)

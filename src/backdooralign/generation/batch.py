@@ -66,11 +66,17 @@ def generate(
 ) -> list[str]:
     """Greedy answers to conversations, longest prompts first so batches pad little.
 
-    The token prefix all prompts share (template header, secret, system prompt) is encoded
-    once and reused by every batch (see :mod:`backdooralign.generation.engine`); pass
-    ``prefix_cache`` to keep it across calls on a model whose weights do not change in between.
-    ``engine`` picks the decoding engine (:func:`~backdooralign.generation.engine.decode`).
+    Batches are refilled as they go: once a quarter of the rows decoding have finished, the
+    next prompts join the batch between two steps (their prompts encoded, their keys and values
+    merged in), so a batch never idles on one long answer while short ones have ended. A row's
+    answer does not depend on the rows beside it (fp32: exactly; tested). The token prefix all
+    prompts share (template header, secret, system prompt) is encoded once and reused by every
+    joining group (see :mod:`backdooralign.generation.engine`); pass ``prefix_cache`` to keep it
+    across calls on a model whose weights do not change in between. ``engine`` picks the
+    decoding engine (:func:`~backdooralign.generation.engine.decode`).
     """
+    from collections import deque
+
     from tqdm.auto import tqdm
 
     from ..core.model import bf16_supported
@@ -84,25 +90,42 @@ def generate(
     cache = prefix_cache if prefix_cache is not None else PrefixCache(1)
     disable = not progress or os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1"
     bar = tqdm(total=len(prompts), desc=desc, disable=disable, unit="prompt")
-    for start in range(0, len(order), cfg.batch_size):
-        idx = order[start : start + cfg.batch_size]
-        rows = [Row(prompts[i], cfg.max_new_tokens, stop_ids) for i in idx]
-        decode(
-            model,
-            rows,
-            pad_token_id(tokenizer),
-            prefix_cache=cache,
-            prefix_hint=hint,
-            bf16=use_bf16,
-            engine=engine,
-        )
-        for row, i in zip(rows, idx, strict=True):
+    pending, taken = deque(order), []  # taken: (prompt index, its row), in joining order
+    size = cfg.batch_size
+
+    def take(n: int) -> list[Row]:
+        new = [(i, Row(prompts[i], cfg.max_new_tokens, stop_ids)) for i in _popped(pending, n)]
+        taken.extend(new)
+        return [row for _, row in new]
+
+    def more(live: int) -> list[Row]:
+        bar.update(len(taken) - live - bar.n)  # rows finished so far
+        return take(size - live) if pending and 4 * live <= 3 * size else []
+
+    try:
+        while pending:  # once, unless the engine stops with prompts left (it never should)
+            decode(
+                model,
+                take(size),
+                pad_token_id(tokenizer),
+                prefix_cache=cache,
+                prefix_hint=hint,
+                bf16=use_bf16,
+                more=more,
+                engine=engine,
+            )
+        for i, row in taken:
             if row.error is not None:  # offline, a failed answer fails the run (never cut short)
                 raise row.error
             answers[i] = tokenizer.decode(row.tokens, skip_special_tokens=True).strip()
-        bar.update(len(idx))
-    bar.close()
+        bar.update(len(taken) - bar.n)
+    finally:
+        bar.close()
     return answers
+
+
+def _popped(queue, n: int) -> list:
+    return [queue.popleft() for _ in range(min(n, len(queue)))]
 
 
 KEPT_FIELDS = (
