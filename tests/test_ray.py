@@ -210,3 +210,49 @@ def test_executor_ray_without_a_cluster_or_without_ray_is_a_clear_error(tmp_path
         assert done.stdout.split() == ["1", "1"], done.stderr
         assert done.stderr.count(f"error: {message}") == 2, done.stderr
     assert not (tmp_path / "svc").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_ray_job_writes_to_the_postgresql_store_of_its_service(
+    cluster, tmp_path, service_yaml, http
+):
+    """The multi-node set-up: the API without a worker (``role="api"``) and a worker handing
+    its job to Ray, both on PostgreSQL; the job process, a Ray task, writes its state and
+    events there (it is given the database, as a node elsewhere would be)."""
+    pytest.importorskip("psycopg", reason="psycopg (the postgres extra) is not installed")
+    import pg_cluster
+
+    if pg_cluster.server_bin() is None:
+        pytest.skip("PostgreSQL's server is not installed (make test installs it)")
+    from backdooralign.service.store_pg import open_store
+    from backdooralign.service.worker import Worker
+
+    cfg = load_service_config(service_yaml)
+    with pg_cluster.Cluster() as pg:
+        url = pg.new_database()
+        api = create_service(tmp_path / "svc", cfg, config_path=service_yaml, database=url,
+                             role="api")  # fmt: skip
+        worker = Worker(open_store(url), tmp_path / "svc", cfg, service_yaml, executor="ray",
+                        database=url)  # fmt: skip
+        ran, waited = [], worker._wait_holding
+
+        def recorded(jid, proc):
+            ran.append(type(proc).__name__)
+            return waited(jid, proc)
+
+        worker._wait_holding = recorded
+        with AppServer(api) as server:
+            worker.start()
+            try:
+                client = openai_client(server, http)
+                up = client.files.create(file=("u.jsonl", _jsonl(ROWS)), purpose="fine-tune")
+                job = client.fine_tuning.jobs.create(model="tiny", training_file=up.id)
+                job = _wait(client, job.id, ("succeeded", "failed", "cancelled"), JOB_TIMEOUT)
+                events = [e.message for e in client.fine_tuning.jobs.list_events(job.id).data]
+            finally:
+                worker.stop()
+        assert job.status == "succeeded", job.error
+        assert f"Fine-tuning job started (worker {worker_name(worker.id)})" in events
+        assert events[0] == "The job has successfully completed"
+        row = open_store(url).get_job(job.id)
+        assert (row["worker"], row["attempts"]) == (worker.id, 1)
+        assert ran == ["RayJob"]  # the job's process was a Ray task's
