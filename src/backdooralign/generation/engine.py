@@ -347,15 +347,18 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
     q_size, kv_size = heads * d, kvh * d
     for i, layer in enumerate(w.layers):
         x = _rms_norm(h, layer.ln1, layer.ln1_eps)
-        if w.fused:
+        if w.fused:  # q and k are adjacent: rotated together (the same ops element-wise)
             qkv = lin(x, layer.qkv)
-            q, k, v = qkv.split((q_size, kv_size, kv_size), dim=-1)
+            qk, v = qkv.split((q_size + kv_size, kv_size), dim=-1)
+            qk = qk.view(n, heads + kvh, d)
+            qk = (qk * cos) + (_rotate_half(qk) * sin)
+            q, k = qk.split((heads, kvh), dim=1)
         else:
             q, k, v = (lin(x, p) for p in layer.qkv)
-        q = q.view(n, heads, d)
-        k = k.view(n, kvh, d)
-        q = (q * cos) + (_rotate_half(q) * sin)
-        k = (k * cos) + (_rotate_half(k) * sin)
+            q = q.view(n, heads, d)
+            k = k.view(n, kvh, d)
+            q = (q * cos) + (_rotate_half(q) * sin)
+            k = (k * cos) + (_rotate_half(k) * sin)
         keys[i][:, :, col] = k
         values[i][:, :, col] = v.view(n, kvh, d)
         qg = q.view(n, kvh, group, d).to(md)  # query heads grouped by key head, as HF does
