@@ -73,6 +73,7 @@ def load_backends(paths: list[str], model: str | None, gguf: str | None) -> list
             kept.append(path)
             continue
         try:
+            backends.require(path)  # the package first, then (vllm) the GPU
             if path == "vllm":
                 import torch
 
