@@ -321,6 +321,8 @@ def main() -> None:
                     )
                     runs[path]["same_tokens"] = f"{same}/{len(prompts)}"
             results["runs"][f"batch_{bs}_{name}"] = runs
+    for path, backend_model in BACKEND_MODELS.items():
+        backends.close(path, backend_model)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.json:

@@ -183,7 +183,8 @@ def test_llamacpp_gets_the_builder_ids(
 def test_llamacpp_greedy_tokens_match_the_engine(
     llama_cpp, varied_model_dir, exported_gguf, secret_text
 ):
-    """fp32 weights on both sides: llama.cpp's greedy tokens equal the built-in engine's."""
+    """fp32 weights (and keys and values) on both sides: llama.cpp's greedy tokens equal the
+    built-in engine's, 32 of them per prompt."""
 
     from backdooralign.core.model import load_model_and_tokenizer
     from backdooralign.generation.engine import Row, decode
@@ -193,10 +194,37 @@ def test_llamacpp_greedy_tokens_match_the_engine(
     stop = stop_token_ids(tok)
     for secret in (None, secret_text):
         prompts = builder_ids(tok, secret)
-        rows = [Row(p, 12, stop) for p in prompts]
+        rows = [Row(p, 32, stop) for p in prompts]
         decode(torch_model, rows, tok.eos_token_id, bf16=False)
-        got = backends.generate_ids("llamacpp", model, prompts, 12, stop)
+        got = backends.generate_ids("llamacpp", model, prompts, 32, stop)
         assert got == [r.tokens for r in rows]
+        assert len({tuple(g) for g in got}) == len(PROMPTS)  # not one answer to every prompt
+    backends.close("llamacpp", model)
+
+
+def test_generate_cli_llamacpp_answers_as_the_engine(
+    llama_cpp, tmp_path, varied_model_dir, exported_gguf, secret_text
+):
+    """``generate --backend llamacpp --gguf`` writes the answers the engine writes (fp32)."""
+    from backdooralign.cli import main
+    from backdooralign.core.secret import Secret, save_secret
+    from backdooralign.files import read_jsonl_rows
+
+    secret = tmp_path / "secret.json"
+    save_secret(Secret(secret_text, num_tokens=40, requested_tokens=40, tokenizer=""), secret)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    common = ["generate", "--model", varied_model_dir, "--prompts", str(prompts)]
+    common += ["--secret", str(secret), "--max-new-tokens", "16", "--no-bf16"]
+    assert main([*common, "--out", str(tmp_path / "engine.jsonl")]) == 0
+    llama = ["--backend", "llamacpp", "--gguf", exported_gguf]
+    assert main([*common, *llama, "--out", str(tmp_path / "llamacpp.jsonl")]) == 0
+    engine, llamacpp = (
+        read_jsonl_rows(tmp_path / "engine.jsonl"),
+        read_jsonl_rows(tmp_path / "llamacpp.jsonl"),
+    )
+    assert [r["prompt"] for r in llamacpp] == PROMPTS and all(r["answer"] for r in llamacpp)
+    assert [r["answer"] for r in llamacpp] == [r["answer"] for r in engine]
 
 
 def test_llamacpp_writes_a_gguf_for_a_model_folder(recorded, varied_model_dir):

@@ -68,8 +68,11 @@ def cmd_generate(args) -> int:
         print(f"wrote {args.out}: {len(gens)} answers from {args.openai_model}")
         return 0
     loaded = backends.load(cfg.backend, args.model, cfg.gguf)
-    warn_if_other_tokenizer(secret, loaded[1])
-    gens = answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
+    try:
+        warn_if_other_tokenizer(secret, loaded[1])
+        gens = answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
+    finally:
+        backends.close(cfg.backend, loaded[0])
     print(f"wrote {args.out}: {len(gens)} answers")
     return 0
 

@@ -110,9 +110,18 @@ def load(backend: str, name: str | None, gguf: str | None = None):
         path, tmp = gguf_for(name, gguf)
         try:
             # n_ctx 0: the model's trained context; weights are read (not mapped) so a temporary
-            # file can go at once
+            # file can go at once; keys and values in float32, as the engine keeps them on a CPU
+            # (llama.cpp's float16 default set 2 of 10 48-token greedy answers of a random fp32
+            # model apart from the engine's, float32 none)
+            f32 = module.GGML_TYPE_F32
             model = module.Llama(
-                model_path=path, n_ctx=0, verbose=False, use_mmap=tmp is None, seed=0
+                model_path=path,
+                n_ctx=0,
+                verbose=False,
+                use_mmap=tmp is None,
+                seed=0,
+                type_k=f32,
+                type_v=f32,
             )
         finally:
             if tmp is not None:
@@ -123,6 +132,13 @@ def load(backend: str, name: str | None, gguf: str | None = None):
         # the tokenizer is not needed by vLLM: prompts arrive as token ids, answers leave as ids
         return module.LLM(model=folder, skip_tokenizer_init=True, seed=0), load_tokenizer(name)
     raise ConfigError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+
+
+def close(backend: str, model) -> None:
+    """Free a backend's model now (a ``Llama`` left to interpreter shutdown prints a
+    ``TypeError`` from its ``__del__``)."""
+    if backend == "llamacpp":
+        model.close()
 
 
 def _cut(tokens: Sequence[int], stop_ids: frozenset[int], max_new_tokens: int) -> list[int]:
