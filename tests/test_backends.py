@@ -259,3 +259,26 @@ def test_vllm_gets_the_builder_ids(monkeypatch, tiny_model_dir, secret_text, wit
     cfg = GenerateConfig(backend="vllm", max_new_tokens=4)
     generate(model, tok, conversations(secret), cfg, progress=False)
     assert seen == builder_ids(tok, secret)
+
+
+def test_experiment_eval_backend_llamacpp(llama_cpp, tmp_path, tiny_model_dir):
+    """``eval.backend: llamacpp`` answers every arm through llama.cpp (a GGUF written from each
+    arm's weights); switching the backend re-generates without re-training."""
+    from conftest import tiny_run_yaml
+
+    from backdooralign.cli import main
+    from backdooralign.files import read_jsonl_rows
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_run_yaml(tiny_model_dir, name="tiny", eval={"benign": None}))
+    run = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run), "--set", "eval.backend=llamacpp"]) == 0
+    for arm in ("no_finetune", "attack", "baseline", "backdooralign"):
+        for cond in ("plain", "secret"):
+            gens = read_jsonl_rows(run / "gens" / f"{arm}.harmful.{cond}.jsonl")
+            assert len(gens) == 11
+    train = (run / "stages" / "train.attack.json").read_text()
+    generated = (run / "stages" / "generate.attack.json").read_text()
+    assert main(["run", str(cfg), "--out", str(run)]) == 0  # back to the engine
+    assert (run / "stages" / "train.attack.json").read_text() == train
+    assert (run / "stages" / "generate.attack.json").read_text() != generated
