@@ -68,6 +68,19 @@ def test_missing_backend_is_one_line_from_the_cli(monkeypatch, tmp_path, tiny_mo
     assert not (tmp_path / "g.jsonl").exists()
 
 
+def test_experiment_with_a_missing_backend_fails_before_training(monkeypatch, tmp_path, capsys):
+    from conftest import tiny_run_yaml
+
+    from backdooralign.cli import main
+
+    monkeypatch.setitem(sys.modules, "vllm", None)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(tiny_run_yaml("no-such-model", name="tiny", eval={"backend": "vllm"}))
+    assert main(["run", str(cfg), "--out", str(tmp_path / "run")]) == 1
+    assert "error: backend vllm needs the vllm package" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "stages").exists()
+
+
 def test_backend_key_in_configs():
     from backdooralign.experiments.config import EvalConfig
 

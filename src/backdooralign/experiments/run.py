@@ -92,6 +92,8 @@ def _mtbench_questions(cfg) -> list[dict]:
 def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
     """Read every input the run needs before anything expensive starts (fails fast)."""
     sets = eval_sets(cfg.eval)
+    if cfg.eval.backend != "engine":  # its package, before any training
+        backends.require(cfg.eval.backend)
     _mtbench_questions(cfg.eval)
     training_set.load_customer(cfg.data)
     training_set.load_safety(cfg.data)
