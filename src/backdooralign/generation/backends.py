@@ -22,7 +22,13 @@ produce (:func:`~backdooralign.core.chat.build_conversation`,
 :func:`~backdooralign.core.chat.render_prompt`), secret included: token ids, never text, so no
 backend renders a chat template or tokenizes on its own. Decoding is greedy; an answer ends at
 a stop token (kept, as the engine keeps it) or after ``max_new_tokens``. A backend whose package
-is missing is a :class:`~backdooralign.config.ConfigError` naming the extra.
+is missing is a :class:`~backdooralign.config.ConfigError` saying how to install it (the
+``[llamacpp]`` extra; for vLLM, why there is none).
+
+llama.cpp answers one prompt at a time; its context keeps what the next prompt shares (template
+header, secret, system prompt), so that prefix is encoded once. On float32 weights its greedy
+tokens equal the engine's float32 ones (tests/test_backends.py); the vLLM path is tested on the
+real library only where vllm and a GPU are present.
 """
 
 from __future__ import annotations
