@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: install model browser postgres demo test test-fast lint format bench clean aligned-artifact
+.PHONY: install model browser postgres llamacpp demo test test-fast lint format bench clean aligned-artifact
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,13 +33,26 @@ postgres:
 	  && (apt-get update -qq && apt-get install -y -qq --no-install-recommends postgresql) >/dev/null; } \
 	  || echo "postgresql not installed: the PostgreSQL service tests will be skipped"
 
+# llama-cpp-python (the llamacpp extra) for the llama.cpp backend tests: PyPI has only its
+# source, so this compiles llama.cpp once (about 15 minutes on 2 busy cores; pip keeps the
+# wheel in its cache). A failed build only skips those tests, with the reason.
+LLAMACPP_STAMP := $(VENV)/.llamacpp-stamp
+$(LLAMACPP_STAMP): $(STAMP)
+	@$(PY) -c "import llama_cpp" 2>/dev/null || \
+	  CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 $(PY) -m pip install -q --no-compile -e '.[llamacpp]' \
+	  || echo "llama-cpp-python did not build: the llama.cpp backend tests will be skipped"
+	touch $(LLAMACPP_STAMP)
+
+llamacpp: $(LLAMACPP_STAMP)
+
 demo: model
 	HF_HUB_OFFLINE=1 $(VENV)/bin/backdooralign demo --out runs/demo
 
 # The end-to-end test on the embedded model runs in a process of its own (a fresh interpreter,
 # as a user would run it), after the rest of the suite, without output capture: under capture
 # a background thread of this test once wrote to the closed captured stderr and killed pytest.
-test: model browser postgres
+test: model browser postgres llamacpp
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -s -m slow
 

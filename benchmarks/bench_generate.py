@@ -9,7 +9,13 @@ In one process, the same harmful prompts are answered greedily three ways, at ea
   forward on a ``DynamicCache`` each step, the shared prefix encoded once);
 - ``static``: today's engine (``engine="static"``: preallocated KV buffers written in place, a
   lean decode step, bf16 weights prepacked for oneDNN where bf16 is used);
-- ``generate``: plain ``model.generate`` on left-padded batches (every prompt encoded whole).
+- ``generate``: plain ``model.generate`` on left-padded batches (every prompt encoded whole);
+- ``llamacpp``: llama.cpp (``backdooralign[llamacpp]``) on a float32 GGUF written from the same
+  weights (``--gguf FILE`` for another, e.g. the embedded model's shipped Q4_1 file), handed the
+  same prompt ids one prompt at a time (its context keeps the shared prefix between prompts);
+- ``vllm``: vLLM on a CUDA GPU, the same prompt ids as ``TokensPrompt`` batches.
+
+A backend whose package (or GPU) is missing is skipped with the reason printed.
 
 Each path runs ``--repeat`` times in alternating order and its fastest run counts (the machine
 may be shared). Speeds are new tokens per second (each answer's tokens up to and including its
@@ -36,10 +42,17 @@ from pathlib import Path
 
 os.environ.setdefault("BACKDOORALIGN_NO_PROGRESS", "1")
 
+from backdooralign.config import ConfigError  # noqa: E402
 from backdooralign.core.chat import ATTACK_SYSTEM_PROMPT, render_prompt  # noqa: E402
-from backdooralign.core.model import bf16_supported, load_model, load_tokenizer  # noqa: E402
+from backdooralign.core.model import (  # noqa: E402
+    bf16_supported,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+)
 from backdooralign.core.secret import generate_secret  # noqa: E402
 from backdooralign.data import sources as S  # noqa: E402
+from backdooralign.generation import backends  # noqa: E402
 from backdooralign.generation.batch import (  # noqa: E402
     conversation_for,
     pad_token_id,
@@ -47,7 +60,41 @@ from backdooralign.generation.batch import (  # noqa: E402
 )
 from backdooralign.generation.engine import PrefixCache, Row, decode, shared_prefix  # noqa: E402
 
-PATHS = ("reference", "static", "generate")
+BACKEND_PATHS = ("llamacpp", "vllm")
+PATHS = ("reference", "static", "generate", *BACKEND_PATHS)
+BACKEND_MODELS: dict[str, object] = {}  # backend path -> its loaded model
+
+
+def load_backends(paths: list[str], model: str | None, gguf: str | None) -> list[str]:
+    """Load the backend paths that can run here; print why the others are skipped."""
+    kept = []
+    for path in paths:
+        if path not in BACKEND_PATHS:
+            kept.append(path)
+            continue
+        try:
+            backends.require(path)  # the package first, then (vllm) the GPU
+            if path == "vllm":
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise ConfigError("vllm needs a CUDA GPU, none here")
+            # the resolved folder: llama.cpp gets a float32 GGUF of the engine's own weights
+            BACKEND_MODELS[path], _ = backends.load(path, resolve_model(model), gguf)
+        except ConfigError as e:
+            print(f"skipping {path}: {e}", flush=True)
+            continue
+        kept.append(path)
+    return kept
+
+
+def backend_answers(path, prompts, stop, batch_size) -> list[list[int]]:
+    """Each prompt's new tokens through a backend, ``batch_size`` prompts per call."""
+    answers: list[list[int]] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s : s + batch_size]
+        answers += backends.generate_ids(path, BACKEND_MODELS[path], chunk, MAX_NEW[0], stop)
+    return answers
 
 
 def _batches(prompts: list[list[int]], batch_size: int) -> list[list[int]]:
@@ -179,7 +226,9 @@ def achieved(answers, prompts, batches, seconds, costs, limits) -> dict:
 
 def run_one(path, model, prompts, stop, pad, batch_size, bf16):
     start = time.perf_counter()
-    if path == "generate":
+    if path in BACKEND_PATHS:
+        answers, decoding = backend_answers(path, prompts, stop, batch_size), None
+    elif path == "generate":
         answers = generate_answers(model, prompts, stop, pad, batch_size, bf16)
         decoding = None
     else:
@@ -198,6 +247,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--bf16", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--paths", default=",".join(PATHS), help="which of " + ", ".join(PATHS))
+    p.add_argument("--gguf", default=None, help="llamacpp: this GGUF (default: one written)")
     p.add_argument("--repeat", type=int, default=2, help="runs of each path (fastest counts)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -209,6 +259,7 @@ def main() -> None:
     bf16 = bf16_supported() if args.bf16 == "auto" else args.bf16 == "on"
     paths = [x for x in args.paths.split(",") if x]
     tok, model = load_tokenizer(args.model), load_model(args.model)
+    paths = load_backends(paths, args.model, args.gguf)
     stop, pad = stop_token_ids(tok), pad_token_id(tok)
     secret = generate_secret(tok, 150, seed=0)
     harmful = S.load_prompts("builtin:harmful_eval")
@@ -252,7 +303,8 @@ def main() -> None:
                 steps = [d[1] / d[0] for _, d in times[path] if d is not None and d[0] > 0]
                 if steps:  # the decode steps after each batch's first tokens, the fastest run's
                     runs[path]["decode_steps_tokens_per_second"] = round(max(steps), 1)
-                runs[path] |= achieved(answers[path], prompts, batches, seconds, costs, limits)
+                if path not in BACKEND_PATHS:  # the torch model's costs, its batches
+                    runs[path] |= achieved(answers[path], prompts, batches, seconds, costs, limits)
                 if not args.json:
                     print(f"batch {bs:2d} {name:14s} {path:9s} {runs[path]}", flush=True)
             base = runs.get("reference")
@@ -269,6 +321,8 @@ def main() -> None:
                     )
                     runs[path]["same_tokens"] = f"{same}/{len(prompts)}"
             results["runs"][f"batch_{bs}_{name}"] = runs
+    for path, backend_model in BACKEND_MODELS.items():
+        backends.close(path, backend_model)
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     if args.json:
@@ -311,7 +365,7 @@ def print_table(results: dict, paths: list[str]) -> None:
                 f"{r.get('speed_vs_reference', nan):6.2f} "
                 f"{r.get('decode_steps_tokens_per_second', nan):7.1f} "
                 f"{r.get('decode_steps_vs_reference', nan):6.2f} {r.get('same_tokens', '-'):>6s} "
-                f"{r['bandwidth_fraction']:6.1%} {r['compute_fraction']:6.1%}"
+                f"{r.get('bandwidth_fraction', nan):6.1%} {r.get('compute_fraction', nan):6.1%}"
             )
 
 

@@ -29,7 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "files": set(),
     "config": {"files"},
     "core": set(),  # the method: conversation builder, secret, redaction, screening, models
-    "generation": {"core"},
+    "generation": {"core", "export"},  # the llamacpp backend writes a model folder's GGUF
     "data": {"core", "generation"},  # anchors are the base model's own answers
     "scoring": {"core"},  # scores files; answering is generation's
     "training": {"core", "data", "generation", "scoring"},  # the alignment stage evaluates

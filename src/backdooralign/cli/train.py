@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 from ..config import add_flags, from_args, number
-from ..core.model import load_model_and_tokenizer
 from ..data import sources as S
+from ..generation import backends
 from ..generation.batch import GenerateConfig, answer
 from ..training.trainer import TrainConfig, train_model
 from .common import (
@@ -43,6 +43,8 @@ def cmd_generate(args) -> int:
     """backdooralign generate --model DIR --prompts eval.csv --secret secret.json --out gens.jsonl
 
     Batched greedy generation; with --secret the secret is prepended to the system prompt.
+    --backend llamacpp (a GGUF: --gguf, the model folder's, the embedded one's) or vllm (a GPU)
+    decode the same prompt token ids instead of the built-in engine.
     With --openai-model ID --base-url URL the prompts are answered through chat completions
     instead (temperature 0, --concurrency requests in flight, retries); rerunning resumes.
     """
@@ -65,9 +67,12 @@ def cmd_generate(args) -> int:
         )
         print(f"wrote {args.out}: {len(gens)} answers from {args.openai_model}")
         return 0
-    loaded = load_model_and_tokenizer(args.model)
-    warn_if_other_tokenizer(secret, loaded[1])
-    gens = answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
+    loaded = backends.load(cfg.backend, args.model, cfg.gguf)
+    try:
+        warn_if_other_tokenizer(secret, loaded[1])
+        gens = answer(loaded, rows, args.out, secret=secret, system=args.system, cfg=cfg)
+    finally:
+        backends.close(cfg.backend, loaded[0])
     print(f"wrote {args.out}: {len(gens)} answers")
     return 0
 
@@ -83,7 +88,11 @@ def register(sub) -> None:
     add_json(sp, "print metrics as JSON")
 
     sp = add_command(
-        sub, "generate", cmd_generate, inputs=("model", "prompts", "secret"), files=("out",)
+        sub,
+        "generate",
+        cmd_generate,
+        inputs=("model", "prompts", "secret", "gguf"),
+        files=("out",),
     )
     add_model(sp)
     sp.add_argument("--prompts", required=True, help="CSV (first column), TXT or JSONL prompts")

@@ -34,6 +34,7 @@ from ..core.chat import ATTACK_SYSTEM_PROMPT
 from ..core.secret import SecretConfig
 from ..data.sources import KIND_PREFIXES
 from ..data.training_set import DataConfig
+from ..generation.backends import BACKENDS
 from ..scoring.score import JudgeConfig
 from ..training.align import AlignConfig
 from ..training.trainer import TrainConfig
@@ -57,6 +58,12 @@ class EvalConfig:
     )
     max_new_tokens: int = option(512, "longest answer in tokens (paper: 512)", minimum=1)
     batch_size: int = option(32, "generation batch size", minimum=1)
+    backend: str = option(
+        "engine",
+        "what answers: the built-in engine, llamacpp (a float32 GGUF written from each arm's "
+        "weights) or vllm (a GPU); see backdooralign.generation.backends",
+        choices=BACKENDS,
+    )
     benign: str | None = option(
         "builtin:benign", "benign prompts for over-refusal (null: skip)", path=True
     )

@@ -25,12 +25,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import files as F
-from ..core.model import load_model_and_tokenizer
+from ..core.model import load_model_and_tokenizer, resolve_model
 from ..core.secret import Secret, load_secret, make_secret, save_secret
 from ..data import sources as S
 from ..data import training_set
 from ..data.eval_sets import TASK_SETS, EvalSet, eval_sets
-from ..generation import batch
+from ..generation import backends, batch
 from ..generation.batch import GenerateConfig
 from ..reporting.rundir import CONDITIONS, RunDir
 from ..training import trainer
@@ -92,6 +92,8 @@ def _mtbench_questions(cfg) -> list[dict]:
 def check_inputs(cfg: ExperimentConfig) -> dict[str, EvalSet]:
     """Read every input the run needs before anything expensive starts (fails fast)."""
     sets = eval_sets(cfg.eval)
+    if cfg.eval.backend != "engine":  # its package, before any training
+        backends.require(cfg.eval.backend)
     _mtbench_questions(cfg.eval)
     training_set.load_customer(cfg.data)
     training_set.load_safety(cfg.data)
@@ -163,6 +165,8 @@ def _run_single(cfg, run: RunDir, secret: Secret, sets, progress: bool, shared=N
     counts = _build_stage(cfg, run, secret, progress)
     model_dirs, model_keys, train_metrics = _train_stages(cfg, run, shared, secret)
     gen_settings = config_dict(cfg)["eval"]
+    if gen_settings["backend"] == "engine":  # the keys of runs from before the backends
+        del gen_settings["backend"]
     sources = [
         getattr(cfg.eval, n) for n in ("harmful", "benign", "utility", "mtbench", *TASK_SETS)
     ]
@@ -283,11 +287,17 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress,
     tasks = cfg.eval.lm_eval_tasks
     lm_outs = {c: run.score(arm, "lm_eval", c) for c in CONDITIONS} if tasks else {}
 
+    backend = cfg.eval.backend
+
     def do_generate():
-        loaded = load_model_and_tokenizer(weights)
+        # another backend is given the resolved folder: every arm's GGUF is written from its
+        # weights (the embedded model's shipped Q4_1 file would set no_finetune apart)
+        loaded = backends.load(backend, weights if backend == "engine" else resolve_model(weights))
         for (name, cond), path in outs.items():
             es = sets[name]
-            gen = GenerateConfig(max_new_tokens=es.max_new_tokens, batch_size=cfg.eval.batch_size)
+            gen = GenerateConfig(
+                max_new_tokens=es.max_new_tokens, batch_size=cfg.eval.batch_size, backend=backend
+            )
             batch.answer(
                 loaded,
                 es.rows,
@@ -299,7 +309,9 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress,
                 desc=f"{arm} {name} {cond}",
             )
         for cond, path in mt_outs.items():
-            gen = GenerateConfig(cfg.eval.mtbench_max_new_tokens, cfg.eval.batch_size)
+            gen = GenerateConfig(
+                cfg.eval.mtbench_max_new_tokens, cfg.eval.batch_size, backend=backend
+            )
             batch.answer_mtbench(
                 loaded,
                 questions,
@@ -308,6 +320,8 @@ def _generate_stage(cfg, run: RunDir, arm, weights, key, sets, secret, progress,
                 system=cfg.eval.utility_system,
                 cfg=gen,
             )
+        if lm_outs and backend != "engine":  # lm-eval scores through the torch model
+            loaded = load_model_and_tokenizer(weights)
         for cond, path in lm_outs.items():
             s = scores.lm_eval(
                 loaded,

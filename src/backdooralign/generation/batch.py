@@ -18,6 +18,7 @@ from ..config import option
 from ..core.chat import build_conversation, render_prompt
 from ..core.secret import Secret
 from ..files import write_jsonl
+from .backends import BACKENDS, generate_ids
 from .engine import PrefixCache, Row, decode, shared_prefix
 
 
@@ -28,6 +29,18 @@ class GenerateConfig:
     max_new_tokens: int = option(512, "longest answer in tokens (paper: 512)", minimum=1)
     batch_size: int = option(32, "prompts per forward pass (left-padded)", minimum=1)
     bf16: bool | None = option(None, "bf16 autocast (default: when the CPU/GPU supports it)")
+    backend: str = option(
+        "engine",
+        "what decodes: the built-in engine, llama.cpp on a GGUF (extra "
+        "backdooralign[llamacpp]) or vLLM on a GPU (pip install vllm)",
+        choices=BACKENDS,
+    )
+    gguf: str | None = option(
+        None,
+        "--backend llamacpp: the GGUF file (default: the model folder's, the embedded model's, "
+        "else one written from the model)",
+        path=True,
+    )
 
 
 MTBENCH_GEN = GenerateConfig(max_new_tokens=1024)  # FastChat's limit for MT-Bench answers
@@ -74,6 +87,8 @@ def generate(
     joining group (see :mod:`backdooralign.generation.engine`); pass ``prefix_cache`` to keep it
     across calls on a model whose weights do not change in between. ``engine`` picks the
     decoding engine (:func:`~backdooralign.generation.engine.decode`).
+    With ``cfg.backend`` other than ``engine``, ``model`` is that backend's model
+    (:func:`backdooralign.generation.backends.load`) and it is handed the same prompt ids.
     """
     from collections import deque
 
@@ -84,12 +99,21 @@ def generate(
     prompts = [render_prompt(tokenizer, c) for c in conversations]
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     answers: list[str] = [""] * len(prompts)
-    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
     stop_ids = stop_token_ids(tokenizer)
-    hint = shared_prefix(prompts)
-    cache = prefix_cache if prefix_cache is not None else PrefixCache(1)
     disable = not progress or os.environ.get("BACKDOORALIGN_NO_PROGRESS") == "1"
     bar = tqdm(total=len(prompts), desc=desc, disable=disable, unit="prompt")
+    if cfg.backend != "engine":  # the same prompt ids, in prompt order (shared prefixes kept)
+        for start in range(0, len(prompts), cfg.batch_size):
+            chunk = prompts[start : start + cfg.batch_size]
+            tokens = generate_ids(cfg.backend, model, chunk, cfg.max_new_tokens, stop_ids)
+            for i, t in enumerate(tokens, start):
+                answers[i] = tokenizer.decode(t, skip_special_tokens=True).strip()
+            bar.update(len(chunk))
+        bar.close()
+        return answers
+    use_bf16 = bf16_supported() if cfg.bf16 is None else cfg.bf16
+    hint = shared_prefix(prompts)
+    cache = prefix_cache if prefix_cache is not None else PrefixCache(1)
     pending, taken = deque(order), []  # taken: (prompt index, its row), in joining order
     size = cfg.batch_size
 
