@@ -367,3 +367,85 @@ def test_an_unknown_engine_is_refused(model_tok):
     model, tok = model_tok
     with pytest.raises(ValueError, match="engine must be one of"):
         decode(model, [Row([1, 2, 3], 2)], 0, engine="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16: the shared prefix kept once (its attention merged with each row's by log-sum-exp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_attention_is_attention_over_prefix_and_rows(dtype):
+    """The prefix part (one product for all rows) merged with the rows' own part equals SDPA
+    over the concatenated keys and values, padding masked."""
+    from backdooralign.generation.engine import _Shared, _shared_attention
+
+    g = torch.Generator().manual_seed(3)
+    n, kvh, group, d, p, own = 4, 2, 3, 16, 11, 7
+    q = torch.randn(n, kvh, group, d, generator=g).to(dtype)
+    pk, pv = (torch.randn(1, kvh, p, d, generator=g) for _ in range(2))
+    rk, rv = (torch.randn(n, kvh, own, d, generator=g).to(dtype) for _ in range(2))
+    mask = torch.ones(n, own, dtype=torch.bool)
+    mask[1, :3] = False  # a shorter row, left-padded
+    mask[3, :6] = False
+    layer = type(
+        "Layer", (), {"keys": pk.expand(n, -1, -1, -1), "values": pv.expand(n, -1, -1, -1)}
+    )
+    shared = _Shared.of(tuple(range(p)), [layer], dtype)
+    bias = torch.zeros(n, 1, 1, own, dtype=dtype).masked_fill(~mask[:, None, None], float("-inf"))
+    got = _shared_attention(q, rk, rv, bias, shared, 0, 0.25)
+    keys = torch.cat([pk.to(dtype).expand(n, -1, -1, -1), rk], dim=2).float()
+    values = torch.cat([pv.to(dtype).expand(n, -1, -1, -1), rv], dim=2).float()
+    full = torch.cat([torch.ones(n, p, dtype=torch.bool), mask], dim=1)[:, None, None]
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), keys, values, attn_mask=full, scale=0.25
+    )
+    assert got.dtype == dtype and got.shape == want.shape
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    # the masked columns count for nothing: changing them changes nothing
+    rk2 = rk.clone()
+    rk2[3, :, :6] = 100
+    again = _shared_attention(q, rk2, rv, bias, shared, 0, 0.25)
+    assert torch.equal(again, got)
+
+
+def test_bf16_batches_keep_the_shared_prefix_once_and_merge_with_other_prefixes(model_tok):
+    """bf16 with a secret: the batch keeps the prefix once (rows hold only their own columns);
+    a row of another system prompt joining between steps unshares it; answers agree with the
+    reference engine's bf16 ones (the same rows, the same joins)."""
+    from backdooralign.generation import engine
+
+    model, tok = model_tok
+    convs, ids = _prompts(tok)
+    other = render_prompt(tok, build_conversation(PROMPTS[0], system="Be brief.", secret=None))
+    pad = infer.pad_token_id(tok)
+    seen = []
+    real_step = engine._StaticBatch.step
+
+    def step(self):
+        seen.append((len(self.rows), None if self.shared is None else len(self.shared.ids)))
+        return real_step(self)
+
+    def run(name):
+        rows = [Row(p, 8) for p in ids[:3]]
+        joins = {2: [Row(ids[3], 8)], 4: [Row(other, 8)]}
+        calls = []
+
+        def more(running):
+            calls.append(running)
+            return joins.get(len(calls), [])
+
+        decode(model, rows, pad, bf16=True, more=more, engine=name)
+        return [r.tokens for r in [*rows, *joins[2], *joins[4]]]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(engine._StaticBatch, "step", step)
+        static = run("static")
+    ref = run("reference")
+    prefix = len(shared_prefix(ids))
+    assert seen[0] == (3, prefix)  # kept once, the rows hold only their own columns
+    assert (4, prefix) in seen  # a row of the same prefix joined: still shared
+    assert (5, None) in seen  # another prefix joined: unshared
+    assert [len(t) for t in static] == [8] * 5
+    assert [t[0] for t in static] == [t[0] for t in ref]
+    assert sum(a == b for a, b in zip(static, ref, strict=True)) >= 4
