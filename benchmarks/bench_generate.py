@@ -170,8 +170,8 @@ def measure_limits(matmul_dtype) -> dict:
             times.append(time.perf_counter() - t)
         return min(times)
 
-    a = torch.empty(2**27)  # 512 MB of float32
-    b = torch.empty_like(a)
+    a = torch.ones(2**27)  # 512 MB of float32, written (untouched pages read as one zero page)
+    b = torch.ones_like(a)
     copy_s = best(lambda: b.copy_(a), 5)
     n = 2048
     x = torch.randn(n, n).to(matmul_dtype)

@@ -354,7 +354,7 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
     for i, layer in enumerate(w.layers):
         x = _rms_norm(h, layer.ln1, layer.ln1_eps)
         if w.fused:  # q and k are adjacent: rotated together (the same ops element-wise)
-            qkv = lin(x, layer.qkv)
+            qkv = lin_low(x, layer.qkv)  # bf16; times the float32 cos/sin gives float32
             qk, v = qkv.split((q_size + kv_size, kv_size), dim=-1)
             qk = qk.view(n, heads + kvh, d)
             qk = (qk * cos) + (_rotate_half(qk) * sin)
@@ -379,13 +379,15 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
             out = F.scaled_dot_product_attention(
                 qg, k_all, v_all, attn_mask=attn_mask, scale=w.scaling
             )
-        h = h + lin(out.reshape(n, q_size), layer.o)
+        # the residual stream stays in the model's dtype: a bf16 product added to it is
+        # promoted by the add itself (the bits of casting it first, one op fewer)
+        h = h + lin_low(out.reshape(n, q_size), layer.o)
         x = _rms_norm(h, layer.ln2, layer.ln2_eps)
         if w.fused:  # gate and up stay in bf16 through the activation, as under autocast
             g, u = lin_low(x, layer.gate_up).chunk(2, dim=-1)
         else:
             g, u = (lin(x, p) for p in layer.gate_up)
-        h = h + lin(F.silu(g) * u, layer.down)
+        h = h + lin_low(F.silu(g) * u, layer.down)
     h = _rms_norm(h, w.norm, w.norm_eps)
     # Logits in the matmul dtype (bf16 stays bf16: argmax picks the same token from the same
     # values and sample() casts its row to float itself; the [batch, vocab] float32 copy was
