@@ -116,11 +116,6 @@ def decode(
 # answers are the reference engine's. A finished row stays in the buffers, its token ignored,
 # until a quarter of the batch has finished: then the batch is compacted (a copy), so rows
 # ending one after the other do not each cost a copy of the cache.
-#
-# In bf16 on a CPU the shared prefix (template header, secret, system prompt: most of each
-# row's context when answers are short) is kept once, not once per row (:class:`_Shared`):
-# its attention is one product of all rows' queries per key head, merged with each row's own
-# columns by log-sum-exp, so a step reads the prefix's keys and values once, not 16 times.
 
 STATIC_MODEL_TYPES = frozenset({"llama"})
 GROW = 64  # columns added when a joining row needs more room than the buffers have
@@ -326,7 +321,7 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
     true at ``col`` for every row, or ``None`` when every row attends to all ``col + 1``
     columns (no padding): attention then runs as HF runs it without a mask (all query heads,
     ``enable_gqa``), with a mask as HF does with one (query heads grouped by key head).
-    ``shared`` (a :class:`_Shared`, bf16 on a CPU only): the prefix every row shares, kept once; the
+    ``shared`` (a :class:`_Shared`, bf16 only): the prefix every row shares, kept once; the
     rows' own ``keys`` and ``values`` then start after it (see :func:`_shared_attention`).
     """
     import torch
@@ -443,8 +438,15 @@ def _shared_attention(qg, k_rows, v_rows, bias, shared: _Shared, layer: int, sca
     import torch
 
     n, kvh, group, d = qg.shape
-    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    out_r, lse_r = flash(qg, k_rows, v_rows, 0.0, False, attn_mask=bias, scale=scale)[:2]
+    if qg.device.type == "cpu":
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        out_r, lse_r = flash(qg, k_rows, v_rows, 0.0, False, attn_mask=bias, scale=scale)[:2]
+    else:  # the math of the same two outputs
+        s = torch.matmul(qg.float(), k_rows.float().transpose(-1, -2)) * scale
+        if bias is not None:
+            s = s + bias.float()
+        lse_r = torch.logsumexp(s, -1)
+        out_r = torch.matmul(torch.exp(s - lse_r[..., None]), v_rows.float())
     qp = qg.float().transpose(0, 1).reshape(kvh, n * group, d)
     s = torch.matmul(qp, shared.keys[layer]).mul_(scale)  # [kv heads, rows x group, P]
     lse_p = torch.logsumexp(s, -1, keepdim=True)
@@ -522,8 +524,7 @@ class _StaticBatch:
         if ref is None:
             return None
         w = weights
-        # bf16 on a CPU: the shared prefix kept once (a GPU reads each row's copy fast enough)
-        p = len(ref.prefix) if w.fused and device.type == "cpu" else 0
+        p = len(ref.prefix) if w.fused else 0  # bf16: the shared prefix kept once
         shared = _Shared.of(ref.prefix, ref.cache.layers, w.matmul_dtype) if p else None
         n, width = len(ref.rows), ref.mask.shape[1] - p
         capacity = width + _remaining(ref.rows)
