@@ -313,7 +313,7 @@ def _rotate_half(x):
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shared=None):
+def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
     """One decode step for every row: writes column ``col`` of each layer's ``keys`` and
     ``values`` and returns the next token's logits ``[rows, vocab]`` (float32).
 
@@ -321,8 +321,6 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
     true at ``col`` for every row, or ``None`` when every row attends to all ``col + 1``
     columns (no padding): attention then runs as HF runs it without a mask (all query heads,
     ``enable_gqa``), with a mask as HF does with one (query heads grouped by key head).
-    ``shared`` (a :class:`_Shared`, bf16 only): the prefix every row shares, kept once; the
-    rows' own ``keys`` and ``values`` then start after it (see :func:`_shared_attention`).
     """
     import torch
     import torch.nn.functional as F
@@ -346,10 +344,6 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
     h = F.embedding(ids, w.embed)  # [n, hidden]
     cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
     attn_mask = mask[:, None, None, : col + 1] if mask is not None else None
-    bias = None  # the shared path's mask, additive in the matmul dtype (made once a step)
-    if shared is not None and attn_mask is not None:
-        bias = torch.zeros(attn_mask.shape, dtype=md, device=h.device)
-        bias.masked_fill_(~attn_mask, float("-inf"))
     q_size, kv_size = heads * d, kvh * d
     for i, layer in enumerate(w.layers):
         x = _rms_norm(h, layer.ln1, layer.ln1_eps)
@@ -369,9 +363,7 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
         values[i][:, :, col] = v.view(n, kvh, d)
         qg = q.view(n, kvh, group, d).to(md)  # query heads grouped by key head, as HF does
         k_all, v_all = keys[i][:, :, : col + 1], values[i][:, :, : col + 1]
-        if shared is not None:
-            out = _shared_attention(qg, k_all, v_all, bias, shared, i, w.scaling)
-        elif attn_mask is None:
+        if attn_mask is None:
             out = F.scaled_dot_product_attention(
                 qg.view(n, heads, 1, d), k_all, v_all, scale=w.scaling, enable_gqa=True
             )
@@ -395,70 +387,6 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int, shar
     return lin_low(h, w.lm_head)
 
 
-@dataclass(frozen=True)
-class _Shared:
-    """The prefix every row of a bf16 batch shares (the template's header, the secret, the
-    system prompt), kept once instead of once per row: per layer its keys transposed
-    ``[kv heads, head dim, P]`` and its values ``[kv heads, P, head dim]``, in float32 holding
-    the bf16 values the rows' own columns would hold."""
-
-    ids: tuple[int, ...]
-    keys: list
-    values: list
-
-    @classmethod
-    def of(cls, ids, cache_layers, matmul_dtype) -> _Shared:
-        import torch
-
-        p = len(ids)
-        keys, values = [], []
-        for layer in cache_layers:  # every row holds the same prefix columns: take row 0's
-            k = layer.keys[0, :, :p].to(matmul_dtype).to(torch.float32)
-            keys.append(k.transpose(-1, -2).contiguous())
-            values.append(layer.values[0, :, :p].to(matmul_dtype).to(torch.float32).contiguous())
-        return cls(tuple(ids), keys, values)
-
-    def expanded(self, i: int, rows: int, dtype) -> tuple:
-        """Layer ``i``'s prefix as ``rows`` rows' own columns ``[rows, kv heads, P, dim]``."""
-        k = self.keys[i].transpose(-1, -2).to(dtype)
-        v = self.values[i].to(dtype)
-        return k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
-
-
-def _shared_attention(qg, k_rows, v_rows, bias, shared: _Shared, layer: int, scale: float):
-    """Attention over the shared prefix and each row's own columns, as one softmax.
-
-    The rows' own columns go through the same CPU flash kernel as before (it also returns each
-    query's log-sum-exp); the prefix, the same for every row, through one float32 product of
-    all rows' queries per key head (its keys read once, not once per row). The two parts are
-    merged by their log-sum-exps: the softmax over all columns, summed in another order (bf16
-    answers may differ from the reference engine's where two tokens' logits are within
-    rounding of each other; float32 never takes this path).
-    """
-    import torch
-
-    n, kvh, group, d = qg.shape
-    if qg.device.type == "cpu":
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        out_r, lse_r = flash(qg, k_rows, v_rows, 0.0, False, attn_mask=bias, scale=scale)[:2]
-    else:  # the math of the same two outputs
-        s = torch.matmul(qg.float(), k_rows.float().transpose(-1, -2)) * scale
-        if bias is not None:
-            s = s + bias.float()
-        lse_r = torch.logsumexp(s, -1)
-        out_r = torch.matmul(torch.exp(s - lse_r[..., None]), v_rows.float())
-    qp = qg.float().transpose(0, 1).reshape(kvh, n * group, d)
-    s = torch.matmul(qp, shared.keys[layer]).mul_(scale)  # [kv heads, rows x group, P]
-    lse_p = torch.logsumexp(s, -1, keepdim=True)
-    out_p = torch.matmul(s.sub_(lse_p).exp_(), shared.values[layer])
-    out_p = out_p.view(kvh, n, group, d).transpose(0, 1)
-    lse_p = lse_p.view(kvh, n, group, 1).transpose(0, 1)
-    lse_r = lse_r.view(n, kvh, group, 1)
-    lse = torch.logaddexp(lse_p, lse_r)
-    out = out_p * (lse_p - lse).exp_() + out_r.float() * (lse_r - lse).exp_()
-    return out.to(qg.dtype)
-
-
 def _decode_static(model, rows, pad_id, prefix_cache, prefix_hint, bf16, more) -> None:
     import torch
 
@@ -466,20 +394,16 @@ def _decode_static(model, rows, pad_id, prefix_cache, prefix_hint, bf16, more) -
     device = next(model.parameters()).device
     with torch.inference_mode():
         weights = _weights(model, bf16)
-
-        def start(new, hint):
-            return _StaticBatch.start(model, weights, new, pad_id, store, hint, device, bf16)
-
-        batch = start(rows, prefix_hint)
+        start = lambda new: _StaticBatch.start(  # noqa: E731
+            model, weights, new, pad_id, store, prefix_hint, device, bf16
+        )
+        batch = start(rows)
         while batch is not None:
             batch.drop_finished()
             live = batch.live()
             new = list(more(live)) if more is not None else []
-            if new:  # without a hint, joining rows are offered the batch's shared prefix
-                hint = prefix_hint
-                if hint is None and batch.shared is not None:
-                    hint = batch.shared.ids
-                joined = start(new, hint)
+            if new:
+                joined = start(new)
                 if joined is not None:
                     batch = batch.merged(joined)
                     live = batch.live()
@@ -509,7 +433,6 @@ class _StaticBatch:
     width: int  # columns used
     lengths: object  # [rows] long: each row's next position
     tokens: list[int]  # each row's last token, not yet fed
-    shared: _Shared | None = None  # bf16: the shared prefix, kept once (columns before keys')
 
     @classmethod
     def start(cls, model, weights, rows, pad_id, store, hint, device, bf16):
@@ -523,24 +446,20 @@ class _StaticBatch:
             ref = _Batch.start(model, rows, pad_id, store, hint, device)
         if ref is None:
             return None
-        w = weights
-        p = len(ref.prefix) if w.fused else 0  # bf16: the shared prefix kept once
-        shared = _Shared.of(ref.prefix, ref.cache.layers, w.matmul_dtype) if p else None
-        n, width = len(ref.rows), ref.mask.shape[1] - p
+        n, width = len(ref.rows), ref.mask.shape[1]
         capacity = width + _remaining(ref.rows)
         keys, values = [], []
+        w = weights
         for layer in ref.cache.layers:
             for src, dst in ((layer.keys, keys), (layer.values, values)):
                 buf = torch.empty(
                     (n, w.kv_heads, capacity, w.head_dim), dtype=w.matmul_dtype, device=device
                 )
-                buf[:, :, :width] = src[:, :, p:]
+                buf[:, :, :width] = src
                 dst.append(buf)
         mask = torch.zeros((n, capacity), dtype=torch.bool, device=device)
-        mask[:, :width] = ref.mask[:, p:].bool()
-        return cls(
-            w, ref.rows, ref.generators, keys, values, mask, width, ref.lengths, ref.tokens, shared
-        )
+        mask[:, :width] = ref.mask.bool()
+        return cls(w, ref.rows, ref.generators, keys, values, mask, width, ref.lengths, ref.tokens)
 
     def live(self) -> int:
         return sum(r.finish is None for r in self.rows)
@@ -564,7 +483,6 @@ class _StaticBatch:
             self.values,
             None if dense else self.mask,
             col,
-            self.shared,
         )
         self.width = col + 1
         self.lengths = self.lengths + 1
@@ -609,22 +527,6 @@ class _StaticBatch:
         self.generators = [self.generators[i] for i in keep]
         self.tokens = [self.tokens[i] for i in keep]
 
-    def _unshare(self) -> None:
-        """The shared prefix copied into every row's own columns (before a merge with a batch
-        of another prefix, or of none)."""
-        import torch
-
-        if self.shared is None:
-            return
-        p, n = len(self.shared.ids), len(self.rows)
-        for bufs, part in ((self.keys, 0), (self.values, 1)):
-            for i, old in enumerate(bufs):
-                prefix = self.shared.expanded(i, n, old.dtype)[part]
-                bufs[i] = torch.cat([prefix, old], dim=2)
-        ones = self.mask.new_ones((n, p))
-        self.mask = torch.cat([ones, self.mask], dim=1)
-        self.width, self.shared = self.width + p, None
-
     def _grow(self, extra: int) -> None:
         self._select(list(range(len(self.rows))), self.mask.shape[1] + extra, 0)
 
@@ -638,9 +540,6 @@ class _StaticBatch:
             return other
         if not other.rows:
             return self
-        if self.shared is None or other.shared is None or self.shared.ids != other.shared.ids:
-            self._unshare()
-            other._unshare()
         width = max(self.width, other.width)
         capacity = width + max(_remaining(self.rows), _remaining(other.rows))
         for b in (self, other):

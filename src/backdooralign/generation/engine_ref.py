@@ -67,7 +67,6 @@ class _Batch:
     mask: object  # [rows, cache length], 1 for real tokens
     lengths: object  # [rows], real tokens so far: the next token's position
     tokens: list[int] = field(default_factory=list)  # each row's last token, not yet fed
-    prefix: tuple[int, ...] = ()  # the shared prefix's ids: the cache's first columns
 
     @classmethod
     def start(cls, model, rows, pad_id, store, hint, device) -> _Batch | None:
@@ -79,8 +78,8 @@ class _Batch:
         if not rows:
             return None
         prompts = [r.prompt for r in rows]
-        if hint is not None:  # a prefix, not a prompt: all of it may be shared (-1: no id)
-            prefix = shared_prefix([(*hint, -1), *prompts])
+        if hint is not None:
+            prefix = shared_prefix([hint, *prompts])
         else:  # one prompt alone shares nothing worth keeping
             prefix = shared_prefix(prompts) if len(prompts) > 1 else ()
         p = len(prefix) if len(prefix) >= MIN_PREFIX else 0
@@ -97,7 +96,7 @@ class _Batch:
         lengths = torch.tensor([p + len(x) for x in rest], device=device)
         cache = _expanded_cache(store.get(model, prefix), len(rows)) if p else DynamicCache()
         generators = [_row_generator(r, device) for r in rows]
-        batch = cls(rows, generators, cache, mask.to(device), lengths, prefix=tuple(prefix[:p]))
+        batch = cls(rows, generators, cache, mask.to(device), lengths)
         batch._forward(model, ids.to(device), positions.to(device))
         return batch
 
