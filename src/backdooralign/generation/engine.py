@@ -328,8 +328,7 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
     n = ids.shape[0]
     heads, kvh, d = w.heads, w.kv_heads, w.head_dim
     group = heads // kvh
-    md, dt = w.matmul_dtype, w.dtype
-    cast = md != dt
+    md = w.matmul_dtype
 
     linear_packed = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if w.fused else None
 
@@ -338,8 +337,8 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
             return linear_packed(x.to(md), p[2], p[1], "none", [], "")
         return F.linear(x.to(md), p[0], p[1])
 
-    def lin(x, p):
-        return lin_low(x, p).to(dt) if cast else F.linear(x, p[0], p[1])
+    def lin(x, p):  # the unfused path: the model's own tensors, as the HF forward multiplies
+        return F.linear(x, p[0], p[1])
 
     h = F.embedding(ids, w.embed)  # [n, hidden]
     cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
