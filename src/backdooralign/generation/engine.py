@@ -180,7 +180,9 @@ class _Weights:
     dtype: object  # the model's dtype: the residual stream and norms
 
 
-_BF16_WEIGHTS: dict = {}  # id(model) -> (weakref to it, signature, _Weights): bf16 copies
+# id(model) -> (weakref to it, bf16, signature, _Weights): bf16 copies, or the chunked views
+# (their probes cost ~1 s for SmolLM2-135M: made once, not on every call)
+_WEIGHTS: dict = {}
 
 
 def _packed(w, b):
@@ -207,11 +209,65 @@ def _packed(w, b):
     return None, b, packed
 
 
+CHUNK_MAX_ROWS = 32  # batches up to this many rows may use the chunked products
+_CHUNK_PROBES: dict = {}  # (shape, address mod 64) -> the batch sizes that gave equal bits
+
+
+def _chunked(w):
+    """``(view, sizes)``: ``w`` [out, in] viewed as ``[chunks, rows, in]`` for
+    :func:`_chunked_linear`, and the batch sizes (rows of ``x``) at which that product gives
+    ``F.linear``'s exact bits; ``None`` where it is not used.
+
+    On CPUs, MKL multiplies a few rows by a whole weight on one core (~9 GB/s of weights on
+    AVX2: the lm_head alone took 24 ms a step at 16 rows); the same product as a batch of
+    96-row slices keeps both cores busy (1.5-2x). Each output is the same dot product over the
+    same inputs, yet MKL picks its kernels by shape (on an AVX2 EPYC the bits differed at 5-7
+    and 9-11 rows, nowhere else up to 64), so each weight shape is probed at every batch size
+    up to :data:`CHUNK_MAX_ROWS` once, and the engine uses the view only at the sizes that
+    matched.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if w.device.type != "cpu" or w.dtype != torch.float32 or w.dim() != 2:
+        return None
+    n, k = w.shape
+    rows = 192 if n >= 16384 else 96
+    rows = next((r for r in (rows, 128, 64, 32) if n % r == 0 and n > r), None)
+    if rows is None or not w.is_contiguous():
+        return None
+    chunks = w.view(n // rows, rows, k)
+    key = (n, k, rows, w.data_ptr() % 64)
+    sizes = _CHUNK_PROBES.get(key)
+    if sizes is None:
+        g = torch.Generator().manual_seed(0)
+        probe = torch.randn(CHUNK_MAX_ROWS, k, generator=g) * w.abs().mean() * 10
+        sizes = frozenset(
+            m
+            for m in range(1, CHUNK_MAX_ROWS + 1)
+            if torch.equal(_chunked_linear(probe[:m], chunks), F.linear(probe[:m], w))
+        )
+        _CHUNK_PROBES[key] = sizes
+    return (chunks, sizes) if sizes else None
+
+
+def _chunked_linear(x, chunks):
+    """``F.linear(x, w)`` of ``chunks = w.view(c, rows, in)`` (no bias): one batched product."""
+    import torch
+
+    c, m = chunks.shape[0], x.shape[0]
+    out = torch.bmm(x.expand(c, m, x.shape[1]), chunks.transpose(1, 2))  # [c, m, rows]
+    return out.permute(1, 0, 2).reshape(m, -1)
+
+
 def _pair(linear, dtype=None):
+    """``(weight, bias, packed, chunked)`` of a linear layer: ``packed`` a oneDNN copy in
+    ``dtype`` (see :func:`_packed`), ``chunked`` a view for :func:`_chunked_linear` and the
+    batch sizes it serves (see :func:`_chunked`); each ``None`` where not used."""
     w, b = linear.weight, linear.bias
     if dtype is not None and w.dtype != dtype:
-        return _packed(w.to(dtype), b.to(dtype) if b is not None else None)
-    return w, b, None
+        return (*_packed(w.to(dtype), b.to(dtype) if b is not None else None), None)
+    return w, b, None, (_chunked(w) if b is None else None)
 
 
 def _fused(linears, dtype):
@@ -229,7 +285,7 @@ def _fused(linears, dtype):
             ]
         ).to(dtype)
     )
-    return _packed(w, b)
+    return (*_packed(w, b), None)
 
 
 def _signature(model) -> tuple:
@@ -238,17 +294,17 @@ def _signature(model) -> tuple:
 
 
 def _weights(model, bf16: bool) -> _Weights:
-    """The decode step's view of ``model``: its own tensors, or (``bf16`` on a float32 model)
-    bf16 copies of the linear layers made once and kept while the weights stay the same."""
+    """The decode step's view of ``model``: its own tensors (with chunked views of them, see
+    :func:`_chunked`), or (``bf16`` on a float32 model) bf16 copies of the linear layers; made
+    once and kept while the weights stay the same."""
     import torch
 
     dtype = next(model.parameters()).dtype
     low = bf16 and dtype == torch.float32
-    if low:
-        hit = _BF16_WEIGHTS.get(id(model))
-        signature = _signature(model)
-        if hit is not None and hit[0]() is model and hit[1] == signature:
-            return hit[2]
+    hit = _WEIGHTS.get(id(model))
+    signature = _signature(model)
+    if hit is not None and hit[0]() is model and hit[1] == low and hit[2] == signature:
+        return hit[3]
     mdtype = torch.bfloat16 if low else dtype
     config, inner = model.config, model.model
     layers = []
@@ -289,9 +345,8 @@ def _weights(model, bf16: bool) -> _Weights:
         matmul_dtype=mdtype,
         dtype=dtype,
     )
-    if low:
-        _BF16_WEIGHTS.clear()  # one model's copies at a time (270 MB for SmolLM2-135M)
-        _BF16_WEIGHTS[id(model)] = (weakref.ref(model), signature, w)
+    _WEIGHTS.clear()  # one model's at a time (bf16 copies: 270 MB for SmolLM2-135M)
+    _WEIGHTS[id(model)] = (weakref.ref(model), low, signature, w)
     return w
 
 
@@ -332,13 +387,17 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
 
     linear_packed = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if w.fused else None
 
+    def lin(x, p):  # the model's own tensors (float32 here): F.linear's bits
+        if p[3] is not None and n in p[3][1]:
+            return _chunked_linear(x, p[3][0])
+        return F.linear(x, p[0], p[1])
+
     def lin_low(x, p):  # in the matmul dtype (bf16), as autocast's products give it
         if p[2] is not None:
             return linear_packed(x.to(md), p[2], p[1], "none", [], "")
+        if p[3] is not None:  # a float32 weight: x is float32 too
+            return lin(x, p)
         return F.linear(x.to(md), p[0], p[1])
-
-    def lin(x, p):  # the unfused path: the model's own tensors, as the HF forward multiplies
-        return F.linear(x, p[0], p[1])
 
     h = F.embedding(ids, w.embed)  # [n, hidden]
     cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
