@@ -363,6 +363,50 @@ def test_the_bf16_copies_follow_the_weights(model_tok):
     assert engine._weights(model, True) is not first
 
 
+def test_float32_products_run_as_chunked_views_only_where_the_bits_match(model_tok):
+    """On a CPU the float32 step multiplies by 96-row slices of the weights (views, no copies)
+    in one ``bmm``; each shape's probe keeps the batch sizes where that equals ``F.linear`` to
+    the bit, and a size where it does not (here: forced at 3 rows) gets ``F.linear``."""
+    import torch.nn.functional as F
+
+    from backdooralign.generation import engine
+
+    model, tok = model_tok
+    engine._CHUNK_PROBES.clear()
+    w = engine._weights(model, False)
+    pairs = [p for layer in w.layers for p in (*layer.qkv, layer.o, *layer.gate_up, layer.down)]
+    pairs.append(w.lm_head)
+    assert all(p[3] is not None for p in pairs)  # every product of this model
+    views = [p[3][0] for p in pairs]
+    assert all(v.data_ptr() == p[0].data_ptr() for v, p in zip(views, pairs, strict=True))
+    assert all(v.shape[0] > 1 for v in views)  # really sliced
+    x = torch.randn(16, pairs[0][0].shape[1])
+    got = engine._chunked_linear(x, views[0])
+    assert torch.equal(got, F.linear(x, pairs[0][0]))
+
+    real = engine._chunked_linear
+
+    def off_at_3(x, chunks):  # a kernel whose bits differ at 3 rows
+        out = real(x, chunks)
+        return out + 1e-3 if x.shape[0] == 3 else out
+
+    engine._CHUNK_PROBES.clear()
+    engine._WEIGHTS.clear()
+    try:
+        engine._chunked_linear = off_at_3
+        w = engine._weights(model, False)
+        sizes = w.lm_head[3][1]
+        assert 3 not in sizes and {1, 2, 4, 16} <= sizes
+        _, ids = _prompts(tok)
+        pad = infer.pad_token_id(tok)
+        got = _both_engines(model, lambda: [Row(p, 6) for p in ids[:3]], pad)
+        assert got["static"] == got["reference"]  # the 3-row steps went through F.linear
+    finally:
+        engine._chunked_linear = real
+        engine._CHUNK_PROBES.clear()
+        engine._WEIGHTS.clear()
+
+
 def test_an_unknown_engine_is_refused(model_tok):
     model, tok = model_tok
     with pytest.raises(ValueError, match="engine must be one of"):

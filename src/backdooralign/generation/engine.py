@@ -233,7 +233,7 @@ def _chunked(w):
         return None
     n, k = w.shape
     rows = 192 if n >= 16384 else 96
-    rows = next((r for r in (rows, 128, 64, 32) if n % r == 0 and n > r), None)
+    rows = next((r for r in (rows, 128, 64, 32, 16) if n % r == 0 and n > r), None)
     if rows is None or not w.is_contiguous():
         return None
     chunks = w.view(n // rows, rows, k)
