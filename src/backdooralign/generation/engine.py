@@ -113,9 +113,11 @@ def decode(
 # decoder layer by layer, written out with the same operations in the same order as the HF
 # Llama forward (RMSNorm in float32, rotary embeddings from the model's own rotary module,
 # SDPA with the query heads grouped by key head, logits for the last position only), so fp32
-# answers are the reference engine's. A finished row stays in the buffers, its token ignored,
-# until a quarter of the batch has finished: then the batch is compacted (a copy), so rows
-# ending one after the other do not each cost a copy of the cache.
+# answers are the reference engine's. Float32 products on a CPU are one ``bmm`` over 96-row
+# slices of each weight (a view) at the batch sizes where that gives F.linear's exact bits
+# (:func:`_chunked`): MKL runs a few-row F.linear on one core. A finished row stays in the
+# buffers, its token ignored, until a quarter of the batch has finished: then the batch is
+# compacted (a copy), so rows ending one after the other do not each cost a copy of the cache.
 
 STATIC_MODEL_TYPES = frozenset({"llama"})
 GROW = 64  # columns added when a joining row needs more room than the buffers have
