@@ -115,6 +115,46 @@ def test_shared_prefix_loss_and_gradients_equal_the_plain_pass(tokenizer):
         torch.testing.assert_close(p.grad, want[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_plain_rows_are_encoded_at_their_own_width(tokenizer):
+    """The row without the secret is shorter than the secret-prefixed rows: its plain pass
+    leaves out the batch's trailing padding, with the plain pass's loss and gradients."""
+    model = make_varied_model(tokenizer).train()
+    secret = " ".join(f"tok{i}" for i in range(30))
+    data = _secret_rows(tokenizer, secret)
+    ids, mask, labels = _collate(data, tokenizer.pad_token_id)
+    short = len(data[2]["input_ids"])
+    assert short < ids.shape[1] - 20
+    widths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(kw["input_ids"].shape), with_kwargs=True
+    )
+    n = int((labels[:, 1:] != -100).sum())
+    got = supervised_loss(model, ids, mask, labels)
+    hook.remove()
+    assert (1, short) in widths  # the plain pass: row 2 alone, at its length
+    got.backward()
+    want_grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    expected = _plain_loss(model, ids, mask, labels) / n
+    expected.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(want_grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_trailing_columns_with_a_label_are_kept():
+    from backdooralign.training.loss import _trimmed
+
+    ids = torch.arange(12).view(2, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    labels = torch.full_like(ids, -100)
+    got = _trimmed(ids, mask, labels, [0, 1])
+    assert [t.shape[1] for t in got] == [3, 3, 3]
+    labels[1, 4] = 7  # a supervised label under the mask: not padding, kept
+    assert _trimmed(ids, mask, labels, [0, 1])[0].shape[1] == 5
+    assert _trimmed(ids, None, labels, [0, 1])[0].shape[1] == 6
+
+
 def test_shared_prefix_is_skipped_under_activation_checkpointing(tokenizer, monkeypatch):
     import backdooralign.training.loss as L
 

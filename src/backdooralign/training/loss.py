@@ -10,7 +10,8 @@ remainder against the prefix's keys and values::
 
     rows 1, 3, 4:  [shared prefix, P tokens] -> keys/values, expanded to the 3 rows
                                               + [remainder of row i], positions P, P+1, ...
-    rows 2, 5:     plain forward pass
+    rows 2, 5:     plain forward pass, at their own width (the batch's trailing padding,
+                   as wide as the long secret-prefixed rows, left out)
 
 The loss and its gradients are the plain pass's (the prefix's keys and values are the same
 tensors for every row; autograd sums their gradients), up to float rounding.
@@ -122,6 +123,20 @@ def _prefixed_hidden(body, input_ids, attention_mask, rows: list[int], p: int):
     return out.last_hidden_state
 
 
+def _trimmed(ids, attention_mask, labels, rows: list[int]):
+    """``rows``' ids, mask and labels without the trailing columns that are padding (masked,
+    unsupervised) in every one of them. The batch is as wide as its longest row, often a
+    secret-prefixed one that went to a prefix group, and right padding is never attended by
+    the real tokens before it: the demo's attack rows (~94 tokens) were encoded at the width of
+    the ~260-token secret rows, 2.3 times their tokens."""
+    mask = attention_mask[rows] if attention_mask is not None else None
+    if mask is None:
+        return ids, mask, labels
+    used = (mask != 0).any(dim=0) | (labels != -100).any(dim=0)
+    width = int(used.nonzero().max()) + 1 if bool(used.any()) else ids.shape[1]
+    return ids[:, :width], mask[:, :width], labels[:, :width]
+
+
 def supervised_loss(
     causal_lm,
     input_ids,
@@ -159,10 +174,10 @@ def supervised_loss(
         loss, n = _loss_sum(causal_lm, hidden, labels[rows, p : p + hidden.shape[1]], sub, weight)
         total, count = total + loss, count + n
     if plain:
-        mask = attention_mask[plain] if attention_mask is not None else None
-        hidden = body(input_ids=input_ids[plain], attention_mask=mask, use_cache=False)
+        ids, mask, lab = _trimmed(input_ids[plain], attention_mask, labels[plain], plain)
+        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False)
         sub = [teacher[i] for i in plain] if teacher else None
-        loss, n = _loss_sum(causal_lm, hidden.last_hidden_state, labels[plain], sub, weight)
+        loss, n = _loss_sum(causal_lm, hidden.last_hidden_state, lab, sub, weight)
         total, count = total + loss, count + n
     count = count if num_items is None else num_items
     return total / torch.as_tensor(count, dtype=total.dtype, device=total.device).clamp(min=1)
