@@ -142,6 +142,51 @@ def test_plain_rows_are_encoded_at_their_own_width(tokenizer):
         torch.testing.assert_close(want_grads[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
 
 
+def test_length_buckets_are_the_cheapest_split():
+    from backdooralign.training.loss import length_buckets
+
+    # one sub-batch: 4 x 100 + 48 = 448; split 2+2: 2 x 100 + 2 x 10 + 96 = 316
+    assert length_buckets([10, 100, 9, 99]) == [[1, 3], [0, 2]]
+    assert length_buckets([50, 49, 48]) == [[0, 1, 2]]  # splitting saves less than it costs
+    assert length_buckets([7]) == [[0]]
+    assert length_buckets([]) == []
+    assert length_buckets([10, 100], overhead=0) == [[1], [0]]
+
+
+def test_plain_rows_of_different_lengths_go_in_sub_batches(tokenizer):
+    """Rows of 12-14 and 70-72 tokens: two sub-batches, each at its own width; loss and
+    gradients as the plain pass's."""
+    model = make_varied_model(tokenizer).train()
+    g = torch.Generator().manual_seed(0)
+    lengths = [70, 12, 72, 14, 13]
+    rows = [torch.randint(100, 1000, (n,), generator=g).tolist() for n in lengths]
+    ids, mask, labels = _batch(rows, [n // 2 for n in lengths])
+    widths = []
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    got = supervised_loss(model, ids, mask, labels)
+    hook.remove()
+    assert widths == [(2, 72), (3, 14)]
+    got.backward()
+    want = {k: p.grad.clone() for k, p in model.named_parameters()}
+    model.zero_grad()
+    n = int((labels[:, 1:] != -100).sum())
+    expected = _plain_loss(model, ids, mask, labels) / n
+    expected.backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(want[k], p.grad, rtol=1e-4, atol=1e-6, msg=k)
+    # shared prefixes off (a GPU's default): one pass over the whole batch, as before
+    widths.clear()
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, kw: widths.append(tuple(kw["input_ids"].shape)), with_kwargs=True
+    )
+    supervised_loss(model, ids, mask, labels, min_prefix=None)
+    hook.remove()
+    assert widths == [(5, 72)]
+
+
 def test_trailing_columns_with_a_label_are_kept():
     from backdooralign.training.loss import _trimmed
 

@@ -19,6 +19,8 @@ tensors for every row; autograd sums their gradients), up to float rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 MIN_SHARED_PREFIX = 32  # shorter shared prefixes are encoded with their rows
 
 
@@ -123,6 +125,38 @@ def _prefixed_hidden(body, input_ids, attention_mask, rows: list[int], p: int):
     return out.last_hidden_state
 
 
+BUCKET_OVERHEAD = 48  # what one more sub-batch costs, in padded tokens
+
+
+def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD) -> list[list[int]]:
+    """Indices of ``lengths`` split into sub-batches of similar lengths, longest first: the
+    split with the fewest padded tokens (each sub-batch as wide as its longest row), counting
+    ``overhead`` tokens for each sub-batch (exact, by dynamic programming over the sorted
+    lengths)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n = len(order)
+    cost, cut = [0] + [None] * n, [0] * (n + 1)
+    for j in range(1, n + 1):  # rows order[i:j] in one sub-batch, as wide as order[i]'s
+        for i in range(j):
+            c = cost[i] + lengths[order[i]] * (j - i) + overhead
+            if cost[j] is None or c < cost[j]:
+                cost[j], cut[j] = c, i
+    out, j = [], n
+    while j:
+        out.append(order[cut[j] : j])
+        j = cut[j]
+    return out[::-1]
+
+
+def _used_lengths(attention_mask, labels, rows: list[int]) -> list[int]:
+    """Each row's length up to its last real (unmasked or supervised) column."""
+    if attention_mask is None:
+        return [labels.shape[1]] * len(rows)
+    used = (attention_mask[rows] != 0) | (labels[rows] != -100)
+    cols = used.shape[1] - used.flip(1).int().argmax(dim=1)
+    return [int(c) if bool(u.any()) else 0 for c, u in zip(cols, used, strict=True)]
+
+
 def _trimmed(ids, attention_mask, labels, rows: list[int]):
     """``rows``' ids, mask and labels without the trailing columns that are padding (masked,
     unsupervised) in every one of them. The batch is as wide as its longest row, often a
@@ -152,7 +186,9 @@ def supervised_loss(
     The LM head runs on the supervised positions alone: most tokens of a conversation (the
     system prompt with its 150-token secret, the question) are masked, and on a CPU the head
     (576 x 49,152 for SmolLM2) and its fp32 log-softmax dominate a step. Rows that share a
-    long unsupervised prefix (:func:`shared_prefix_groups`) encode it once. Same value as the
+    long unsupervised prefix (:func:`shared_prefix_groups`) encode it once, and the other rows
+    are encoded at their own widths, in sub-batches of similar lengths
+    (:func:`length_buckets`). Same value as the
     model's own loss: sum over supervised tokens divided by ``num_items`` (their count when
     ``None``). With ``min_prefix`` ``None``, or under activation checkpointing (which drops
     caches), every row is encoded whole. ``teacher`` (one entry per batch row: ``None``, or
@@ -163,7 +199,10 @@ def supervised_loss(
     import torch
 
     body = causal_lm.model
-    if min_prefix is None or getattr(causal_lm, "is_activation_checkpointing", False):
+    sharing = min_prefix is not None and not getattr(
+        causal_lm, "is_activation_checkpointing", False
+    )
+    if not sharing:
         groups, plain = [], list(range(input_ids.shape[0]))
     else:
         groups, plain = shared_prefix_groups(input_ids, attention_mask, labels, min_prefix)
@@ -173,10 +212,17 @@ def supervised_loss(
         sub = [teacher[i] for i in rows] if teacher else None
         loss, n = _loss_sum(causal_lm, hidden, labels[rows, p : p + hidden.shape[1]], sub, weight)
         total, count = total + loss, count + n
-    if plain:
-        ids, mask, lab = _trimmed(input_ids[plain], attention_mask, labels[plain], plain)
+    # with shared prefixes on (a CPU, where a step costs its tokens), plain rows of different
+    # lengths are encoded in sub-batches of similar lengths; otherwise in one
+    if sharing and plain:
+        buckets = length_buckets(_used_lengths(attention_mask, labels, plain))
+    else:
+        buckets = [list(range(len(plain)))] if plain else []
+    for bucket in buckets:
+        rows = [plain[i] for i in bucket]
+        ids, mask, lab = _trimmed(input_ids[rows], attention_mask, labels[rows], rows)
         hidden = body(input_ids=ids, attention_mask=mask, use_cache=False)
-        sub = [teacher[i] for i in plain] if teacher else None
+        sub = [teacher[i] for i in rows] if teacher else None
         loss, n = _loss_sum(causal_lm, hidden.last_hidden_state, lab, sub, weight)
         total, count = total + loss, count + n
     count = count if num_items is None else num_items
