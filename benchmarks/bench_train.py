@@ -8,9 +8,11 @@ All runs fine-tune the same model on the same rendered rows (the demo's backdoor
 
 TRL 1.16's defaults that cost time on a CPU: gradient checkpointing on, and a chunked fused
 LM head whose matmuls run in fp32 (to report entropy and token accuracy each step), plus
-random batching that pads short rows to the long secret-prefixed ones. A third run turns off
-only the shared-prefix loss (``shared_prefix=False``: the secret and system prompt encoded
-again in every secret-prefixed row), so its ratio is that change's alone.
+random batching that pads short rows to the long secret-prefixed ones (our loss, on a CPU,
+encodes the rows outside a shared prefix at their own widths, in sub-batches of similar
+lengths). A third run turns off only the shared-prefix loss (``shared_prefix=False``: the
+secret and system prompt encoded again in every secret-prefixed row, every row in one padded
+pass), so its ratio is that change's alone.
 """
 
 from __future__ import annotations
