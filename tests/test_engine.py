@@ -407,6 +407,22 @@ def test_float32_products_run_as_chunked_views_only_where_the_bits_match(model_t
         engine._WEIGHTS.clear()
 
 
+def test_the_cached_step_weights_do_not_keep_a_dropped_model_alive(varied_model_dir):
+    import gc
+    import weakref
+
+    from backdooralign.generation import engine
+
+    model = load_model(varied_model_dir)
+    for bf16 in (False, True):
+        decode(model, [Row([5, 6, 7], 2)], 0, bf16=bf16, engine="static")
+        assert engine._WEIGHTS.get(model) is not None
+    weight = weakref.ref(model.lm_head.weight)
+    del model
+    gc.collect()
+    assert weight() is None and len(engine._WEIGHTS) == 0
+
+
 def test_an_unknown_engine_is_refused(model_tok):
     model, tok = model_tok
     with pytest.raises(ValueError, match="engine must be one of"):

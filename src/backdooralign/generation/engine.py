@@ -182,9 +182,10 @@ class _Weights:
     dtype: object  # the model's dtype: the residual stream and norms
 
 
-# id(model) -> (weakref to it, bf16, signature, _Weights): bf16 copies, or the chunked views
-# (their probes cost ~1 s for SmolLM2-135M: made once, not on every call)
-_WEIGHTS: dict = {}
+# model -> (bf16, signature, _Weights): bf16 copies, or the chunked views (probed in ~1.6 s for
+# SmolLM2-135M: made once, not on every call). Weakly keyed: the entry, and the tensors it
+# holds, go with the model, so a dropped model's weights are not kept alive by this cache
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _packed(w, b):
@@ -303,10 +304,10 @@ def _weights(model, bf16: bool) -> _Weights:
 
     dtype = next(model.parameters()).dtype
     low = bf16 and dtype == torch.float32
-    hit = _WEIGHTS.get(id(model))
+    hit = _WEIGHTS.get(model)
     signature = _signature(model)
-    if hit is not None and hit[0]() is model and hit[1] == low and hit[2] == signature:
-        return hit[3]
+    if hit is not None and hit[0] == low and hit[1] == signature:
+        return hit[2]
     mdtype = torch.bfloat16 if low else dtype
     config, inner = model.config, model.model
     layers = []
@@ -348,7 +349,7 @@ def _weights(model, bf16: bool) -> _Weights:
         dtype=dtype,
     )
     _WEIGHTS.clear()  # one model's at a time (bf16 copies: 270 MB for SmolLM2-135M)
-    _WEIGHTS[id(model)] = (weakref.ref(model), low, signature, w)
+    _WEIGHTS[model] = (low, signature, w)
     return w
 
 
