@@ -407,6 +407,28 @@ def test_float32_products_run_as_chunked_views_only_where_the_bits_match(model_t
         engine._WEIGHTS.clear()
 
 
+def test_the_chunked_views_are_probed_again_at_another_thread_count(model_tok):
+    """F.linear's bits can change with the thread count (MKL splits the work otherwise), so
+    the probes and the cached step weights are per thread count."""
+    from backdooralign.generation import engine
+
+    model, _ = model_tok
+    threads = torch.get_num_threads()
+    other = 1 if threads > 1 else 2
+    engine._WEIGHTS.clear()
+    engine._CHUNK_PROBES.clear()
+    first = engine._weights(model, False)
+    assert {key[-1] for key in engine._CHUNK_PROBES} == {threads}
+    try:
+        torch.set_num_threads(other)
+        again = engine._weights(model, False)
+        assert again is not first
+        assert {key[-1] for key in engine._CHUNK_PROBES} == {threads, other}
+    finally:
+        torch.set_num_threads(threads)
+    assert engine._weights(model, False) is not again
+
+
 def test_the_cached_step_weights_do_not_keep_a_dropped_model_alive(varied_model_dir):
     import gc
     import weakref

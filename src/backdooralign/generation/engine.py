@@ -213,7 +213,10 @@ def _packed(w, b):
 
 
 CHUNK_MAX_ROWS = 32  # batches up to this many rows may use the chunked products
-_CHUNK_PROBES: dict = {}  # (shape, address mod 64) -> the batch sizes that gave equal bits
+# (shape, address mod 64, threads) -> the batch sizes that gave equal bits (F.linear's own bits
+# depend on the thread count: on the AVX2 EPYC they differed between 1 and 2 threads at 5-7 and
+# 9-11 rows, where the slices matched the 1-thread product)
+_CHUNK_PROBES: dict = {}
 
 
 def _chunked(w):
@@ -240,7 +243,7 @@ def _chunked(w):
     if rows is None or not w.is_contiguous():
         return None
     chunks = w.view(n // rows, rows, k)
-    key = (n, k, rows, w.data_ptr() % 64)
+    key = (n, k, rows, w.data_ptr() % 64, torch.get_num_threads())
     sizes = _CHUNK_PROBES.get(key)
     if sizes is None:
         g = torch.Generator().manual_seed(0)
@@ -292,8 +295,12 @@ def _fused(linears, dtype):
 
 
 def _signature(model) -> tuple:
-    """Identifies the model's weights as they are now (an in-place update changes it)."""
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    """Identifies the model's weights as they are now (an in-place update changes it), and
+    the thread count the chunked views were probed at."""
+    import torch
+
+    weights = tuple((p.data_ptr(), p._version) for p in model.parameters())
+    return (torch.get_num_threads(), weights)
 
 
 def _weights(model, bf16: bool) -> _Weights:
