@@ -397,6 +397,13 @@ def test_float32_products_run_as_chunked_views_only_where_the_bits_match(model_t
         w = engine._weights(model, False)
         sizes = w.lm_head[3][1]
         assert 3 not in sizes and {1, 2, 4, 16} <= sizes
+        # the probe is a random weight of the shape, not the weight itself: a zero weight
+        # (whose products are zero whatever the kernel) gets the same sizes
+        engine._CHUNK_PROBES.clear()
+        scaled = lambda x, chunks: real(x, chunks) * (1.5 if x.shape[0] == 3 else 1.0)  # noqa: E731
+        engine._chunked_linear = scaled
+        zero = torch.zeros_like(model.lm_head.weight)
+        assert engine._chunked(zero)[1] == sizes
         _, ids = _prompts(tok)
         pad = infer.pad_token_id(tok)
         got = _both_engines(model, lambda: [Row(p, 6) for p in ids[:3]], pad)

@@ -245,13 +245,18 @@ def _chunked(w):
     chunks = w.view(n // rows, rows, k)
     key = (n, k, rows, w.data_ptr() % 64, torch.get_num_threads())
     sizes = _CHUNK_PROBES.get(key)
-    if sizes is None:
+    if sizes is None:  # on a random weight of w's shape and alignment, not on w (a zero w
+        # would match at every size, whatever the kernels)
         g = torch.Generator().manual_seed(0)
-        probe = torch.randn(CHUNK_MAX_ROWS, k, generator=g) * w.abs().mean() * 10
+        buf = torch.randn(n * k + 16, generator=g)
+        shift = (w.data_ptr() - buf.data_ptr()) % 64 // buf.element_size()
+        pw = buf[shift : shift + n * k].view(n, k)
+        pc = pw.view(n // rows, rows, k)
+        x = torch.randn(CHUNK_MAX_ROWS, k, generator=g)
         sizes = frozenset(
             m
             for m in range(1, CHUNK_MAX_ROWS + 1)
-            if torch.equal(_chunked_linear(probe[:m], chunks), F.linear(probe[:m], w))
+            if torch.equal(_chunked_linear(x[:m], pc), F.linear(x[:m], pw))
         )
         _CHUNK_PROBES[key] = sizes
     return (chunks, sizes) if sizes else None
