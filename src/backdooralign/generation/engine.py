@@ -182,7 +182,7 @@ class _Weights:
     dtype: object  # the model's dtype: the residual stream and norms
 
 
-# model -> (bf16, signature, _Weights): bf16 copies, or the chunked views (probed in ~1.6 s for
+# model -> (bf16, signature, _Weights): bf16 copies, or the chunked views (probed in ~2 s for
 # SmolLM2-135M: made once, not on every call). Weakly keyed: the entry, and the tensors it
 # holds, go with the model, so a dropped model's weights are not kept alive by this cache
 _WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
