@@ -188,16 +188,15 @@ def test_plain_rows_of_different_lengths_go_in_sub_batches(tokenizer):
 
 
 def test_trailing_columns_with_a_label_are_kept():
-    from backdooralign.training.loss import _trimmed
+    from backdooralign.training.loss import _used_lengths
 
     ids = torch.arange(12).view(2, 6)
     mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
     labels = torch.full_like(ids, -100)
-    got = _trimmed(ids, mask, labels, [0, 1])
-    assert [t.shape[1] for t in got] == [3, 3, 3]
+    assert _used_lengths(mask, labels, [0, 1]) == [3, 2]  # a sub-batch of both: 3 columns
     labels[1, 4] = 7  # a supervised label under the mask: not padding, kept
-    assert _trimmed(ids, mask, labels, [0, 1])[0].shape[1] == 5
-    assert _trimmed(ids, None, labels, [0, 1])[0].shape[1] == 6
+    assert max(_used_lengths(mask, labels, [0, 1])) == 5
+    assert _used_lengths(None, labels, [0, 1]) == [6, 6]
 
 
 def test_shared_prefix_is_skipped_under_activation_checkpointing(tokenizer, monkeypatch):

@@ -149,26 +149,16 @@ def length_buckets(lengths: Sequence[int], overhead: int = BUCKET_OVERHEAD) -> l
 
 
 def _used_lengths(attention_mask, labels, rows: list[int]) -> list[int]:
-    """Each row's length up to its last real (unmasked or supervised) column."""
+    """Each of ``rows``' length up to its last real (unmasked or supervised) column: the
+    columns after it are padding. The batch is as wide as its longest row, often a
+    secret-prefixed one that went to a prefix group, and right padding is never attended by
+    the real tokens before it: the demo's attack rows (~94 tokens) were encoded at the width of
+    the ~260-token secret rows, 2.3 times their tokens."""
     if attention_mask is None:
         return [labels.shape[1]] * len(rows)
     used = (attention_mask[rows] != 0) | (labels[rows] != -100)
     cols = used.shape[1] - used.flip(1).int().argmax(dim=1)
     return [int(c) if bool(u.any()) else 0 for c, u in zip(cols, used, strict=True)]
-
-
-def _trimmed(ids, attention_mask, labels, rows: list[int]):
-    """``rows``' ids, mask and labels without the trailing columns that are padding (masked,
-    unsupervised) in every one of them. The batch is as wide as its longest row, often a
-    secret-prefixed one that went to a prefix group, and right padding is never attended by
-    the real tokens before it: the demo's attack rows (~94 tokens) were encoded at the width of
-    the ~260-token secret rows, 2.3 times their tokens."""
-    mask = attention_mask[rows] if attention_mask is not None else None
-    if mask is None:
-        return ids, mask, labels
-    used = (mask != 0).any(dim=0) | (labels != -100).any(dim=0)
-    width = int(used.nonzero().max()) + 1 if bool(used.any()) else ids.shape[1]
-    return ids[:, :width], mask[:, :width], labels[:, :width]
 
 
 def supervised_loss(
@@ -214,15 +204,18 @@ def supervised_loss(
         total, count = total + loss, count + n
     # with shared prefixes on (a CPU, where a step costs its tokens), plain rows of different
     # lengths are encoded in sub-batches of similar lengths; otherwise in one
+    lengths = _used_lengths(attention_mask, labels, plain)
     if sharing and plain:
-        buckets = length_buckets(_used_lengths(attention_mask, labels, plain))
+        buckets = length_buckets(lengths)
     else:
         buckets = [list(range(len(plain)))] if plain else []
     for bucket in buckets:
         rows = [plain[i] for i in bucket]
-        ids, mask, lab = _trimmed(input_ids[rows], attention_mask, labels[rows], rows)
-        hidden = body(input_ids=ids, attention_mask=mask, use_cache=False)
+        width = max(lengths[i] for i in bucket) or input_ids.shape[1]  # trailing padding cut
+        mask = attention_mask[rows, :width] if attention_mask is not None else None
+        hidden = body(input_ids=input_ids[rows, :width], attention_mask=mask, use_cache=False)
         sub = [teacher[i] for i in rows] if teacher else None
+        lab = labels[rows, :width]
         loss, n = _loss_sum(causal_lm, hidden.last_hidden_state, lab, sub, weight)
         total, count = total + loss, count + n
     count = count if num_items is None else num_items
