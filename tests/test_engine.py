@@ -456,3 +456,26 @@ def test_an_unknown_engine_is_refused(model_tok):
     model, tok = model_tok
     with pytest.raises(ValueError, match="engine must be one of"):
         decode(model, [Row([1, 2, 3], 2)], 0, engine="fast")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_step_rotation_equals_hf_rotary_to_the_bit(dtype):
+    """The static step rotates q and k with ``roll`` and a sign-folded sin (three operations
+    fewer a layer): the same bits as HF's ``apply_rotary_pos_emb``, in float32 and bf16."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from backdooralign.generation import engine
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 9, 1, 64, generator=g).to(dtype)
+    k = torch.randn(3, 3, 1, 64, generator=g).to(dtype)
+    cos, sin = torch.randn(3, 1, 64, generator=g), torch.randn(3, 1, 64, generator=g)
+    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
+    c, s = engine._rotary(cos, sin)
+    got_q, got_k = (
+        engine._rotate(q, c[:, None], s[:, None]),
+        engine._rotate(k, c[:, None], s[:, None]),
+    )
+    assert got_q.dtype == want_q.dtype
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert not torch.equal(s, sin)  # really sign-folded

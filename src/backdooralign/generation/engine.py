@@ -220,8 +220,9 @@ _CHUNK_PROBES: dict = {}
 
 
 def _chunked(w):
-    """``(view, sizes)``: ``w`` [out, in] viewed as ``[chunks, rows, in]`` for
-    :func:`_chunked_linear`, and the batch sizes (rows of ``x``) at which that product gives
+    """``(view, sizes)``: ``w`` [out, in] viewed as ``[chunks, in, rows]`` (slices of ``rows``
+    output rows, transposed: what ``bmm`` multiplies by) for :func:`_chunked_linear`, and the
+    batch sizes (rows of ``x``) at which that product gives
     ``F.linear``'s exact bits; ``None`` where it is not used.
 
     On CPUs, MKL multiplies a few rows by a whole weight on one core (~9 GB/s of weights on
@@ -242,7 +243,7 @@ def _chunked(w):
     rows = next((r for r in (rows, 128, 64, 32, 16) if n % r == 0 and n > r), None)
     if rows is None or not w.is_contiguous():
         return None
-    chunks = w.view(n // rows, rows, k)
+    chunks = w.view(n // rows, rows, k).transpose(1, 2)
     key = (n, k, rows, w.data_ptr() % 64, torch.get_num_threads())
     sizes = _CHUNK_PROBES.get(key)
     if sizes is None:  # on a random weight of w's shape and alignment, not on w (a zero w
@@ -251,7 +252,7 @@ def _chunked(w):
         buf = torch.empty(n * k + 16).uniform_(-1, 1, generator=g)  # faster than randn
         shift = (w.data_ptr() - buf.data_ptr()) % 64 // buf.element_size()
         pw = buf[shift : shift + n * k].view(n, k)
-        pc = pw.view(n // rows, rows, k)
+        pc = pw.view(n // rows, rows, k).transpose(1, 2)
         x = torch.randn(CHUNK_MAX_ROWS, k, generator=g)
         sizes = frozenset(
             m
@@ -263,11 +264,14 @@ def _chunked(w):
 
 
 def _chunked_linear(x, chunks):
-    """``F.linear(x, w)`` of ``chunks = w.view(c, rows, in)`` (no bias): one batched product."""
+    """``F.linear(x, w)`` of ``chunks = w.view(c, rows, in).transpose(1, 2)`` (no bias): one
+    batched product."""
     import torch
 
     c, m = chunks.shape[0], x.shape[0]
-    out = torch.bmm(x.expand(c, m, x.shape[1]), chunks.transpose(1, 2))  # [c, m, rows]
+    out = torch.bmm(x.expand(c, m, x.shape[1]), chunks)  # [c, m, rows]
+    if m == 1:  # [c, 1, rows] is already the row's outputs in order: a view, no copy
+        return out.view(1, -1)
     return out.permute(1, 0, 2).reshape(m, -1)
 
 
@@ -366,21 +370,35 @@ def _weights(model, bf16: bool) -> _Weights:
 
 
 def _rms_norm(x, weight, eps):
-    """LlamaRMSNorm's forward, operation for operation."""
+    """LlamaRMSNorm's forward, operation for operation (its casts skipped where ``x`` is
+    float32 already: there they return ``x`` itself)."""
     import torch
 
     dtype = x.dtype
-    h = x.to(torch.float32)
+    h = x if dtype == torch.float32 else x.to(torch.float32)
     variance = h.pow(2).mean(-1, keepdim=True)
     h = h * torch.rsqrt(variance + eps)
-    return weight * h.to(dtype)
+    return weight * (h if dtype == torch.float32 else h.to(dtype))
 
 
-def _rotate_half(x):
+def _rotary(cos, sin):
+    """``(cos, signed_sin)`` for :func:`_rotate`: ``sin`` with its first half negated."""
     import torch
 
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    half = sin.shape[-1] // 2
+    return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+
+
+def _rotate(x, cos, signed_sin):
+    """HF's ``x * cos + rotate_half(x) * sin`` in fewer operations and the same bits.
+
+    ``rotate_half(x)`` is ``cat(-x2, x1)``; ``roll(x, half)`` is ``cat(x2, x1)``, and
+    ``(-a) * b`` equals ``a * (-b)`` exactly (a float product's sign is the XOR of its
+    factors'), so the negation moves into ``sin``, made once a step instead of once a layer.
+    """
+    import torch
+
+    return (x * cos) + (torch.roll(x, x.shape[-1] // 2, -1) * signed_sin)
 
 
 def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
@@ -415,27 +433,29 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
         return F.linear(x.to(md), p[0], p[1])
 
     h = F.embedding(ids, w.embed)  # [n, hidden]
-    cos, sin = w.rotary(h, positions[:, None])  # [n, 1, head dim]
+    cos, sin = _rotary(*w.rotary(h, positions[:, None]))  # [n, 1, head dim]
     attn_mask = mask[:, None, None, : col + 1] if mask is not None else None
     q_size, kv_size = heads * d, kvh * d
+    width = col + 1
     for i, layer in enumerate(w.layers):
         x = _rms_norm(h, layer.ln1, layer.ln1_eps)
         if w.fused:  # q and k are adjacent: rotated together (the same ops element-wise)
             qkv = lin_low(x, layer.qkv)  # bf16; times the float32 cos/sin gives float32
             qk, v = qkv.split((q_size + kv_size, kv_size), dim=-1)
             qk = qk.view(n, heads + kvh, d)
-            qk = (qk * cos) + (_rotate_half(qk) * sin)
-            q, k = qk.split((heads, kvh), dim=1)
+            q, k = _rotate(qk, cos, sin).split((heads, kvh), dim=1)
         else:
-            q, k, v = (lin(x, p) for p in layer.qkv)
-            q = q.view(n, heads, d)
-            k = k.view(n, kvh, d)
-            q = (q * cos) + (_rotate_half(q) * sin)
-            k = (k * cos) + (_rotate_half(k) * sin)
-        keys[i][:, :, col] = k
-        values[i][:, :, col] = v.view(n, kvh, d)
-        qg = q.view(n, kvh, group, d).to(md)  # query heads grouped by key head, as HF does
-        k_all, v_all = keys[i][:, :, : col + 1], values[i][:, :, : col + 1]
+            pq, pk, pv = layer.qkv
+            q = _rotate(lin(x, pq).view(n, heads, d), cos, sin)
+            k = _rotate(lin(x, pk).view(n, kvh, d), cos, sin)
+            v = lin(x, pv)
+        layer_keys, layer_values = keys[i], values[i]
+        layer_keys.select(2, col).copy_(k)
+        layer_values.select(2, col).copy_(v.view(n, kvh, d))
+        qg = q.view(n, kvh, group, d)  # query heads grouped by key head, as HF does
+        if qg.dtype != md:
+            qg = qg.to(md)
+        k_all, v_all = layer_keys.narrow(2, 0, width), layer_values.narrow(2, 0, width)
         if attn_mask is None:
             out = F.scaled_dot_product_attention(
                 qg.view(n, heads, 1, d), k_all, v_all, scale=w.scaling, enable_gqa=True
@@ -451,7 +471,8 @@ def _step_logits(w: _Weights, ids, positions, keys, values, mask, col: int):
         if w.fused:  # gate and up stay in bf16 through the activation, as under autocast
             g, u = lin_low(x, layer.gate_up).chunk(2, dim=-1)
         else:
-            g, u = (lin(x, p) for p in layer.gate_up)
+            pg, pu = layer.gate_up
+            g, u = lin(x, pg), lin(x, pu)
         h = h + lin_low(F.silu(g) * u, layer.down)
     h = _rms_norm(h, w.norm, w.norm_eps)
     # Logits in the matmul dtype (bf16 stays bf16: argmax picks the same token from the same
