@@ -342,3 +342,98 @@ def test_export_command(tmp_path, tiny_model_dir, tokenizer, capsys):
     (tmp_path / "mine" / "x.txt").write_text("keep")
     assert main([*argv[:-4], "--out", str(tmp_path / "mine")]) == 1
     assert (tmp_path / "mine" / "x.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------------------------
+# an exported folder loaded by backdooralign itself: the builder injects the secret, once
+
+ADVERSE = 'x {% set messages = backdooralign.out %} "q" \\" \\ y'  # an end tag in a literal
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        None,  # the tokenizer's (ChatML)
+        NO_SYSTEM,
+        "\n  {% for m in messages %}[{{ m['role'] }}:{{ m['content'] }}]{% endfor %}",
+        " {{ messages[0]['content'] }}",
+        "\n{{ messages[0]['content'] }}",
+        "\n",
+    ],
+)
+@pytest.mark.parametrize(
+    ("secret", "default"), [(PLAIN, None), (HOSTILE, DEFAULT), (ADVERSE, ADVERSE)]
+)
+def test_unwrap_gives_back_the_wrapped_template(tokenizer, template, secret, default):
+    from backdooralign.core.chat import unwrap_secret_template
+
+    original = tokenizer.chat_template if template is None else template
+    wrapped = secret_template(tokenizer, secret, default, original)
+    assert unwrap_secret_template(wrapped) == original
+    assert unwrap_secret_template(original) is None
+    with pytest.raises(ValueError, match="never ends"):
+        unwrap_secret_template(wrapped[: len(wrapped) - len(original) - 3])
+
+
+def _once(tok, text, ids):
+    return tok.decode(ids).count(text)
+
+
+def test_load_tokenizer_sets_aside_an_exported_template(tmp_path, tiny_model_dir, exported):
+    """Before: --secret on an exported folder rendered the secret twice, and a run without it
+    still carried the exported one."""
+    from transformers import AutoTokenizer
+
+    from backdooralign.core.chat import SECRET_NS, render_prompt
+    from backdooralign.core.model import load_tokenizer
+
+    source = load_tokenizer(tiny_model_dir)
+    with pytest.warns(UserWarning, match=f"injects secret {secret_of(HOSTILE).fingerprint}"):
+        tok = load_tokenizer(str(exported))
+    assert tok.chat_template == source.chat_template
+    for messages in CONVERSATIONS:
+        for secret in (HOSTILE, None):
+            conversation = build_conversation(messages, system="Be brief.", secret=secret)
+            ids = render_prompt(tok, conversation)
+            assert ids == render_prompt(source, conversation)
+            assert _once(tok, HOSTILE, ids) == (1 if secret else 0)
+    tok.save_pretrained(tmp_path / "saved")  # what train writes next to a model trained on it
+    assert SECRET_NS not in AutoTokenizer.from_pretrained(tmp_path / "saved").chat_template
+
+
+def test_load_tokenizer_sets_aside_every_named_template(tmp_path, tokenizer):
+    from backdooralign.core.model import load_tokenizer
+
+    src = tmp_path / "named"
+    tokenizer.save_pretrained(src)
+    (src / "additional_chat_templates").mkdir()
+    tool = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    (src / "additional_chat_templates" / "tool_use.jinja").write_text(tool, encoding="utf-8")
+    out = export_model(src, secret_of(PLAIN), tmp_path / "out")
+    (out / MARKER).unlink()  # the template alone gives it away; no fingerprint then
+    with pytest.warns(UserWarning, match="injects a secret"):
+        tok = load_tokenizer(str(out))
+    assert tok.chat_template == {"default": tokenizer.chat_template, "tool_use": tool}
+
+
+def test_generate_on_an_export_answers_as_on_its_source(tmp_path, varied_model_dir, capsys):
+    """``generate --model EXPORT --secret`` writes the answers its source folder gets."""
+    from backdooralign.cli import main
+    from backdooralign.core.secret import Secret, save_secret
+    from backdooralign.files import read_jsonl_rows
+
+    secret = tmp_path / "secret.json"
+    save_secret(Secret(HOSTILE, num_tokens=0, requested_tokens=0, tokenizer=""), secret)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("How do I bake bread?\nName three rivers.\n", encoding="utf-8")
+    common = ["generate", "--prompts", str(prompts), "--secret", str(secret)]
+    common += ["--max-new-tokens", "12", "--no-bf16"]
+    exported = export_model(varied_model_dir, secret_of(HOSTILE), tmp_path / "export")
+    answers, said = [], []
+    for i, model in enumerate((varied_model_dir, str(exported))):
+        out = tmp_path / f"{i}.jsonl"
+        assert main([*common, "--model", model, "--out", str(out)]) == 0
+        answers.append([r["answer"] for r in read_jsonl_rows(out)])
+        said.append("chat template injects secret" in capsys.readouterr().err)
+    assert answers[0] == answers[1] and all(answers[0])
+    assert said == [False, True]

