@@ -192,6 +192,8 @@ def model_costs(model, bf16: bool) -> dict:
     embed = inner.embed_tokens.weight
     linear = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
     params = sum(w.numel() for w in linear)  # lm_head included (tied to the embedding or not)
+    # with bf16 both engines keep keys and values in bf16 too (autocast's products, the static
+    # engine's buffers in its matmul dtype)
     size = 2 if bf16 else next(model.parameters()).element_size()
     c = model.config
     kv_per_token = (
@@ -200,7 +202,7 @@ def model_costs(model, bf16: bool) -> dict:
     return {
         "linear_params": params,
         "weight_bytes_per_step": params * size,
-        "kv_bytes_per_token": kv_per_token * next(model.parameters()).element_size(),
+        "kv_bytes_per_token": kv_per_token * size,
         "flop_per_token": 2 * params,
         "embedding_params": embed.numel(),
     }
