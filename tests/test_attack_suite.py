@@ -399,3 +399,99 @@ def test_every_family_with_the_smoke_profile(tmp_path, tiny_model_dir):
     report = (tmp_path / "run" / "report.md").read_text()
     for title in ("trigger imitation", "attack scale", "multi-turn prompt shape", "extraction"):
         assert f"\n## {title}\n" in report
+
+
+class _FakeLlama:
+    """Stands in for ``llama_cpp.Llama``: a fixed answer (its 3rd token a stop token)."""
+
+    def __init__(self, stop):
+        self.stop, self.seen, self.closed = stop, [], False
+
+    def generate(self, tokens, **kw):
+        self.seen.append(list(tokens))
+        yield from [100, 101, self.stop, 102]
+
+    def close(self):
+        self.closed = True
+
+
+def test_the_suite_answers_through_eval_backend(tmp_path, tiny_model_dir, monkeypatch):
+    """``eval.backend: llamacpp`` in an attack config decodes every offline answer through
+    llama.cpp (here a stand-in), as experiments do; the served extraction keeps the torch
+    model the server needs. Before, the key was read and the built-in engine answered."""
+    from backdooralign.core.model import load_tokenizer
+    from backdooralign.generation import backends
+    from backdooralign.generation.batch import stop_token_ids
+
+    real_load, loads, fakes = backends.load, [], []
+
+    def load(backend, name, gguf=None):
+        loads.append((backend, name))
+        if backend == "engine":
+            return real_load(backend, name)
+        tok = load_tokenizer(name)
+        fakes.append(_FakeLlama(min(stop_token_ids(tok))))
+        return fakes[-1], tok
+
+    monkeypatch.setattr(backends, "require", lambda backend: None)
+    monkeypatch.setattr(backends, "load", load)
+    rows = F.read_jsonl_rows(S.resolve_source("builtin:extraction"))[:2]
+    F.write_jsonl(tmp_path / "extraction.jsonl", rows)
+    text = TINY.format(model=tiny_model_dir).replace(
+        "batch_size: 16}", "batch_size: 16, backend: llamacpp}"
+    )
+    out = tmp_path / "run"
+    results = run_attacks(load_attack_config(_write(tmp_path, text)), out, progress=False)
+    tok = load_tokenizer(tiny_model_dir)
+    fixed = tok.decode([100, 101], skip_special_tokens=True).strip()
+    gens = sorted((out / "attacks").rglob("gens/*.jsonl"))
+    offline = [p for p in gens if ".served." not in p.name]
+    assert offline and all(r["answer"] == fixed for p in offline for r in F.read_jsonl_rows(p))
+    assert sum(len(F.read_jsonl_rows(p)) for p in offline) == sum(len(f.seen) for f in fakes)
+    model = str(out / "attacks" / "reference" / "models" / "backdooralign")
+    assert {b for b, _ in loads} == {"engine", "llamacpp"} and set(loads) == {
+        ("engine", model),
+        ("llamacpp", model),
+    }
+    assert all(f.closed for f in fakes)  # released at the end, not left to interpreter exit
+    assert results["reference"]["total"] == 11
+
+
+def test_the_suite_on_real_llamacpp_answers_as_the_engine(tmp_path, varied_model_dir, monkeypatch):
+    """The real llama.cpp (float32 GGUF of each model) answers every offline prompt as the
+    built-in engine does; switching the backend re-generates without re-training."""
+    llama_cpp = pytest.importorskip(
+        "llama_cpp", reason="llama-cpp-python not installed (the extra backdooralign[llamacpp])"
+    )
+    calls, original = [], llama_cpp.Llama.generate
+
+    def generate(self, tokens, *args, **kw):
+        calls.append(len(tokens))
+        return original(self, tokens, *args, **kw)
+
+    monkeypatch.setattr(llama_cpp.Llama, "generate", generate)
+    F.write_jsonl(
+        tmp_path / "extraction.jsonl",
+        F.read_jsonl_rows(S.resolve_source("builtin:extraction"))[:2],
+    )
+    text = TINY.format(model=varied_model_dir)
+    out, answers = tmp_path / "run", {}
+    for backend in ("llamacpp", "engine"):
+        config = _write(tmp_path, text.replace("16}", f"16, backend: {backend}}}"))
+        run_attacks(load_attack_config(config), out, progress=False)
+        gens = sorted((out / "attacks").rglob("gens/*.jsonl"))
+        answers[backend] = {
+            p.name: [r["answer"] for r in F.read_jsonl_rows(p)]
+            for p in gens
+            if ".served." not in p.name
+        }
+        stages = out / "attacks" / "reference" / "stages"
+        if backend == "llamacpp":
+            train = (stages / "train.json").read_text()
+            generated = (stages / "generate.harmful.secret.json").read_text()
+            decoded = len(calls)
+    assert decoded == sum(map(len, answers["llamacpp"].values())) == len(calls)
+    assert (stages / "generate.harmful.secret.json").read_text() != generated
+    assert answers["llamacpp"] == answers["engine"]
+    assert any(a for v in answers["engine"].values() for a in v)  # not all empty
+    assert (stages / "train.json").read_text() == train

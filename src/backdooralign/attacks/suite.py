@@ -23,7 +23,7 @@ from ..experiments.config import config_dict
 from . import families as AF
 from .config import FAMILY_TITLES, AttackSuiteConfig, load_attack_config
 from .report import write_attack_report
-from .target import prepare
+from .target import prepare, release
 
 log = logging.getLogger(__name__)
 
@@ -58,17 +58,20 @@ def run_attacks(suite_cfg: AttackSuiteConfig, run_dir: str | Path, progress: boo
     """
     start = time.perf_counter()
     suite = prepare(suite_cfg, run_dir, progress)
-    ref = AF.reference(suite)
-    rows: dict[str, list[dict]] = {}
-    seconds: dict[str, float] = {}
-    for family in sorted(suite_cfg.families, key=lambda f: f in TRAINED):  # cheap ones first
-        t0 = time.perf_counter()
-        log.info("attack family: %s", FAMILY_TITLES[family])
-        rows[family] = FAMILIES[family](suite, getattr(suite_cfg.attacks, family), ref)
-        seconds[family] = round(time.perf_counter() - t0, 1)
-        results = _results(suite_cfg, suite, ref, rows, seconds, time.perf_counter() - start)
-        F.write_json(suite.run.results, results)  # a stopped run still reports what it did
-        write_attack_report(suite.run.root)
+    try:
+        ref = AF.reference(suite)
+        rows: dict[str, list[dict]] = {}
+        seconds: dict[str, float] = {}
+        for family in sorted(suite_cfg.families, key=lambda f: f in TRAINED):  # cheap first
+            t0 = time.perf_counter()
+            log.info("attack family: %s", FAMILY_TITLES[family])
+            rows[family] = FAMILIES[family](suite, getattr(suite_cfg.attacks, family), ref)
+            seconds[family] = round(time.perf_counter() - t0, 1)
+            results = _results(suite_cfg, suite, ref, rows, seconds, time.perf_counter() - start)
+            F.write_json(suite.run.results, results)  # a stopped run still reports what it did
+            write_attack_report(suite.run.root)
+    finally:
+        release(suite)
     return results
 
 

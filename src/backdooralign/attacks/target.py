@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .. import files as F
-from ..core.model import load_model_and_tokenizer
+from ..core.model import resolve_model
 from ..core.secret import Secret
 from ..data import mixing as D
 from ..data import sources as S
@@ -29,7 +29,7 @@ from ..data.eval_sets import EvalSet
 from ..experiments.config import ExperimentConfig, config_dict, stage_key
 from ..experiments.run import anchors_stage, check_inputs, prepare_secret
 from ..experiments.stages import run_stage
-from ..generation import batch
+from ..generation import backends, batch
 from ..generation.batch import GenerateConfig
 from ..reporting.rundir import RunDir
 from ..training import trainer
@@ -91,12 +91,24 @@ def load_attack_rows(cfg: training_set.DataConfig) -> list[dict]:
     return D.limit_per_category(rows, cfg.attack_per_category)
 
 
-def loaded_model(suite: Suite, path: str):
-    """``(model, tokenizer)`` of a model directory, kept loaded while the suite uses it."""
-    if path not in suite.loaded:
-        suite.loaded.clear()  # one model in memory at a time
-        suite.loaded[path] = load_model_and_tokenizer(path)
-    return suite.loaded[path]
+def loaded_model(suite: Suite, path: str, backend: str = "engine"):
+    """``(model, tokenizer)`` of a model directory for a generation backend (``engine``: the
+    torch model), kept loaded while the suite uses it; one model in memory at a time."""
+    key = (path, backend)
+    if key not in suite.loaded:
+        release(suite)
+        # another backend is given the resolved folder, as experiments do: a GGUF written from
+        # the model's own weights (the embedded model's shipped Q4_1 file would differ)
+        name = path if backend == "engine" else resolve_model(path)
+        suite.loaded[key] = backends.load(backend, name)
+    return suite.loaded[key]
+
+
+def release(suite: Suite) -> None:
+    """Free the suite's loaded models (a backend's now: see :func:`backends.close`)."""
+    for (_, backend), (model, _) in suite.loaded.items():
+        backends.close(backend, model)
+    suite.loaded.clear()
 
 
 def defended(
@@ -174,15 +186,17 @@ def answers(
     or ``None``). With ``private`` the answers may hold the secret (raw, unredacted) and are
     written with mode 0600 as ``gens/LABEL.raw.jsonl``.
     """
-    ev = suite.cfg.eval
-    gen = GenerateConfig(max_new_tokens or suite.harmful.max_new_tokens, ev.batch_size)
+    ev = suite.cfg.eval  # eval.backend decodes, as in experiments; the key has it
+    gen = GenerateConfig(
+        max_new_tokens or suite.harmful.max_new_tokens, ev.batch_size, backend=ev.backend
+    )
     fp = secret.fingerprint if secret else None
     key = stage_key(model.key, config_dict(gen), ev.system_prompt, rows, fp)
     path = model.run.root / "gens" / f"{label}.{'raw.' if private else ''}jsonl"
 
     def generate():
         gens = batch.answer(
-            loaded_model(suite, model.model),
+            loaded_model(suite, model.model, ev.backend),
             rows,
             None,
             secret=secret,
