@@ -29,7 +29,10 @@ second) and matrix throughput (a 2048^3 product in the matmul dtype: 2*n^3 FLOP 
 are measured in the same process. A decode step reads every weight of the linear layers once
 (lm_head included, the embedding only by rows) plus each row's keys and values, and does 2
 FLOP per weight per row; the achieved fractions are those bytes and FLOPs over the run's time
-(prompt encoding included, so they are lower bounds) against the measured limits.
+(prompt encoding included, so they are lower bounds) against the measured limits. llama.cpp
+answers one prompt at a time, so each of its new tokens is a step over the GGUF's weights (the
+float32 one written from the same weights, or the ``--gguf`` file's size); vLLM runs on a GPU,
+so the CPU's limits give it no fraction.
 """
 
 from __future__ import annotations
@@ -208,6 +211,17 @@ def model_costs(model, bf16: bool) -> dict:
     }
 
 
+def backend_costs(path: str, costs: dict, gguf: str | None) -> dict | None:
+    """A backend's step costs: llama.cpp reads its GGUF's weights once a token (the float32 GGUF
+    written from the same weights: the torch model's costs; ``--gguf FILE``: the file's size);
+    ``None`` for vLLM, which runs on a GPU, not against the CPU limits measured here."""
+    if path != "llamacpp":
+        return None
+    if gguf is None:
+        return costs
+    return {**costs, "weight_bytes_per_step": Path(gguf).stat().st_size}
+
+
 def achieved(answers, prompts, batches, seconds, costs, limits) -> dict:
     """Fractions of the measured bandwidth and matmul limits this run reached."""
     steps = sum(max(len(answers[i]) for i in idx) for idx in batches)
@@ -307,6 +321,9 @@ def main() -> None:
                     runs[path]["decode_steps_tokens_per_second"] = round(max(steps), 1)
                 if path not in BACKEND_PATHS:  # the torch model's costs, its batches
                     runs[path] |= achieved(answers[path], prompts, batches, seconds, costs, limits)
+                elif (bc := backend_costs(path, costs, args.gguf)) is not None:
+                    alone = [[i] for i in range(len(prompts))]  # llama.cpp: a prompt at a time
+                    runs[path] |= achieved(answers[path], prompts, alone, seconds, bc, limits)
                 if not args.json:
                     print(f"batch {bs:2d} {name:14s} {path:9s} {runs[path]}", flush=True)
             base = runs.get("reference")
@@ -348,7 +365,8 @@ def print_table(results: dict, paths: list[str]) -> None:
         f"(+ {c['kv_bytes_per_token'] / 1e3:.0f} kB of keys/values per context token and row); "
         f"{c['flop_per_token'] / 1e9:.2f} GFLOP per new token (2 x {c['linear_params'] / 1e6:.0f}M "
         "weights); fractions = those bytes and FLOPs over the run's time (prompt encoding "
-        "included) against the limits"
+        "included) against the limits; llama.cpp answers a prompt at a time, each new token a "
+        "step over its GGUF's weights (vLLM: none, it runs on a GPU)"
     )
     print(
         "tok/s: new tokens over the whole run; steps: tokens/s of the decode steps after each "

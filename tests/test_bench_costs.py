@@ -29,3 +29,27 @@ def test_model_costs_count_bytes_in_the_dtype_used(tokenizer):
     )
     assert fp32["kv_bytes_per_token"] == 4 * kv and bf16["kv_bytes_per_token"] == 2 * kv
     assert fp32["flop_per_token"] == bf16["flop_per_token"] == 2 * linear
+
+
+def test_backend_costs(tmp_path, tokenizer):
+    from conftest import make_tiny_model
+
+    bench = _bench()
+    costs = bench.model_costs(make_tiny_model(tokenizer), bf16=False)
+    assert bench.backend_costs("llamacpp", costs, None) == costs  # the float32 GGUF it writes
+    gguf = tmp_path / "q.gguf"
+    gguf.write_bytes(b"\0" * 1234)
+    assert bench.backend_costs("llamacpp", costs, str(gguf)) == {
+        **costs,
+        "weight_bytes_per_step": 1234,
+    }
+    assert bench.backend_costs("vllm", costs, None) is None
+    answers, prompts = [[1, 2, 3], [4]], [[0] * 5, [0] * 7]
+    alone = bench.achieved(answers, prompts, [[0], [1]], 1.0, costs, LIMITS)
+    together = bench.achieved(answers, prompts, [[0, 1]], 1.0, costs, LIMITS)
+    assert (alone["decode_steps"], together["decode_steps"]) == (4, 3)
+    kv = costs["kv_bytes_per_token"] * (5 + 6 + 7 + 7)  # context lengths of every new token
+    assert alone["bandwidth_fraction"] == round((4 * costs["weight_bytes_per_step"] + kv) / 1e9, 3)
+
+
+LIMITS = {"bandwidth_gb_s": 1.0, "matmul_gflop_s": 1.0}
